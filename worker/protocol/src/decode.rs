@@ -30,13 +30,13 @@ fn decode<T: serde::de::DeserializeOwned>(frame: &str, known: &[&str]) -> Result
         code: ErrorCode::InvalidJson,
         message: format!("frame is not valid json: {e}"),
     })?;
-    let Some(kind) = value.get("type").and_then(serde_json::Value::as_str) else {
+    let Some(kind) = value.get("type").and_then(serde_json::Value::as_str).map(str::to_owned) else {
         return Err(DecodeError {
             code: ErrorCode::InvalidMessage,
             message: "message has no string `type` field".to_owned(),
         });
     };
-    if !known.contains(&kind) {
+    if !known.contains(&kind.as_str()) {
         let shown: String = kind.chars().take(64).collect();
         return Err(DecodeError {
             code: ErrorCode::UnknownType,

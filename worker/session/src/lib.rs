@@ -1,1 +1,56 @@
+//! The session state machine as plain Rust: prompt queue, event log, replay, agent event dedupe, presence.
+//!
+//! Time comes in as `now_ms` and storage through the [`Store`] port, so everything here is tested natively
+//! without the Worker runtime. The Durable Object (`worker/`) only persists and delivers.
 
+pub mod presence;
+pub mod session;
+pub mod store;
+
+pub use presence::ClientIdentity;
+pub use session::{Effects, Session, Submitted, MAX_UNFINISHED_PROMPTS};
+pub use store::{MemoryStore, Member, PromptRecord, SandboxRecord, Store, StoreError};
+
+use nightshift_protocol::ErrorCode;
+
+/// Why a session operation was refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SessionError {
+    /// The session was never created.
+    #[error("session not found")]
+    NotFound,
+    /// `create` on an existing session.
+    #[error("session already exists")]
+    AlreadyExists,
+    /// A value the caller sent is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+    /// Too many unfinished prompts.
+    #[error("the queue is full: at most {limit} unfinished prompts per session")]
+    QueueFull {
+        /// The limit.
+        limit: usize,
+    },
+    /// No prompt with this id.
+    #[error("no prompt {0}")]
+    UnknownPrompt(String),
+    /// The operation does not apply in the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl SessionError {
+    /// The wire error code for this refusal.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            SessionError::NotFound | SessionError::UnknownPrompt(_) => ErrorCode::NotFound,
+            SessionError::AlreadyExists | SessionError::Conflict(_) => ErrorCode::Conflict,
+            SessionError::Invalid(_) => ErrorCode::BadRequest,
+            SessionError::QueueFull { .. } => ErrorCode::QueueFull,
+            SessionError::Store(_) => ErrorCode::Internal,
+        }
+    }
+}

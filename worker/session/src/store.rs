@@ -1,0 +1,229 @@
+//! The storage port: what the session logic needs to persist, and an in-memory implementation for tests.
+//!
+//! The Durable Object implements [`Store`] over its embedded SQLite; every method is synchronous because
+//! SQLite in a Durable Object is.
+
+use std::collections::BTreeMap;
+
+use nightshift_protocol::http::UsageTotals;
+use nightshift_protocol::{Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo};
+
+/// A storage failure, with the backend's message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("storage failed: {0}")]
+pub struct StoreError(pub String);
+
+/// A prompt as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PromptRecord {
+    /// Prompt id (`p1`, `p2`, … within the session).
+    pub prompt_id: String,
+    /// Who sent it.
+    pub author: Author,
+    /// The text.
+    pub text: String,
+    /// The sender's idempotency key (unique per author).
+    pub idempotency_key: String,
+    /// Where it is in its life.
+    pub status: PromptStatus,
+    /// When it was accepted.
+    pub created_ms: u64,
+    /// When it last changed status.
+    pub updated_ms: u64,
+}
+
+/// A member of the session.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Member {
+    /// Who.
+    pub author: Author,
+    /// Their role.
+    pub role: Role,
+    /// When they joined.
+    pub joined_ms: u64,
+}
+
+/// The session's sandbox as stored.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxRecord {
+    /// Provider's id, once known.
+    pub sandbox_id: Option<String>,
+    /// Current state.
+    pub status: SandboxStatus,
+    /// Human detail.
+    pub detail: String,
+    /// SHA-256 (hex) of the sandbox token; the token itself is never stored.
+    pub token_hash: String,
+    /// Highest `producer_seq` applied.
+    pub last_producer_seq: u64,
+}
+
+/// What the session logic persists. Implementations must make `append_event` assign contiguous `seq`s.
+pub trait Store {
+    /// The session, if it was created.
+    fn session(&self) -> Result<Option<SessionInfo>, StoreError>;
+    /// Record the session (once).
+    fn insert_session(&mut self, info: &SessionInfo) -> Result<(), StoreError>;
+
+    /// Append an event; returns its `seq` (previous highest + 1).
+    fn append_event(&mut self, ts_ms: u64, event: &Event) -> Result<u64, StoreError>;
+    /// Up to `limit` events with `seq > after_seq`, in order.
+    fn events_after(&self, after_seq: u64, limit: u32) -> Result<Vec<EventEnvelope>, StoreError>;
+    /// Highest `seq`, 0 when the log is empty.
+    fn last_seq(&self) -> Result<u64, StoreError>;
+
+    /// Number of prompts ever accepted.
+    fn prompt_count(&self) -> Result<u64, StoreError>;
+    /// Record a new prompt.
+    fn insert_prompt(&mut self, prompt: &PromptRecord) -> Result<(), StoreError>;
+    /// A prompt by id.
+    fn prompt(&self, prompt_id: &str) -> Result<Option<PromptRecord>, StoreError>;
+    /// A prompt by its author's idempotency key.
+    fn prompt_by_key(&self, login: &str, idempotency_key: &str) -> Result<Option<PromptRecord>, StoreError>;
+    /// Change a prompt's status.
+    fn set_prompt_status(&mut self, prompt_id: &str, status: PromptStatus, ts_ms: u64) -> Result<(), StoreError>;
+    /// Queued and running prompts, oldest first.
+    fn unfinished_prompts(&self) -> Result<Vec<PromptRecord>, StoreError>;
+
+    /// Every member, in joining order.
+    fn members(&self) -> Result<Vec<Member>, StoreError>;
+    /// Add a member, or refresh name/email of an existing one (role unchanged).
+    fn upsert_member(&mut self, member: &Member) -> Result<(), StoreError>;
+
+    /// The sandbox record (created with the session).
+    fn sandbox(&self) -> Result<Option<SandboxRecord>, StoreError>;
+    /// Replace the sandbox record.
+    fn save_sandbox(&mut self, sandbox: &SandboxRecord) -> Result<(), StoreError>;
+
+    /// Usage totals.
+    fn usage(&self) -> Result<UsageTotals, StoreError>;
+    /// Replace the usage totals.
+    fn save_usage(&mut self, usage: &UsageTotals) -> Result<(), StoreError>;
+
+    /// Record an invite by the hash of its secret.
+    fn insert_invite(&mut self, secret_hash: &str, created_by: &str, ts_ms: u64) -> Result<(), StoreError>;
+    /// Whether an invite with this secret hash exists.
+    fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError>;
+}
+
+/// A [`Store`] in memory, for tests and tools.
+#[derive(Debug, Default, Clone)]
+pub struct MemoryStore {
+    session: Option<SessionInfo>,
+    events: Vec<EventEnvelope>,
+    prompts: Vec<PromptRecord>,
+    members: Vec<Member>,
+    sandbox: Option<SandboxRecord>,
+    usage: UsageTotals,
+    invites: BTreeMap<String, (String, u64)>,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl Store for MemoryStore {
+    fn session(&self) -> Result<Option<SessionInfo>, StoreError> {
+        Ok(self.session.clone())
+    }
+
+    fn insert_session(&mut self, info: &SessionInfo) -> Result<(), StoreError> {
+        if self.session.is_some() {
+            return Err(StoreError("session exists".to_owned()));
+        }
+        self.session = Some(info.clone());
+        Ok(())
+    }
+
+    fn append_event(&mut self, ts_ms: u64, event: &Event) -> Result<u64, StoreError> {
+        let seq = self.events.len() as u64 + 1;
+        self.events.push(EventEnvelope { seq, ts_ms, event: event.clone() });
+        Ok(seq)
+    }
+
+    fn events_after(&self, after_seq: u64, limit: u32) -> Result<Vec<EventEnvelope>, StoreError> {
+        Ok(self.events.iter().filter(|e| e.seq > after_seq).take(limit as usize).cloned().collect())
+    }
+
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        Ok(self.events.len() as u64)
+    }
+
+    fn prompt_count(&self) -> Result<u64, StoreError> {
+        Ok(self.prompts.len() as u64)
+    }
+
+    fn insert_prompt(&mut self, prompt: &PromptRecord) -> Result<(), StoreError> {
+        self.prompts.push(prompt.clone());
+        Ok(())
+    }
+
+    fn prompt(&self, prompt_id: &str) -> Result<Option<PromptRecord>, StoreError> {
+        Ok(self.prompts.iter().find(|p| p.prompt_id == prompt_id).cloned())
+    }
+
+    fn prompt_by_key(&self, login: &str, idempotency_key: &str) -> Result<Option<PromptRecord>, StoreError> {
+        Ok(self
+            .prompts
+            .iter()
+            .find(|p| p.author.login == login && p.idempotency_key == idempotency_key)
+            .cloned())
+    }
+
+    fn set_prompt_status(&mut self, prompt_id: &str, status: PromptStatus, ts_ms: u64) -> Result<(), StoreError> {
+        let prompt = self
+            .prompts
+            .iter_mut()
+            .find(|p| p.prompt_id == prompt_id)
+            .ok_or_else(|| StoreError(format!("no prompt {prompt_id}")))?;
+        prompt.status = status;
+        prompt.updated_ms = ts_ms;
+        Ok(())
+    }
+
+    fn unfinished_prompts(&self) -> Result<Vec<PromptRecord>, StoreError> {
+        Ok(self.prompts.iter().filter(|p| !p.status.is_final()).cloned().collect())
+    }
+
+    fn members(&self) -> Result<Vec<Member>, StoreError> {
+        Ok(self.members.clone())
+    }
+
+    fn upsert_member(&mut self, member: &Member) -> Result<(), StoreError> {
+        match self.members.iter_mut().find(|m| m.author.login == member.author.login) {
+            Some(existing) => existing.author = member.author.clone(),
+            None => self.members.push(member.clone()),
+        }
+        Ok(())
+    }
+
+    fn sandbox(&self) -> Result<Option<SandboxRecord>, StoreError> {
+        Ok(self.sandbox.clone())
+    }
+
+    fn save_sandbox(&mut self, sandbox: &SandboxRecord) -> Result<(), StoreError> {
+        self.sandbox = Some(sandbox.clone());
+        Ok(())
+    }
+
+    fn usage(&self) -> Result<UsageTotals, StoreError> {
+        Ok(self.usage.clone())
+    }
+
+    fn save_usage(&mut self, usage: &UsageTotals) -> Result<(), StoreError> {
+        self.usage = usage.clone();
+        Ok(())
+    }
+
+    fn insert_invite(&mut self, secret_hash: &str, created_by: &str, ts_ms: u64) -> Result<(), StoreError> {
+        self.invites.insert(secret_hash.to_owned(), (created_by.to_owned(), ts_ms));
+        Ok(())
+    }
+
+    fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError> {
+        Ok(self.invites.contains_key(secret_hash))
+    }
+}
