@@ -1,0 +1,236 @@
+//! The Worker's front door: authenticates the caller, validates what it can, and forwards session routes to
+//! the session's Durable Object with the caller's identity in a header only the Worker sets.
+
+use nightshift_protocol::http::{
+    CreateSessionRequest, CreateSessionResponse, DevLoginRequest, InviteResponse, JoinResponse, MeResponse,
+    TokenResponse,
+};
+use nightshift_protocol::{Author, ErrorCode};
+use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
+
+use crate::auth::{self, Claims, COOKIE_NAME, COOKIE_TTL_MS, TOKEN_TTL_MS};
+use crate::config;
+use crate::error::{json_response, parse_body, AppError};
+use crate::secret::{is_session_id, random_hex};
+use crate::session_object::{CreateSessionInternal, USER_HEADER};
+
+const SMALL_BODY_BYTES: usize = 16 * 1024;
+
+/// Serve one request; every failure becomes a typed answer.
+pub async fn handle(req: Request, env: Env) -> Response {
+    match route(req, &env).await {
+        Ok(response) => response,
+        Err(e) => e.into_response(),
+    }
+}
+
+fn now_ms() -> u64 {
+    Date::now().as_millis()
+}
+
+async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
+    let url = req.url()?;
+    let path = url.path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let method = req.method();
+    match (method.clone(), segments.as_slice()) {
+        (Method::Get, ["healthz"]) => Ok(Response::ok("ok")?),
+        (Method::Post, ["auth", "dev"]) => {
+            if !config::dev_mode(env) {
+                return Err(AppError::client(ErrorCode::NotFound, "no such route"));
+            }
+            let body: DevLoginRequest = parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
+            let user = auth::dev_author(body)?;
+            let token = issue(env, &user, "cookie", COOKIE_TTL_MS)?;
+            let secure = if url.scheme() == "https" { "; Secure" } else { "" };
+            let cookie = format!(
+                "{COOKIE_NAME}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+                COOKIE_TTL_MS / 1000
+            );
+            let mut response = json_response(&MeResponse { user, dev_mode: true }, 200);
+            response.headers_mut().set("set-cookie", &cookie)?;
+            Ok(response)
+        }
+        (Method::Post, ["auth", "logout"]) => {
+            let mut response = json_response(&serde_json::json!({"ok": true}), 200);
+            response
+                .headers_mut()
+                .set("set-cookie", &format!("{COOKIE_NAME}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"))?;
+            Ok(response)
+        }
+        (Method::Get, ["api", "me"]) => {
+            let user = auth::user(&req, env, now_ms())?;
+            Ok(json_response(&MeResponse { user, dev_mode: config::dev_mode(env) }, 200))
+        }
+        (Method::Post, ["api", "tokens"]) => {
+            let user = auth::user(&req, env, now_ms())?;
+            let token = issue(env, &user, "api", TOKEN_TTL_MS)?;
+            Ok(json_response(&TokenResponse { token, expires_ms: now_ms() + TOKEN_TTL_MS }, 201))
+        }
+        (Method::Post, ["api", "sessions"]) => create_session(req, env, &url).await,
+        (_, ["api", "sessions", id, rest @ ..]) => {
+            let user = auth::user(&req, env, now_ms())?;
+            if !is_session_id(id) {
+                return Err(AppError::session_not_found());
+            }
+            let id = (*id).to_owned();
+            let internal = match (method, rest) {
+                (Method::Get, []) => "/state",
+                (Method::Get, ["events"]) => "/events",
+                (Method::Post, ["prompts"]) => "/prompts",
+                (Method::Post, ["stop"]) => "/stop",
+                (Method::Get, ["ws"]) => "/ws",
+                (Method::Post, ["invites"]) => {
+                    let mut response = forward(env, &id, &req, "/invites", Some(&user), None).await?;
+                    if response.status_code() != 201 {
+                        return Ok(response);
+                    }
+                    let created: serde_json::Value = response.json().await?;
+                    let secret = created.get("secret").and_then(|s| s.as_str()).unwrap_or_default();
+                    let share_url = format!("{}/join/{id}.{secret}", origin(env, &url));
+                    return Ok(json_response(&InviteResponse { share_url }, 201));
+                }
+                _ => return Err(AppError::client(ErrorCode::NotFound, "no such route")),
+            };
+            let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
+            let body = if matches!(req.method(), Method::Post) { Some(req.text().await?) } else { None };
+            forward(env, &id, &req, &format!("{internal}{query}"), Some(&user), body).await
+        }
+        (Method::Post, ["api", "join", token]) => {
+            let user = auth::user(&req, env, now_ms())?;
+            let (id, secret) = token.split_once('.').ok_or_else(AppError::session_not_found)?;
+            if !is_session_id(id) {
+                return Err(AppError::session_not_found());
+            }
+            let body = serde_json::to_string(secret)?;
+            let response = forward(env, id, &req, "/join", Some(&user), Some(body)).await?;
+            if response.status_code() != 200 {
+                return Ok(response);
+            }
+            let url = format!("{}/s/{id}", origin(env, &url));
+            Ok(json_response(&JoinResponse { id: id.to_owned(), url }, 200))
+        }
+        (Method::Get, ["sandbox", id, "ws"]) => {
+            // A separate trust boundary: only the sandbox token counts here, never a user credential.
+            if !is_session_id(id) || auth::bearer(&req).is_none() {
+                return Err(AppError::unauthorized());
+            }
+            forward(env, id, &req, "/agent-ws", None, None).await
+        }
+        (_, ["api", ..]) | (_, ["auth", ..]) | (_, ["sandbox", ..]) | (_, ["webhooks", ..]) => {
+            Err(AppError::client(ErrorCode::NotFound, "no such route"))
+        }
+        _ => match env.assets("ASSETS") {
+            Ok(assets) => Ok(assets.fetch_request(req).await?),
+            Err(_) => Err(AppError::client(ErrorCode::NotFound, "not found")),
+        },
+    }
+}
+
+fn issue(env: &Env, user: &Author, kind: &str, ttl_ms: u64) -> Result<String, AppError> {
+    let secret = config::get(env, config::AUTH_SECRET)
+        .ok_or_else(|| AppError::Internal("AUTH_SECRET is not configured".to_owned()))?;
+    auth::sign(&Claims { user: user.clone(), kind: kind.to_owned(), exp_ms: now_ms() + ttl_ms }, &secret)
+}
+
+fn origin(env: &Env, url: &Url) -> String {
+    config::get(env, config::PUBLIC_URL)
+        .map(|u| u.trim_end_matches('/').to_owned())
+        .unwrap_or_else(|| url.origin().ascii_serialization())
+}
+
+/// Whether `repo` is `owner/name` with safe characters.
+fn valid_repo(repo: &str) -> bool {
+    let part_ok = |part: &str| {
+        !part.is_empty()
+            && part.len() <= 100
+            && !part.starts_with('.')
+            && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    matches!(repo.split_once('/'), Some((owner, name)) if part_ok(owner) && part_ok(name) && !name.contains('/'))
+}
+
+fn valid_branch(branch: &str) -> bool {
+    !branch.is_empty()
+        && branch.len() <= 200
+        && !branch.starts_with(['-', '/', '.'])
+        && !branch.contains("..")
+        && branch.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+}
+
+async fn create_session(mut req: Request, env: &Env, url: &Url) -> Result<Response, AppError> {
+    let user = auth::user(&req, env, now_ms())?;
+    let body: CreateSessionRequest = parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
+    if !valid_repo(&body.repo) {
+        return Err(AppError::client(ErrorCode::BadRequest, "repo must be `owner/name`"));
+    }
+    let base_branch = body.base_branch.unwrap_or_else(|| "main".to_owned());
+    if !valid_branch(&base_branch) {
+        return Err(AppError::client(ErrorCode::BadRequest, "base_branch is not a valid branch name"));
+    }
+    if let Some(parent) = &body.parent_session_id {
+        if !is_session_id(parent) {
+            return Err(AppError::session_not_found());
+        }
+    }
+    let title = body.title.filter(|t| !t.trim().is_empty()).unwrap_or_else(|| format!("Session on {}", body.repo));
+    if title.chars().count() > 200 {
+        return Err(AppError::client(ErrorCode::BadRequest, "title is limited to 200 characters"));
+    }
+    let model = body
+        .model
+        .filter(|m| !m.trim().is_empty())
+        .or_else(|| config::get(env, config::DEFAULT_MODEL))
+        .unwrap_or_else(|| "claude-sonnet-4-5".to_owned());
+    let id = random_hex(16)?;
+    let base = origin(env, url);
+    let connect_url = format!("{}/sandbox/{id}/ws", base.replacen("http", "ws", 1));
+    let internal = CreateSessionInternal {
+        id: id.clone(),
+        repo: body.repo,
+        base_branch,
+        title,
+        model,
+        parent_session_id: body.parent_session_id,
+        connect_url,
+    };
+    let response = forward(env, &id, &req, "/create", Some(&user), Some(serde_json::to_string(&internal)?)).await?;
+    if response.status_code() != 201 {
+        return Ok(response);
+    }
+    Ok(json_response(&CreateSessionResponse { url: format!("{base}/s/{id}"), id }, 201))
+}
+
+/// Send a request to session `id`'s object at `internal_path`, with the caller's identity when there is one.
+/// Upgrade and sandbox authorization headers are kept; cookies and any caller-supplied identity are not.
+async fn forward(
+    env: &Env,
+    id: &str,
+    original: &Request,
+    internal_path: &str,
+    user: Option<&Author>,
+    body: Option<String>,
+) -> Result<Response, AppError> {
+    let headers = Headers::new();
+    for name in ["upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions", "content-type"] {
+        if let Some(value) = original.headers().get(name)? {
+            headers.set(name, &value)?;
+        }
+    }
+    match user {
+        Some(user) => headers.set(USER_HEADER, &serde_json::to_string(user)?)?,
+        None => {
+            if let Some(value) = original.headers().get("authorization")? {
+                headers.set("authorization", &value)?;
+            }
+        }
+    }
+    let mut init = RequestInit::new();
+    init.with_method(original.method()).with_headers(headers);
+    if let Some(body) = body {
+        init.with_body(Some(body.into()));
+    }
+    let request = Request::new_with_init(&format!("https://session{internal_path}"), &init)?;
+    let stub = env.durable_object(config::SESSION_BINDING)?.id_from_name(id)?.get_stub()?;
+    Ok(stub.fetch_with_request(request).await?)
+}

@@ -1,0 +1,507 @@
+//! `SessionObject`: one Durable Object per session. It persists through [`SqlStore`] and delivers what
+//! `nightshift_session` decides; every socket is accepted with the hibernation API and carries its identity
+//! as an attachment, so nothing lives only in memory.
+
+use nightshift_protocol::http::{EventsPage, PromptRequest, PromptResponse, StopRequest};
+use nightshift_protocol::provider::{CreateSandboxRequest, SandboxInfo};
+use nightshift_protocol::{
+    decode_agent_message, decode_client_message, AgentMessage, Author, ClientMessage, ErrorCode,
+    ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use nightshift_session::presence::{online_logins, ClientIdentity};
+use nightshift_session::{Effects, Session, SessionError};
+use worker::{
+    durable_object, Date, DurableObject, Env, Fetch, Headers, Method, Request, RequestInit, Response, State, WebSocket,
+    WebSocketIncomingMessage, WebSocketPair,
+};
+
+use crate::config;
+use crate::error::{json_response, parse_body, AppError};
+use crate::secret::{constant_time_eq, random_hex, sha256_hex};
+use crate::sql_store::{migrate, SqlStore};
+
+/// Header through which the Worker tells the object who is calling (set only by the Worker).
+pub const USER_HEADER: &str = "x-nightshift-user";
+
+const CLIENT_TAG: &str = "client";
+const AGENT_TAG: &str = "agent";
+const REPLAY_PAGE: u32 = 500;
+const EVENTS_PAGE_MAX: u32 = 1000;
+const DEFAULT_TIMEOUT_MS: u64 = 4 * 3600 * 1000;
+
+/// What the Worker sends the object to create its session (an internal body, not part of the contract).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreateSessionInternal {
+    /// Session id (also the object's name).
+    pub id: String,
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Base branch.
+    pub base_branch: String,
+    /// Title.
+    pub title: String,
+    /// Model.
+    pub model: String,
+    /// Parent session.
+    pub parent_session_id: Option<String>,
+    /// Where the agent dials in.
+    pub connect_url: String,
+}
+
+/// The session Durable Object.
+#[durable_object]
+pub struct SessionObject {
+    state: State,
+    env: Env,
+}
+
+impl DurableObject for SessionObject {
+    fn new(state: State, env: Env) -> Self {
+        if let Err(e) = migrate(&state.storage().sql()) {
+            worker::console_error!("session schema migration failed: {e}");
+        }
+        SessionObject { state, env }
+    }
+
+    async fn fetch(&self, req: Request) -> worker::Result<Response> {
+        Ok(match self.serve(req).await {
+            Ok(response) => response,
+            Err(e) => e.into_response(),
+        })
+    }
+
+    async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
+        let is_agent = self.state.get_tags(&ws).iter().any(|t| t == AGENT_TAG);
+        let text = match message {
+            WebSocketIncomingMessage::String(text) => text,
+            WebSocketIncomingMessage::Binary(_) => {
+                self.refuse(&ws, is_agent, ErrorCode::BinaryFrame, "binary frames are not accepted; send JSON text");
+                return Ok(());
+            }
+        };
+        if text.len() > MAX_FRAME_BYTES {
+            self.refuse(&ws, is_agent, ErrorCode::FrameTooLarge, &format!("frames are limited to {MAX_FRAME_BYTES} bytes"));
+            return Ok(());
+        }
+        let result = if is_agent { self.on_agent_frame(&ws, &text) } else { self.on_client_frame(&ws, &text) };
+        if let Err(e) = result {
+            let (code, message) = match e {
+                AppError::Client { code, message } => (code, message),
+                AppError::Internal(detail) => {
+                    worker::console_error!("websocket message failed: {detail}");
+                    (ErrorCode::Internal, "internal error".to_owned())
+                }
+            };
+            self.refuse(&ws, is_agent, code, &message);
+        }
+        Ok(())
+    }
+
+    async fn websocket_close(&self, ws: WebSocket, _code: usize, _reason: String, _was_clean: bool) -> worker::Result<()> {
+        self.on_socket_gone(&ws);
+        Ok(())
+    }
+
+    async fn websocket_error(&self, ws: WebSocket, error: worker::Error) -> worker::Result<()> {
+        worker::console_log!("websocket error: {error}");
+        self.on_socket_gone(&ws);
+        Ok(())
+    }
+
+    async fn alarm(&self) -> worker::Result<Response> {
+        Response::ok("no deadlines yet")
+    }
+}
+
+fn now_ms() -> u64 {
+    Date::now().as_millis()
+}
+
+fn caller(req: &Request) -> Result<Author, AppError> {
+    let header = req.headers().get(USER_HEADER)?.ok_or_else(AppError::unauthorized)?;
+    serde_json::from_str(&header).map_err(|_| AppError::unauthorized())
+}
+
+fn send(ws: &WebSocket, message: &impl serde::Serialize) {
+    match serde_json::to_string(message) {
+        Ok(text) => {
+            if let Err(e) = ws.send_with_str(text) {
+                worker::console_log!("send failed: {e}");
+            }
+        }
+        Err(e) => worker::console_error!("serialize failed: {e}"),
+    }
+}
+
+impl SessionObject {
+    fn store(&self) -> SqlStore {
+        SqlStore::new(self.state.storage().sql())
+    }
+
+    fn refuse(&self, ws: &WebSocket, is_agent: bool, code: ErrorCode, message: &str) {
+        if is_agent {
+            send(ws, &ServerToAgent::Error { code, message: message.to_owned() });
+        } else {
+            send(ws, &ServerMessage::Error { code, message: message.to_owned() });
+        }
+    }
+
+    /// Greeted client sockets with their identities.
+    fn clients(&self) -> Vec<(WebSocket, ClientIdentity)> {
+        self.state
+            .get_websockets_with_tag(CLIENT_TAG)
+            .into_iter()
+            .filter_map(|ws| {
+                let identity = ws.deserialize_attachment::<ClientIdentity>().ok().flatten()?;
+                Some((ws, identity))
+            })
+            .collect()
+    }
+
+    fn agent_online(&self) -> bool {
+        !self.state.get_websockets_with_tag(AGENT_TAG).is_empty()
+    }
+
+    fn online(&self) -> Vec<String> {
+        let clients = self.clients();
+        online_logins(clients.iter().map(|(_, identity)| identity))
+    }
+
+    /// Broadcast logged events to greeted clients and hand agent messages to the agent.
+    fn deliver(&self, effects: Effects) {
+        if !effects.events.is_empty() {
+            let clients: Vec<WebSocket> =
+                self.clients().into_iter().filter(|(_, identity)| identity.greeted).map(|(ws, _)| ws).collect();
+            for envelope in effects.events {
+                let Ok(text) = serde_json::to_string(&ServerMessage::Event(envelope)) else { continue };
+                for ws in &clients {
+                    let _ = ws.send_with_str(&text);
+                }
+            }
+        }
+        if !effects.to_agent.is_empty() {
+            let agents = self.state.get_websockets_with_tag(AGENT_TAG);
+            for message in &effects.to_agent {
+                for ws in &agents {
+                    send(ws, message);
+                }
+            }
+        }
+    }
+
+    fn broadcast_presence(&self) -> Result<(), AppError> {
+        let mut store = self.store();
+        let participants = Session::new(&mut store, now_ms()).participants(&self.online())?;
+        let text = serde_json::to_string(&ServerMessage::Presence { participants })?;
+        for (ws, identity) in self.clients() {
+            if identity.greeted {
+                let _ = ws.send_with_str(&text);
+            }
+        }
+        Ok(())
+    }
+
+    fn require_member(&self, store: &mut SqlStore, user: &Author) -> Result<nightshift_session::Member, AppError> {
+        let session = Session::new(store, now_ms());
+        session.info()?;
+        session.member(&user.login)?.ok_or_else(AppError::session_not_found)
+    }
+
+    async fn serve(&self, mut req: Request) -> Result<Response, AppError> {
+        let url = req.url()?;
+        let path = url.path().to_owned();
+        match (req.method(), path.as_str()) {
+            (Method::Post, "/create") => {
+                let user = caller(&req)?;
+                let body: CreateSessionInternal = parse_body(&req.text().await?, 64 * 1024)?;
+                self.create(user, body).await
+            }
+            (Method::Get, "/agent-ws") => self.accept_agent(&req),
+            (Method::Post, "/join") => {
+                let user = caller(&req)?;
+                let secret: String = parse_body(&req.text().await?, 4096)?;
+                self.join(user, &secret)
+            }
+            (method, _) => {
+                let user = caller(&req)?;
+                let mut store = self.store();
+                let member = self.require_member(&mut store, &user)?;
+                match (method, path.as_str()) {
+                    (Method::Get, "/state") => {
+                        let state = Session::new(&mut store, now_ms()).state(&self.online(), self.agent_online())?;
+                        Ok(json_response(&state, 200))
+                    }
+                    (Method::Get, "/events") => self.events_page(&mut store, &url),
+                    (Method::Post, "/prompts") => {
+                        let body: PromptRequest = parse_body(&req.text().await?, 2 * MAX_FRAME_BYTES)?;
+                        let (submitted, effects) = Session::new(&mut store, now_ms()).submit_prompt(
+                            &user,
+                            &body.text,
+                            &body.idempotency_key,
+                            self.agent_online(),
+                        )?;
+                        self.deliver(effects);
+                        let status = if submitted.duplicate { 200 } else { 202 };
+                        Ok(json_response(&PromptResponse { prompt_id: submitted.prompt_id, position: submitted.position }, status))
+                    }
+                    (Method::Post, "/stop") => {
+                        let body: StopRequest = parse_body(&req.text().await?, 4096)?;
+                        let effects = Session::new(&mut store, now_ms()).stop(&user, body.scope)?;
+                        self.deliver(effects);
+                        Ok(json_response(&serde_json::json!({"ok": true}), 200))
+                    }
+                    (Method::Post, "/invites") => {
+                        let secret = random_hex(16)?;
+                        Session::new(&mut store, now_ms()).add_invite(&sha256_hex(&secret), &user.login)?;
+                        Ok(json_response(&serde_json::json!({ "secret": secret }), 201))
+                    }
+                    (Method::Get, "/ws") => self.accept_client(user, member.role),
+                    _ => Err(AppError::client(ErrorCode::NotFound, "no such route")),
+                }
+            }
+        }
+    }
+
+    fn events_page(&self, store: &mut SqlStore, url: &worker::Url) -> Result<Response, AppError> {
+        let mut after = 0u64;
+        let mut limit = 200u32;
+        for (key, value) in url.query_pairs() {
+            let parsed = value.parse::<u64>().map_err(|_| {
+                AppError::client(ErrorCode::BadRequest, format!("`{key}` must be a non-negative integer"))
+            });
+            match key.as_ref() {
+                "after" => after = parsed?,
+                "limit" => limit = u32::try_from(parsed?.clamp(1, u64::from(EVENTS_PAGE_MAX))).unwrap_or(EVENTS_PAGE_MAX),
+                _ => {}
+            }
+        }
+        let session = Session::new(store, now_ms());
+        let events = session.replay(after, limit)?;
+        let last_seq = session.last_seq()?;
+        let has_more = events.last().is_some_and(|e| e.seq < last_seq);
+        Ok(json_response(&EventsPage { events, last_seq, has_more }, 200))
+    }
+
+    async fn create(&self, user: Author, body: CreateSessionInternal) -> Result<Response, AppError> {
+        let token = random_hex(32)?;
+        let info = SessionInfo {
+            id: body.id.clone(),
+            repo: body.repo.clone(),
+            base_branch: body.base_branch.clone(),
+            branch: format!("nightshift/{}", body.id),
+            title: body.title.clone(),
+            model: body.model.clone(),
+            created_by: user,
+            created_ms: now_ms(),
+            parent_session_id: body.parent_session_id.clone(),
+        };
+        let mut store = self.store();
+        let effects = Session::new(&mut store, now_ms()).create(info, sha256_hex(&token))?;
+        self.deliver(effects);
+        let request = CreateSandboxRequest {
+            repo: Some(body.repo.clone()),
+            snapshot: None,
+            base_branch: Some(body.base_branch.clone()),
+            session_id: body.id.clone(),
+            connect_url: body.connect_url.clone(),
+            sandbox_token: token,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+        };
+        let outcome = self.request_sandbox(&request).await;
+        let mut store = self.store();
+        let mut session = Session::new(&mut store, now_ms());
+        let effects = match outcome {
+            Ok(sandbox) => session.sandbox_requested(&sandbox.id)?,
+            Err(detail) => {
+                worker::console_error!("sandbox request for {} failed: {detail}", body.id);
+                session.sandbox_failed(&format!("could not start a sandbox: {detail}"))?
+            }
+        };
+        self.deliver(effects);
+        Ok(json_response(&serde_json::json!({ "id": body.id }), 201))
+    }
+
+    /// Ask the provider for a sandbox. The error text never contains the tokens.
+    async fn request_sandbox(&self, request: &CreateSandboxRequest) -> Result<SandboxInfo, String> {
+        let base = config::get(&self.env, config::PROVIDER_URL).ok_or("PROVIDER_URL is not configured")?;
+        let token = config::get(&self.env, config::PROVIDER_TOKEN).ok_or("PROVIDER_TOKEN is not configured")?;
+        let body = serde_json::to_string(request).map_err(|e| e.to_string())?;
+        let headers = Headers::new();
+        headers.set("authorization", &format!("Bearer {token}")).map_err(|e| e.to_string())?;
+        headers.set("content-type", "application/json").map_err(|e| e.to_string())?;
+        let mut init = RequestInit::new();
+        init.with_method(Method::Post).with_headers(headers).with_body(Some(body.into()));
+        let url = format!("{}/v1/sandboxes", base.trim_end_matches('/'));
+        let outbound = Request::new_with_init(&url, &init).map_err(|e| e.to_string())?;
+        let mut response = Fetch::Request(outbound).send().await.map_err(|e| format!("provider unreachable: {e}"))?;
+        let status = response.status_code();
+        let text = response.text().await.map_err(|e| e.to_string())?;
+        if !(200..300).contains(&status) {
+            let shown: String = text.chars().take(500).collect();
+            return Err(format!("provider answered {status}: {shown}"));
+        }
+        serde_json::from_str(&text).map_err(|e| format!("provider answer is not a sandbox: {e}"))
+    }
+
+    fn join(&self, user: Author, secret: &str) -> Result<Response, AppError> {
+        let mut store = self.store();
+        let mut session = Session::new(&mut store, now_ms());
+        let info = session.info()?;
+        if !session.invite_exists(&sha256_hex(secret))? {
+            return Err(AppError::session_not_found());
+        }
+        session.join(&user)?;
+        self.broadcast_presence()?;
+        Ok(json_response(&serde_json::json!({ "id": info.id }), 200))
+    }
+
+    fn accept_client(&self, user: Author, role: nightshift_protocol::Role) -> Result<Response, AppError> {
+        let pair = WebSocketPair::new()?;
+        let login_tag = format!("user:{}", user.login);
+        self.state.accept_websocket_with_tags(&pair.server, &[CLIENT_TAG, login_tag.as_str()]);
+        pair.server.serialize_attachment(ClientIdentity { author: user, role, greeted: false, client: None })?;
+        Ok(Response::from_websocket(pair.client)?)
+    }
+
+    fn accept_agent(&self, req: &Request) -> Result<Response, AppError> {
+        let token = crate::auth::bearer(req).ok_or_else(AppError::unauthorized)?;
+        let mut store = self.store();
+        let expected = match Session::new(&mut store, now_ms()).sandbox_token_hash() {
+            Ok(hash) => hash,
+            Err(SessionError::NotFound) => return Err(AppError::unauthorized()),
+            Err(e) => return Err(e.into()),
+        };
+        if !constant_time_eq(sha256_hex(&token).as_bytes(), expected.as_bytes()) {
+            return Err(AppError::unauthorized());
+        }
+        // One agent at a time: a reconnecting agent replaces its stale socket.
+        for old in self.state.get_websockets_with_tag(AGENT_TAG) {
+            let _ = old.close(Some(4000), Some("replaced by a newer agent connection"));
+        }
+        let pair = WebSocketPair::new()?;
+        self.state.accept_websocket_with_tags(&pair.server, &[AGENT_TAG]);
+        Ok(Response::from_websocket(pair.client)?)
+    }
+
+    fn on_client_frame(&self, ws: &WebSocket, text: &str) -> Result<(), AppError> {
+        let message = decode_client_message(text).map_err(|e| AppError::client(e.code, e.message))?;
+        let mut identity: ClientIdentity =
+            ws.deserialize_attachment()?.ok_or_else(|| AppError::Internal("client socket without identity".to_owned()))?;
+        let mut store = self.store();
+        match message {
+            ClientMessage::Hello { protocol_version, last_seq, client } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(AppError::client(
+                        ErrorCode::UnsupportedVersion,
+                        format!("protocol_version {protocol_version} is not supported; this server speaks {PROTOCOL_VERSION}"),
+                    ));
+                }
+                identity.greeted = true;
+                identity.client = client;
+                ws.serialize_attachment(&identity)?;
+                let online = self.online();
+                let session = Session::new(&mut store, now_ms());
+                let participants = session.participants(&online)?;
+                let you = participants
+                    .iter()
+                    .find(|p| p.login == identity.author.login)
+                    .cloned()
+                    .ok_or_else(AppError::session_not_found)?;
+                send(
+                    ws,
+                    &ServerMessage::Welcome {
+                        session: session.info()?,
+                        you,
+                        participants,
+                        queue: session.queue()?,
+                        last_seq: session.last_seq()?,
+                    },
+                );
+                let mut after = last_seq.unwrap_or(0);
+                loop {
+                    let page = session.replay(after, REPLAY_PAGE)?;
+                    let Some(last) = page.last() else { break };
+                    after = last.seq;
+                    for envelope in page {
+                        send(ws, &ServerMessage::Event(envelope));
+                    }
+                }
+                self.broadcast_presence()
+            }
+            _ if !identity.greeted => {
+                Err(AppError::client(ErrorCode::HelloRequired, "send `hello` before anything else"))
+            }
+            ClientMessage::Prompt { text, idempotency_key, .. } => {
+                let (submitted, effects) = Session::new(&mut store, now_ms()).submit_prompt(
+                    &identity.author,
+                    &text,
+                    &idempotency_key,
+                    self.agent_online(),
+                )?;
+                send(
+                    ws,
+                    &ServerMessage::PromptAccepted {
+                        prompt_id: submitted.prompt_id,
+                        idempotency_key,
+                        position: submitted.position,
+                    },
+                );
+                self.deliver(effects);
+                Ok(())
+            }
+            ClientMessage::CancelPrompt { prompt_id } => {
+                let effects = Session::new(&mut store, now_ms()).cancel_prompt(&identity.author, &prompt_id)?;
+                self.deliver(effects);
+                Ok(())
+            }
+            ClientMessage::Stop { scope } => {
+                let effects = Session::new(&mut store, now_ms()).stop(&identity.author, scope)?;
+                self.deliver(effects);
+                Ok(())
+            }
+            // Warm pools come with the sandbox host; until then typing is only a hint with nothing to prepare.
+            ClientMessage::Typing {} => Ok(()),
+            ClientMessage::Ping {} => {
+                send(ws, &ServerMessage::Pong {});
+                Ok(())
+            }
+        }
+    }
+
+    fn on_agent_frame(&self, _ws: &WebSocket, text: &str) -> Result<(), AppError> {
+        let message = decode_agent_message(text).map_err(|e| AppError::client(e.code, e.message))?;
+        let mut store = self.store();
+        let effects = match message {
+            AgentMessage::Hello { protocol_version, .. } => {
+                if protocol_version != PROTOCOL_VERSION {
+                    return Err(AppError::client(
+                        ErrorCode::UnsupportedVersion,
+                        format!("protocol_version {protocol_version} is not supported"),
+                    ));
+                }
+                Session::new(&mut store, now_ms()).agent_connected()?
+            }
+            AgentMessage::Event { producer_seq, event } => {
+                Session::new(&mut store, now_ms()).apply_agent_event(producer_seq, event)?
+            }
+            AgentMessage::Heartbeat {} => Effects::default(),
+        };
+        self.deliver(effects);
+        Ok(())
+    }
+
+    fn on_socket_gone(&self, ws: &WebSocket) {
+        let is_client = self.state.get_tags(ws).iter().any(|t| t == CLIENT_TAG);
+        let _ = ws.close(Some(1000), Some("closed"));
+        if is_client {
+            // Mark the socket as gone first, so presence no longer counts it.
+            if let Ok(Some(mut identity)) = ws.deserialize_attachment::<ClientIdentity>() {
+                identity.greeted = false;
+                let _ = ws.serialize_attachment(&identity);
+            }
+            if let Err(e) = self.broadcast_presence() {
+                worker::console_error!("presence after close failed: {e:?}");
+            }
+        }
+    }
+}
