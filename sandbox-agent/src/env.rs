@@ -1,0 +1,18 @@
+//! Every environment variable the sandbox-agent reads, in one place.
+
+/// Log filter (`tracing` syntax), e.g. `info` or `nightshift=debug`.
+pub const LOG: &str = "NIGHTSHIFT_LOG";
+/// `run`: the WebSocket URL of the session's agent route (`ws://…/sandbox/{id}/ws`).
+pub const CONNECT_URL: &str = "NIGHTSHIFT_CONNECT_URL";
+/// `run`: the per-sandbox token presented when dialling in. Never logged.
+pub const SANDBOX_TOKEN: &str = "NIGHTSHIFT_SANDBOX_TOKEN";
+/// `run`: the sandbox id reported in `hello`.
+pub const SANDBOX_ID: &str = "NIGHTSHIFT_SANDBOX_ID";
+/// `run`: the workspace root (the git working copy the tools are confined to).
+pub const WORKSPACE: &str = "NIGHTSHIFT_WORKSPACE";
+/// `run`: base URL of the Anthropic Messages API (default `https://api.anthropic.com`).
+pub const ANTHROPIC_BASE_URL: &str = "ANTHROPIC_BASE_URL";
+/// `run` and `host`: the Anthropic API key. Never logged.
+pub const ANTHROPIC_API_KEY: &str = "ANTHROPIC_API_KEY";
+/// `host`: bearer token the Worker presents on the provider API. Never logged.
+pub const PROVIDER_TOKEN: &str = "NIGHTSHIFT_PROVIDER_TOKEN";

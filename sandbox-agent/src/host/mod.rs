@@ -1,0 +1,376 @@
+//! `sandbox-agent host`: the local sandbox provider. One process serves, on one loopback address:
+//!
+//! - `POST /v1/sandboxes`, `GET /v1/sandboxes`, `GET /v1/sandboxes/{id}`, `DELETE
+//!   /v1/sandboxes/{id}`: the provider API ([`api`]), behind the provider token.
+//! - `GET|POST /git/{owner}/{name}.git/…`: the git store over smart HTTP ([`git_http`]); no auth.
+//! - `POST /scripted-model/v1/messages`: the demo model ([`crate::scripted_model`]); no auth.
+//! - `GET /healthz`: liveness.
+//!
+//! A sandbox is, in this first cut, a clone of the repository (over smart HTTP, from this host
+//! itself, so the agent's `origin` is the host and it pushes back the same way) and a
+//! `sandbox-agent run` child process with a cleared environment in its own process group
+//! ([`sandbox`]). Isolation, images and warm pools come later behind the same API.
+//!
+//! The data directory:
+//! ```text
+//! <data-dir>/git/<owner>/<name>.git        bare repositories (`sandbox-agent seed --store <data-dir>/git`)
+//! <data-dir>/sandboxes/<id>/               the sandbox's HOME
+//! <data-dir>/sandboxes/<id>/workspace/     its clone (NIGHTSHIFT_WORKSPACE)
+//! <data-dir>/sandboxes/<id>/agent.log      the agent's stdout and stderr
+//! ```
+//!
+//! Invariant: every repository name from a request passes [`crate::seed::RepoName`] before it
+//! touches the filesystem or a git command line.
+//! Invariant: neither the provider token nor a model key is logged; a child sees only the variables
+//! [`sandbox::agent_env`] lists (the provider token never).
+
+mod api;
+mod git_http;
+mod sandbox;
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
+use std::future::{Future, IntoFuture as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::routing::get;
+use axum::Router;
+
+use crate::env;
+use crate::seed::SeedError;
+
+/// How long in-flight requests may take to finish after the shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// `sandbox-agent host`.
+#[derive(Debug, clap::Args)]
+pub struct HostArgs {
+    /// Address to listen on. `/git` and `/scripted-model` have no authentication: keep it on
+    /// loopback.
+    #[arg(long, default_value = "127.0.0.1:8788")]
+    pub listen: SocketAddr,
+    /// Directory of the git store (`git/`) and the sandboxes (`sandboxes/`); created if missing.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// URL at which sandboxes reach this host (their git remote, the demo model). Default:
+    /// `http://LISTEN`.
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Program started as `AGENT_BIN run` in each sandbox. Default: this executable.
+    #[arg(long)]
+    pub agent_bin: Option<PathBuf>,
+}
+
+/// Everything the host needs, resolved (no environment lookups after this).
+#[derive(Clone)]
+pub struct HostConfig {
+    /// Root of `git/` and `sandboxes/`.
+    pub data_dir: PathBuf,
+    /// URL at which sandboxes reach this host; `None`: `http://` + the listener's address.
+    pub public_url: Option<String>,
+    /// Program started as `<agent_bin> run`.
+    pub agent_bin: PathBuf,
+    /// Bearer token required on `/v1/*`. Never logged.
+    pub provider_token: String,
+    /// The model the agents use.
+    pub model: ModelConfig,
+    /// `NIGHTSHIFT_LOG` given to agents.
+    pub agent_log_filter: String,
+}
+
+/// The model agents talk to: the Anthropic API when a key is set, otherwise this host's scripted
+/// demo model.
+#[derive(Clone, Default)]
+pub struct ModelConfig {
+    /// `ANTHROPIC_API_KEY`. Never logged.
+    pub api_key: Option<String>,
+    /// `ANTHROPIC_BASE_URL`, passed on only together with a key.
+    pub base_url: Option<String>,
+}
+
+impl fmt::Debug for HostConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HostConfig")
+            .field("data_dir", &self.data_dir)
+            .field("public_url", &self.public_url)
+            .field("agent_bin", &self.agent_bin)
+            .field("provider_token", &"<redacted>")
+            .field("model", &self.model)
+            .field("agent_log_filter", &self.agent_log_filter)
+            .finish()
+    }
+}
+
+impl fmt::Debug for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ModelConfig")
+            .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
+            .field("base_url", &self.base_url)
+            .finish()
+    }
+}
+
+/// Everything that can go wrong in the host.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    /// A repository or branch name that is not acceptable (from [`crate::seed`]'s validators).
+    #[error(transparent)]
+    Name(SeedError),
+    /// A field of a request that is not acceptable.
+    #[error("invalid {field}: {reason}")]
+    InvalidField {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// No such repository in the store.
+    #[error("repository {repo} not found")]
+    RepoNotFound {
+        /// `owner/name`.
+        repo: String,
+    },
+    /// No such branch in the repository.
+    #[error("branch {branch} not found in {repo}")]
+    BranchNotFound {
+        /// `owner/name`.
+        repo: String,
+        /// The branch.
+        branch: String,
+    },
+    /// No sandbox with this id.
+    #[error("sandbox {id} not found")]
+    SandboxNotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// A git command ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    GitCommand {
+        /// The command line (no secrets: URLs carry no credentials).
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+    /// A program could not be started.
+    #[error("could not run `{command}`: {source}")]
+    Spawn {
+        /// The command line.
+        command: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A filesystem operation failed.
+    #[error("could not {action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("http server failed: {source}")]
+    Serve {
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
+    let path = path.to_owned();
+    move |source| HostError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// The shared state of all handlers.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Shared>,
+}
+
+struct Shared {
+    config: HostConfig,
+    /// `public_url` without a trailing slash.
+    base_url: String,
+    /// `<data-dir>/git`, absolute.
+    git_root: PathBuf,
+    /// `<data-dir>/sandboxes`, absolute.
+    sandboxes_root: PathBuf,
+    sandboxes: sandbox::Sandboxes,
+}
+
+impl AppState {
+    /// Create the data directory layout and the (empty) sandbox table. `base_url` is where
+    /// sandboxes reach this host, e.g. `http://127.0.0.1:8788`.
+    pub fn new(config: HostConfig, base_url: &str) -> Result<Self, HostError> {
+        std::fs::create_dir_all(&config.data_dir)
+            .map_err(io_error("create directory", &config.data_dir))?;
+        let data_dir = config
+            .data_dir
+            .canonicalize()
+            .map_err(io_error("resolve", &config.data_dir))?;
+        let git_root = data_dir.join("git");
+        let sandboxes_root = data_dir.join("sandboxes");
+        for dir in [&git_root, &sandboxes_root] {
+            std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
+        }
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        Ok(AppState {
+            inner: Arc::new(Shared {
+                config,
+                base_url,
+                git_root,
+                sandboxes_root,
+                sandboxes: Default::default(),
+            }),
+        })
+    }
+
+    /// The git store, `<data-dir>/git`.
+    pub fn git_root(&self) -> &Path {
+        &self.inner.git_root
+    }
+
+    /// Stop every running sandbox (SIGTERM to its process group, SIGKILL after a grace period).
+    pub async fn stop_all(&self) {
+        sandbox::stop_all(self).await;
+    }
+}
+
+/// The whole HTTP surface of the host.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .nest("/v1", api::router(state.clone()))
+        .route(
+            "/git/{owner}/{repo}/{*path}",
+            get(git_http::serve).post(git_http::serve),
+        )
+        .nest_service("/scripted-model", crate::scripted_model::router())
+        .with_state(state)
+}
+
+/// Serve the host on `listener` until `shutdown` completes; then stop every sandbox, give in-flight
+/// requests a few seconds, and return.
+pub async fn serve(
+    config: HostConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), HostError> {
+    let address = listener
+        .local_addr()
+        .map_err(|source| HostError::Serve { source })?;
+    let base_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{address}"));
+    let state = AppState::new(config, &base_url)?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = axum::serve(
+        listener,
+        app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        let _ = stop_rx.await;
+    })
+    .into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => {
+            state.stop_all().await;
+            result.map_err(|source| HostError::Serve { source })
+        }
+        () = shutdown => {
+            tracing::info!("shutting down: stopping sandboxes");
+            state.stop_all().await;
+            let _ = stop_tx.send(());
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(result) => result.map_err(|source| HostError::Serve { source }),
+                Err(_) => Ok(()), // connections that do not finish are dropped
+            }
+        }
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}
+
+/// A variable from the environment, `None` when unset or empty.
+fn non_empty_env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|value| !value.is_empty())
+}
+
+/// `sandbox-agent host`.
+pub async fn main(args: HostArgs) -> anyhow::Result<()> {
+    let provider_token = non_empty_env(env::PROVIDER_TOKEN).with_context(|| {
+        format!(
+            "{} must be set (the bearer token of the provider API)",
+            env::PROVIDER_TOKEN
+        )
+    })?;
+    let public_url = match args.public_url {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => Some(url),
+        Some(_) => anyhow::bail!("--public-url must start with http:// or https://"),
+        None => None,
+    };
+    let agent_bin = match args.agent_bin {
+        Some(path) => path,
+        None => {
+            std::env::current_exe().context("could not find this executable (give --agent-bin)")?
+        }
+    };
+    let model = ModelConfig {
+        api_key: non_empty_env(env::ANTHROPIC_API_KEY),
+        base_url: non_empty_env(env::ANTHROPIC_BASE_URL),
+    };
+    if !args.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %args.listen,
+            "listening beyond loopback: /git and /scripted-model have no authentication"
+        );
+    }
+    let config = HostConfig {
+        data_dir: args.data_dir,
+        public_url,
+        agent_bin,
+        provider_token,
+        agent_log_filter: non_empty_env(env::LOG).unwrap_or_else(|| "info".to_owned()),
+        model,
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("could not listen on {}", args.listen))?;
+    tracing::info!(
+        address = %listener.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        model = if config.model.api_key.is_some() { "anthropic" } else { "scripted demo" },
+        "host listening"
+    );
+    serve(config, listener, shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,774 @@
+//! Tests of the host through its HTTP surface: in-process with `oneshot` where no socket is needed,
+//! and on an ephemeral loopback port with the real `git` client and a fake agent script otherwise.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use serde_json::{json, Value};
+use tower::ServiceExt as _;
+
+use super::*;
+use crate::seed::{git_command, seed_repo};
+
+const TOKEN: &str = "test-provider-token";
+
+fn config(data_dir: &Path, agent_bin: &Path) -> HostConfig {
+    HostConfig {
+        data_dir: data_dir.to_owned(),
+        public_url: None,
+        agent_bin: agent_bin.to_owned(),
+        provider_token: TOKEN.to_owned(),
+        model: ModelConfig::default(),
+        agent_log_filter: "debug".to_owned(),
+    }
+}
+
+/// The app without a socket; `base_url` is never dialled by these tests.
+fn app_in(data_dir: &Path) -> Router {
+    let state = AppState::new(
+        config(data_dir, Path::new("/bin/true")),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    app(state)
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = Request::builder().method(method).uri(uri);
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    let body = body.map_or_else(Body::empty, |body| Body::from(body.to_string()));
+    let response = app
+        .clone()
+        .oneshot(request.body(body).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+        .await
+        .unwrap();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+    (status, value)
+}
+
+fn create_body(repo: &str) -> Value {
+    json!({
+        "repo": repo,
+        "session_id": "session-1",
+        "connect_url": "ws://127.0.0.1:1/sandbox/session-1/ws",
+        "sandbox_token": "sandbox-secret",
+        "timeout_ms": 60_000,
+    })
+}
+
+#[tokio::test]
+async fn provider_api_requires_the_bearer_token() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app_in(data.path());
+    for token in [
+        None,
+        Some("wrong"),
+        Some(""),
+        Some("test-provider-token-and-more"),
+    ] {
+        let (status, body) = call(&app, "GET", "/v1/sandboxes", token, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{token:?}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let (status, _) = call(
+            &app,
+            "POST",
+            "/v1/sandboxes",
+            token,
+            Some(create_body("demo/hello")),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _) = call(&app, "DELETE", "/v1/sandboxes/abc", token, None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // Another scheme with the right secret is not a bearer token.
+    let request = Request::get("/v1/sandboxes").header("authorization", format!("Basic {TOKEN}"));
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+
+    let (status, body) = call(&app, "GET", "/v1/sandboxes", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"sandboxes": []}));
+    let (status, body) = call(&app, "GET", "/healthz", None, None).await;
+    assert_eq!((status, body), (StatusCode::OK, json!("ok")));
+    // Images and pools are not served by this host yet: plain 404, not a fake answer.
+    let (status, _) = call(&app, "GET", "/v1/images?repo=demo/hello", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn token_comparison() {
+    assert!(api::token_matches("abc", "abc"));
+    assert!(!api::token_matches("abd", "abc"));
+    assert!(!api::token_matches("abcd", "abc"));
+    assert!(!api::token_matches("", ""));
+}
+
+#[tokio::test]
+async fn bad_repository_names_are_refused_before_the_filesystem() {
+    let data = tempfile::tempdir().unwrap();
+    let app = app_in(data.path());
+    // A valid but missing repository is a 404; these are 400, so they were refused before any
+    // lookup.
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/sandboxes",
+        Some(TOKEN),
+        Some(create_body("nobody/nothing")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "not_found");
+    for bad in [
+        "../x",
+        "a/../../b",
+        ".hidden/x",
+        "demo",
+        "a/b/c",
+        "-a/b",
+        "",
+    ] {
+        let (status, body) = call(
+            &app,
+            "POST",
+            "/v1/sandboxes",
+            Some(TOKEN),
+            Some(create_body(bad)),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+        assert_eq!(body["error"]["code"], "bad_request", "{bad}");
+    }
+    let (status, _) = call(
+        &app,
+        "GET",
+        "/git/nobody/nothing.git/info/refs?service=git-upload-pack",
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    for bad in [
+        "/git/..%2F..%2Fetc/x.git/info/refs?service=git-upload-pack",
+        "/git/.hidden/x.git/info/refs?service=git-upload-pack",
+        "/git/a/..git/info/refs?service=git-upload-pack",
+        "/git/a/%2E%2E.git/info/refs?service=git-upload-pack",
+        "/git/a/b%2F..%2F..%2Fc.git/info/refs?service=git-upload-pack",
+    ] {
+        let (status, body) = call(&app, "GET", bad, None, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}: {body}");
+    }
+    let sandboxes = std::fs::read_dir(data.path().join("sandboxes"))
+        .unwrap()
+        .count();
+    let repos = std::fs::read_dir(data.path().join("git")).unwrap().count();
+    assert_eq!((sandboxes, repos), (0, 0));
+}
+
+#[tokio::test]
+async fn bad_bodies_get_typed_errors() {
+    let data = tempfile::tempdir().unwrap();
+    seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    let app = app_in(data.path());
+    let request = Request::post("/v1/sandboxes").header("authorization", format!("Bearer {TOKEN}"));
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from("{not json")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["error"]["code"], "invalid_json");
+
+    let (status, body) = call(
+        &app,
+        "POST",
+        "/v1/sandboxes",
+        Some(TOKEN),
+        Some(json!({"repo": "demo/hello"})),
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::BAD_REQUEST, json!("bad_request"))
+    );
+
+    let mut body = create_body("demo/hello");
+    body["base_branch"] = json!("no-such-branch");
+    let (status, answer) = call(
+        &app,
+        "POST",
+        "/v1/sandboxes",
+        Some(TOKEN),
+        Some(body.clone()),
+    )
+    .await;
+    assert_eq!(
+        (status, answer["error"]["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("not_found"))
+    );
+    body["base_branch"] = json!("--upload-pack=touch /tmp/x");
+    let (status, _) = call(&app, "POST", "/v1/sandboxes", Some(TOKEN), Some(body)).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+
+    let (status, body) = call(&app, "GET", "/v1/sandboxes/nope", Some(TOKEN), None).await;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::NOT_FOUND, json!("not_found"))
+    );
+    let (status, _) = call(&app, "DELETE", "/v1/sandboxes/nope", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+/// A host on an ephemeral port, stopped when dropped.
+struct RunningHost {
+    base_url: String,
+    data_dir: PathBuf,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), HostError>>>,
+}
+
+impl RunningHost {
+    async fn start(data_dir: &Path, agent_bin: &Path) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(serve(config(data_dir, agent_bin), listener, async move {
+            let _ = rx.await;
+        }));
+        RunningHost {
+            base_url,
+            data_dir: data_dir.to_owned(),
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    async fn api(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let mut request = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base_url))
+            .bearer_auth(TOKEN);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.unwrap();
+        let status = StatusCode::from_u16(response.status().as_u16()).unwrap();
+        (status, response.json().await.unwrap())
+    }
+
+    /// Poll the sandbox until `status`, or panic after a few seconds.
+    async fn wait_for_status(&self, id: &str, status: &str) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, info) = self
+                .api(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)
+                .await;
+            if info["status"] == status {
+                return info;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "sandbox {id} never became {status}: {info}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for RunningHost {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Run git (clean environment) in `dir`; panic with its stderr on failure.
+fn git(dir: &Path, args: &[&str]) -> String {
+    let output = git_command().current_dir(dir).args(args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn git_smart_http_clone_and_push() {
+    let data = tempfile::tempdir().unwrap();
+    let bare = seed_repo(&data.path().join("git"), "demo/hello", "main")
+        .unwrap()
+        .git_dir;
+    let host = RunningHost::start(data.path(), Path::new("/bin/true")).await;
+    let work = tempfile::tempdir().unwrap();
+    let url = format!("{}/git/demo/hello.git", host.base_url);
+
+    let clone_dir = work.path().join("hello");
+    let clone_path = clone_dir.to_str().unwrap().to_owned();
+    let (url_for_clone, path_for_clone) = (url.clone(), clone_path.clone());
+    let work_path = work.path().to_owned();
+    tokio::task::spawn_blocking(move || {
+        git(
+            &work_path,
+            &["clone", "--quiet", &url_for_clone, &path_for_clone],
+        )
+    })
+    .await
+    .unwrap();
+    assert!(clone_dir.join("README.md").is_file());
+    assert!(clone_dir.join("hello/greet.py").is_file());
+    assert_eq!(
+        git(&clone_dir, &["rev-parse", "HEAD"]),
+        git(&bare, &["rev-parse", "main"])
+    );
+
+    // Push a new branch through git-receive-pack.
+    std::fs::write(clone_dir.join("NOTES.md"), "pushed over smart http\n").unwrap();
+    let dir = clone_dir.clone();
+    let pushed = tokio::task::spawn_blocking(move || {
+        git(&dir, &["checkout", "--quiet", "-b", "feature/notes"]);
+        git(&dir, &["add", "NOTES.md"]);
+        git(&dir, &["commit", "--quiet", "-m", "Add notes"]);
+        git(&dir, &["push", "--quiet", "origin", "feature/notes"]);
+        git(&dir, &["rev-parse", "HEAD"])
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        git(&bare, &["rev-parse", "refs/heads/feature/notes"]),
+        pushed
+    );
+
+    // Many refs: the fetch negotiation exceeds 1 KiB, which git sends gzip-compressed.
+    let dir = clone_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..40 {
+            git(
+                &dir,
+                &[
+                    "commit",
+                    "--quiet",
+                    "--allow-empty",
+                    "-m",
+                    &format!("commit {i}"),
+                ],
+            );
+            git(&dir, &["branch", &format!("many/{i}")]);
+        }
+        git(
+            &dir,
+            &[
+                "push",
+                "--quiet",
+                "origin",
+                "refs/heads/many/*:refs/heads/many/*",
+            ],
+        );
+    })
+    .await
+    .unwrap();
+    let mirror = work.path().join("mirror.git");
+    let mirror_path = mirror.to_str().unwrap().to_owned();
+    let work_path = work.path().to_owned();
+    let url_for_mirror = url.clone();
+    tokio::task::spawn_blocking(move || {
+        git(
+            &work_path,
+            &[
+                "clone",
+                "--quiet",
+                "--mirror",
+                &url_for_mirror,
+                &mirror_path,
+            ],
+        );
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        git(&mirror, &["for-each-ref", "refs/heads/many/"])
+            .lines()
+            .count(),
+        40
+    );
+
+    // Missing repositories fail cleanly.
+    let work_path = work.path().to_owned();
+    let missing = format!("{}/git/demo/missing.git", host.base_url);
+    let output = tokio::task::spawn_blocking(move || {
+        git_command()
+            .current_dir(&work_path)
+            .args(["clone", "--quiet", &missing, "x"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!output.status.success());
+    host.stop().await;
+}
+
+/// A stand-in for `sandbox-agent run`: records its arguments, environment and pid in `$HOME`,
+/// starts a grandchild, and waits. A connect URL containing `ignore-term` makes it (and the
+/// grandchild) ignore SIGTERM.
+const FAKE_AGENT: &str = r#"#!/bin/sh
+case "$NIGHTSHIFT_CONNECT_URL" in *ignore-term*) trap '' TERM ;; esac
+echo "$@" > "$HOME/args.txt"
+env > "$HOME/env.tmp" && mv "$HOME/env.tmp" "$HOME/env.txt"
+echo "fake agent stdout"
+echo "fake agent stderr" >&2
+sleep 300 &
+echo $! > "$HOME/grandchild.pid"
+echo $$ > "$HOME/pid.txt"
+wait
+"#;
+
+fn write_fake_agent(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    let path = dir.join("fake-agent.sh");
+    std::fs::write(&path, FAKE_AGENT).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Wait for a file the fake agent writes, and return its contents.
+async fn read_when_written(path: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.is_empty() {
+                return text;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never written",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Whether process `pid` exists and is not a zombie (an orphaned zombie waits for whatever reaps
+/// orphans).
+fn alive(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        // The state follows the parenthesised command name: `123 (sleep) S …`.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// Wait until process `pid` is gone.
+async fn assert_gone_soon(pid: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(Instant::now() < deadline, "process {pid} still alive");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_lifecycle_with_a_fake_agent() {
+    let data = tempfile::tempdir().unwrap();
+    let bins = tempfile::tempdir().unwrap();
+    seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    let agent = write_fake_agent(bins.path());
+    let host = RunningHost::start(data.path(), &agent).await;
+
+    let (status, info) = host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(create_body("demo/hello")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{info}");
+    let info: nightshift_protocol::provider::SandboxInfo = serde_json::from_value(info).unwrap();
+    assert_eq!(
+        (
+            info.status.as_str(),
+            info.repo.as_str(),
+            info.session_id.as_str()
+        ),
+        ("running", "demo/hello", "session-1")
+    );
+    assert_eq!(info.id.len(), 32);
+    let home = host
+        .data_dir
+        .canonicalize()
+        .unwrap()
+        .join("sandboxes")
+        .join(&info.id);
+    let workspace = home.join("workspace");
+
+    // The workspace is a clone from the host itself, with the host as origin.
+    assert!(workspace.join("hello/greet.py").is_file());
+    assert_eq!(
+        git(&workspace, &["remote", "get-url", "origin"]),
+        format!("{}/git/demo/hello.git", host.base_url)
+    );
+    assert_eq!(git(&workspace, &["branch", "--show-current"]), "main");
+
+    // The agent got `run` and exactly the documented environment; nothing of the host's.
+    assert_eq!(
+        read_when_written(&home.join("args.txt")).await.trim(),
+        "run"
+    );
+    let env: HashMap<String, String> = read_when_written(&home.join("env.txt"))
+        .await
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    let shell_own = ["PWD", "OLDPWD", "SHLVL", "_"];
+    let mut names: Vec<&str> = env
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !shell_own.contains(k))
+        .collect();
+    names.sort_unstable();
+    assert_eq!(
+        names,
+        [
+            "ANTHROPIC_BASE_URL",
+            "HOME",
+            "NIGHTSHIFT_CONNECT_URL",
+            "NIGHTSHIFT_LOG",
+            "NIGHTSHIFT_SANDBOX_ID",
+            "NIGHTSHIFT_SANDBOX_TOKEN",
+            "NIGHTSHIFT_WORKSPACE",
+            "PATH"
+        ]
+    );
+    assert_eq!(
+        env["ANTHROPIC_BASE_URL"],
+        format!("{}/scripted-model", host.base_url)
+    );
+    assert_eq!(env["NIGHTSHIFT_SANDBOX_TOKEN"], "sandbox-secret");
+    assert_eq!(env["NIGHTSHIFT_SANDBOX_ID"], info.id);
+    assert_eq!(Path::new(&env["HOME"]), home);
+    assert_eq!(Path::new(&env["NIGHTSHIFT_WORKSPACE"]), workspace);
+    assert!(!env.values().any(|v| v.contains(TOKEN)));
+    let log = read_when_written(&home.join("agent.log")).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = log;
+    while !log.contains("fake agent stderr") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        log = std::fs::read_to_string(home.join("agent.log")).unwrap();
+    }
+    assert!(
+        log.contains("fake agent stdout") && log.contains("fake agent stderr"),
+        "{log}"
+    );
+
+    // The agent's model URL is served by this host.
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/messages", env["ANTHROPIC_BASE_URL"]))
+        .json(&json!({"stream": true, "messages": [{"role": "user", "content": "[script:tokens count=3]"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response
+            .text()
+            .await
+            .unwrap()
+            .matches("\"text_delta\"")
+            .count(),
+        3
+    );
+
+    // A second sandbox whose agent dies by SIGKILL: the host notices, and survives.
+    let (_, second) = host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(create_body("demo/hello")),
+        )
+        .await;
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    let second_home = host
+        .data_dir
+        .canonicalize()
+        .unwrap()
+        .join("sandboxes")
+        .join(&second_id);
+    let second_pid = read_when_written(&second_home.join("pid.txt")).await;
+    // SAFETY: sends a signal to the fake agent this test started.
+    unsafe { libc::kill(second_pid.trim().parse().unwrap(), libc::SIGKILL) };
+    let exited = host.wait_for_status(&second_id, "exited").await;
+    assert_eq!(exited["detail"], "killed by signal 9");
+
+    let (_, list) = host.api(reqwest::Method::GET, "/v1/sandboxes", None).await;
+    let ids: Vec<&str> = list["sandboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(ids.contains(&info.id.as_str()) && ids.contains(&second_id.as_str()));
+
+    // DELETE stops the whole process group, promptly (the fake agent exits on SIGTERM), and keeps
+    // the files.
+    let grandchild = read_when_written(&home.join("grandchild.pid")).await;
+    let pid = read_when_written(&home.join("pid.txt")).await;
+    assert!(alive(&grandchild) && alive(&pid));
+    let started = Instant::now();
+    let (status, stopped) = host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{}", info.id),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(stopped["status"], "stopped");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_gone_soon(&pid).await;
+    assert_gone_soon(&grandchild).await;
+    assert!(workspace.join("README.md").is_file());
+    let (_, again) = host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{}", info.id),
+            None,
+        )
+        .await;
+    assert_eq!(again["status"], "stopped");
+    // Stopping one that already exited leaves it as it was.
+    let (_, still) = host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{second_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(still["status"], "exited");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stubborn_agents_are_killed_and_timeouts_and_shutdown_stop_agents() {
+    let data = tempfile::tempdir().unwrap();
+    let bins = tempfile::tempdir().unwrap();
+    seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    let agent = write_fake_agent(bins.path());
+    let host = RunningHost::start(data.path(), &agent).await;
+    let sandboxes = host.data_dir.canonicalize().unwrap().join("sandboxes");
+
+    // Ignores SIGTERM: SIGKILL after the grace period.
+    let mut body = create_body("demo/hello");
+    body["connect_url"] = json!("ws://127.0.0.1:1/sandbox/ignore-term/ws");
+    let (_, stubborn) = host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    let stubborn_id = stubborn["id"].as_str().unwrap().to_owned();
+    let stubborn_pid = read_when_written(&sandboxes.join(&stubborn_id).join("pid.txt")).await;
+    let stubborn_grandchild =
+        read_when_written(&sandboxes.join(&stubborn_id).join("grandchild.pid")).await;
+    let started = Instant::now();
+    let (_, stopped) = host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{stubborn_id}"),
+            None,
+        )
+        .await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(stopped["status"], "stopped");
+    assert!(
+        stopped["detail"]
+            .as_str()
+            .unwrap()
+            .contains("killed by signal 9"),
+        "{stopped}"
+    );
+    assert_gone_soon(&stubborn_pid).await;
+    assert_gone_soon(&stubborn_grandchild).await;
+
+    // A hard timeout stops the sandbox.
+    let mut body = create_body("demo/hello");
+    body["timeout_ms"] = json!(300);
+    let (_, short) = host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    let short_id = short["id"].as_str().unwrap().to_owned();
+    let timed_out = host.wait_for_status(&short_id, "stopped").await;
+    assert!(
+        timed_out["detail"]
+            .as_str()
+            .unwrap()
+            .starts_with("timed out after 300 ms"),
+        "{timed_out}"
+    );
+
+    // Shutting the host down stops the agents that still run.
+    let (_, last) = host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(create_body("demo/hello")),
+        )
+        .await;
+    let last_dir = sandboxes.join(last["id"].as_str().unwrap());
+    let last_pid = read_when_written(&last_dir.join("pid.txt")).await;
+    let last_grandchild = read_when_written(&last_dir.join("grandchild.pid")).await;
+    host.stop().await;
+    assert_gone_soon(&last_pid).await;
+    assert_gone_soon(&last_grandchild).await;
+}

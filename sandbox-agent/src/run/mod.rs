@@ -1,0 +1,135 @@
+//! `sandbox-agent run`: the agent inside a sandbox. It dials its session ([`link`]), takes prompts one at
+//! a time ([`queue`]), works on each with the model ([`model`]) and the workspace tools ([`tools`],
+//! confined by [`workspace`]) in the [`agent_loop`], and streams every event back through the
+//! acknowledged, journaled [`outbox`].
+//!
+//! Task layout: the link task owns the socket and the outbox; the queue task owns the prompts; each
+//! prompt runs in its own task. Events flow prompt → queue-owned channel → link; commands flow
+//! link → queue. So the link keeps heartbeating and taking `stop` while a prompt runs.
+
+pub mod agent_loop;
+pub mod link;
+pub mod model;
+pub mod outbox;
+pub mod queue;
+pub mod sse;
+pub mod tools;
+pub mod workspace;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::mpsc;
+
+use crate::env;
+use agent_loop::Agent;
+use link::{LinkChannels, LinkConfig, SandboxToken};
+use model::{ApiKey, ModelClient};
+use outbox::Outbox;
+use workspace::Workspace;
+
+/// Events buffered between the prompt task and the link before the prompt waits.
+const EVENT_CHANNEL_CAPACITY: usize = 1024;
+
+/// Arguments of `sandbox-agent run`; every one can come from the environment.
+#[derive(clap::Args)]
+pub struct RunArgs {
+    /// WebSocket URL of the session's agent route (`ws://…/sandbox/{id}/ws`).
+    #[arg(long, env = env::CONNECT_URL)]
+    pub connect_url: String,
+    /// Per-sandbox token presented as `Authorization: Bearer …`.
+    #[arg(long, env = env::SANDBOX_TOKEN, hide_env_values = true)]
+    pub sandbox_token: String,
+    /// Sandbox id reported in `hello`.
+    #[arg(long, env = env::SANDBOX_ID)]
+    pub sandbox_id: String,
+    /// Workspace root: the git working copy the tools are confined to.
+    #[arg(long, env = env::WORKSPACE)]
+    pub workspace: PathBuf,
+    /// Base URL of the Anthropic Messages API.
+    #[arg(long, env = env::ANTHROPIC_BASE_URL, default_value = "https://api.anthropic.com")]
+    pub anthropic_base_url: String,
+    /// Anthropic API key; without it no `x-api-key` is sent (fine for the local scripted model).
+    #[arg(long, env = env::ANTHROPIC_API_KEY, hide_env_values = true)]
+    pub anthropic_api_key: Option<String>,
+    /// Where the agent keeps its state (the outbox journal); default `<workspace>/../.nightshift-agent`,
+    /// never inside the workspace.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The default state directory: beside the workspace, not in it.
+fn default_state_dir(workspace: &Path) -> PathBuf {
+    match workspace.parent() {
+        Some(parent) => parent.join(".nightshift-agent"),
+        None => std::env::temp_dir().join("nightshift-agent"),
+    }
+}
+
+/// Run the agent until interrupted.
+pub async fn main(args: RunArgs) -> anyhow::Result<()> {
+    let workspace = Workspace::open(&args.workspace).context("opening the workspace")?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .unwrap_or_else(|| default_state_dir(workspace.root()));
+    if state_dir.starts_with(workspace.root()) {
+        anyhow::bail!(
+            "state dir {} must not be inside the workspace",
+            state_dir.display()
+        );
+    }
+    let outbox = Outbox::open(&state_dir.join("outbox.jsonl")).context("opening the outbox")?;
+    let api_key = args
+        .anthropic_api_key
+        .filter(|key| !key.trim().is_empty())
+        .map(ApiKey::new);
+    if api_key.is_none() {
+        tracing::info!("no ANTHROPIC_API_KEY: calling the model endpoint without a key");
+    }
+    let client =
+        ModelClient::new(&args.anthropic_base_url, api_key).context("creating the model client")?;
+    let config = LinkConfig::new(
+        args.connect_url,
+        SandboxToken::new(args.sandbox_token),
+        args.sandbox_id,
+    );
+    config.request().context("checking the connect url")?;
+    tracing::info!(
+        workspace = %workspace.root().display(),
+        state_dir = %state_dir.display(),
+        model_url = %args.anthropic_base_url,
+        next_producer_seq = outbox.next_seq(),
+        "sandbox agent starting"
+    );
+
+    let agent = Arc::new(Agent::new(client, workspace));
+    let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
+    let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
+    let link = link::run(
+        config,
+        outbox,
+        LinkChannels {
+            events: events_rx,
+            commands: commands_tx,
+        },
+    );
+
+    tokio::select! {
+        result = link => {
+            result.context("session link")?;
+            tracing::info!("session link finished");
+        }
+        signal = tokio::signal::ctrl_c() => {
+            signal.context("waiting for ctrl-c")?;
+            tracing::info!("interrupted; exiting (unacknowledged events stay in the outbox journal)");
+        }
+    }
+    queue.abort();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,991 @@
+//! `sandbox-agent scripted-model`: a clearly labelled demo and test model that speaks the Anthropic
+//! Messages streaming API (`POST /v1/messages` with `"stream": true`), event for event in the
+//! shapes of the recorded real streams in `shared/fixtures/anthropic-sse/`. It reports the model
+//! `nightshift-scripted-demo`.
+//!
+//! The reply is a pure function of the request ([`plan`]): the number of `tool_result` blocks
+//! already in the conversation is the step, and a directive in the first user message picks the
+//! script:
+//!
+//! - no directive: the demo. Step 0: text, then `list_files {"path":"."}`; step 1: text, then
+//!   `write_file` of `NIGHTSHIFT_DEMO.md` with the prompt; step 2 and later: a final text,
+//!   `end_turn`.
+//! - `[script:tokens count=N rate=R]`: `N` text deltas `"tok{i} "` (`i` from 0) paced at `R` per
+//!   second (`rate=0` or none: as fast as possible), then `end_turn`; no tools.
+//! - `[script:write path=P content=C]`: step 0: `write_file {"path":P,"content":C}` (`C` is the
+//!   literal text up to `]`); then a final text, `end_turn`.
+//! - `[script:slow ms=M]`: a text streamed evenly over `M` ms, then `end_turn` (for stop tests).
+//! - `[script:error]`: a few text deltas, then an SSE `error` event (`overloaded_error`), and the
+//!   stream ends.
+//!
+//! Malformed JSON, a request without `"stream": true` or a bad directive get `400` with the API's
+//! error shape, `{"type":"error","error":{"type":"invalid_request_error","message":…}}`.
+//!
+//! Events are sent as they are produced, so the pacing is real on the wire.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use serde_json::{json, Value};
+
+/// The model name reported in `message_start`; the agent labels output from it as a demo.
+pub const MODEL: &str = "nightshift-scripted-demo";
+
+/// Pause between the text deltas of the demo scenario, so a watcher sees it stream.
+const DEMO_DELTA_INTERVAL: Duration = Duration::from_millis(20);
+/// Number of deltas a `slow` text is spread over.
+const SLOW_DELTAS: usize = 20;
+/// Largest accepted `count` of `[script:tokens]`.
+const MAX_TOKEN_DELTAS: u64 = 1_000_000;
+
+/// `sandbox-agent scripted-model`.
+#[derive(Debug, clap::Args)]
+pub struct ScriptedModelArgs {
+    /// Address to listen on; the API is then at `http://ADDR/v1/messages`.
+    #[arg(long, default_value = "127.0.0.1:8790")]
+    pub listen: SocketAddr,
+}
+
+/// Why a request gets no script.
+#[derive(Debug, thiserror::Error)]
+pub enum ScriptError {
+    /// The body is not JSON.
+    #[error("request body is not valid json: {reason}")]
+    InvalidJson {
+        /// The parser's complaint.
+        reason: String,
+    },
+    /// Only streaming is implemented.
+    #[error("stream: only streaming requests are supported; set \"stream\": true")]
+    NotStreaming,
+    /// `messages` is missing or has no user message.
+    #[error("messages: expected an array with at least one user message")]
+    NoUserMessage,
+    /// A `[script:…]` directive that cannot be followed.
+    #[error("bad directive [script:{directive}]: {reason}")]
+    Directive {
+        /// The directive text between `[script:` and `]`.
+        directive: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+}
+
+/// Why a message ended, as in `message_delta.delta.stop_reason`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The turn is over.
+    EndTurn,
+    /// The model waits for tool results.
+    ToolUse,
+}
+
+impl StopReason {
+    fn as_str(self) -> &'static str {
+        match self {
+            StopReason::EndTurn => "end_turn",
+            StopReason::ToolUse => "tool_use",
+        }
+    }
+}
+
+/// One content block of a reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Block {
+    /// Text, already cut into the deltas it is streamed in.
+    Text(Vec<String>),
+    /// A tool call; its input is streamed as several `input_json_delta` pieces.
+    ToolUse {
+        /// Tool name.
+        name: String,
+        /// Tool input.
+        input: Value,
+    },
+}
+
+/// What the model answers to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reply {
+    /// Content blocks in order.
+    pub blocks: Vec<Block>,
+    /// How the message ends.
+    pub stop_reason: StopReason,
+    /// Pause before each delta.
+    pub delta_interval: Duration,
+    /// Send an `overloaded_error` instead of finishing the message, after the text deltas.
+    pub fail_mid_stream: bool,
+}
+
+/// Decide the reply to a request body (already parsed).
+pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
+    if request.get("stream").and_then(Value::as_bool) != Some(true) {
+        return Err(ScriptError::NotStreaming);
+    }
+    let messages = request
+        .get("messages")
+        .and_then(Value::as_array)
+        .ok_or(ScriptError::NoUserMessage)?;
+    let prompt = messages
+        .iter()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(message_text)
+        .ok_or(ScriptError::NoUserMessage)?;
+    let step = messages.iter().map(count_tool_results).sum::<usize>();
+    match Directive::find(&prompt)? {
+        None => Ok(demo(step, &prompt)),
+        Some(Directive::Tokens { count, rate_per_s }) => Ok(Reply {
+            blocks: vec![Block::Text(
+                (0..count).map(|i| format!("tok{i} ")).collect(),
+            )],
+            stop_reason: StopReason::EndTurn,
+            delta_interval: if rate_per_s > 0.0 {
+                Duration::from_secs_f64(1.0 / rate_per_s)
+            } else {
+                Duration::ZERO
+            },
+            fail_mid_stream: false,
+        }),
+        Some(Directive::Write { path, content }) => Ok(if step == 0 {
+            Reply {
+                blocks: vec![
+                    Block::Text(vec![format!("Writing {path}.")]),
+                    Block::ToolUse {
+                        name: "write_file".into(),
+                        input: json!({ "path": path, "content": content }),
+                    },
+                ],
+                stop_reason: StopReason::ToolUse,
+                delta_interval: Duration::ZERO,
+                fail_mid_stream: false,
+            }
+        } else {
+            end_turn(vec![format!("Wrote {path}.")], Duration::ZERO)
+        }),
+        Some(Directive::Slow { duration_ms }) => {
+            let text = "Thinking slowly about this, one small piece at a time, \
+                        so there is time to stop me. ";
+            let deltas = split_words(&text.repeat(2), SLOW_DELTAS);
+            let interval = Duration::from_millis(duration_ms)
+                / u32::try_from(deltas.len().max(1)).unwrap_or(1);
+            Ok(end_turn(deltas, interval))
+        }
+        Some(Directive::Error) => Ok(Reply {
+            fail_mid_stream: true,
+            ..end_turn(
+                split_words("Let me look at that. Just a moment", 4),
+                Duration::ZERO,
+            )
+        }),
+    }
+}
+
+fn end_turn(deltas: Vec<String>, delta_interval: Duration) -> Reply {
+    Reply {
+        blocks: vec![Block::Text(deltas)],
+        stop_reason: StopReason::EndTurn,
+        delta_interval,
+        fail_mid_stream: false,
+    }
+}
+
+/// The default scenario: look around, write a note, finish.
+fn demo(step: usize, prompt: &str) -> Reply {
+    let (text, tool) = match step {
+        0 => (
+            "I'll take a look at the repository first to see how it is laid out. \
+             I am the scripted demo model, so I will list the files, \
+             leave a short note, and stop there.",
+            Some(("list_files", json!({ "path": "." }))),
+        ),
+        1 => (
+            "Thanks, that gives me an overview of the project. \
+             Now I'll write a short note with your prompt into NIGHTSHIFT_DEMO.md.",
+            Some((
+                "write_file",
+                json!({
+                    "path": "NIGHTSHIFT_DEMO.md",
+                    "content": format!("# Notes from the demo model\n\nPrompt: {prompt}\n"),
+                }),
+            )),
+        ),
+        _ => ("Done — I wrote NIGHTSHIFT_DEMO.md.", None),
+    };
+    let mut blocks = vec![Block::Text(split_words(text, 10))];
+    let stop_reason = match tool {
+        Some((name, input)) => {
+            blocks.push(Block::ToolUse {
+                name: name.into(),
+                input,
+            });
+            StopReason::ToolUse
+        }
+        None => StopReason::EndTurn,
+    };
+    Reply {
+        blocks,
+        stop_reason,
+        delta_interval: DEMO_DELTA_INTERVAL,
+        fail_mid_stream: false,
+    }
+}
+
+/// The text of a message: a string `content`, or its `text` blocks joined by newlines.
+fn message_text(message: &Value) -> String {
+    match message.get("content") {
+        Some(Value::String(text)) => text.clone(),
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|b| b.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+fn count_tool_results(message: &Value) -> usize {
+    match message.get("content") {
+        Some(Value::Array(blocks)) => blocks
+            .iter()
+            .filter(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+            .count(),
+        _ => 0,
+    }
+}
+
+/// A `[script:…]` directive.
+#[derive(Debug, Clone, PartialEq)]
+enum Directive {
+    Tokens { count: u64, rate_per_s: f64 },
+    Write { path: String, content: String },
+    Slow { duration_ms: u64 },
+    Error,
+}
+
+impl Directive {
+    /// The first directive in `text`, if any.
+    fn find(text: &str) -> Result<Option<Directive>, ScriptError> {
+        let Some(start) = text.find("[script:") else {
+            return Ok(None);
+        };
+        let rest = &text[start + "[script:".len()..];
+        let inner = match rest.find(']') {
+            Some(end) => &rest[..end],
+            None => return Err(directive_error(rest, "missing ']'")),
+        };
+        let (name, args) = inner.split_once(char::is_whitespace).unwrap_or((inner, ""));
+        let directive = match name {
+            "tokens" => {
+                let count = number_arg(inner, args, "count")?
+                    .ok_or_else(|| directive_error(inner, "count=N is required"))?;
+                if count > MAX_TOKEN_DELTAS as f64 || count.fract() != 0.0 {
+                    return Err(directive_error(
+                        inner,
+                        "count must be a whole number up to 1000000",
+                    ));
+                }
+                let rate_per_s = number_arg(inner, args, "rate")?.unwrap_or(0.0);
+                Directive::Tokens {
+                    count: count as u64,
+                    rate_per_s,
+                }
+            }
+            "write" => {
+                let path = args
+                    .split_whitespace()
+                    .find_map(|word| word.strip_prefix("path="))
+                    .filter(|path| !path.is_empty())
+                    .ok_or_else(|| directive_error(inner, "path=P is required"))?;
+                let content = match args.find("content=") {
+                    Some(at) => &args[at + "content=".len()..],
+                    None => "",
+                };
+                Directive::Write {
+                    path: path.to_owned(),
+                    content: content.to_owned(),
+                }
+            }
+            "slow" => {
+                let duration_ms = number_arg(inner, args, "ms")?
+                    .ok_or_else(|| directive_error(inner, "ms=M is required"))?;
+                Directive::Slow {
+                    duration_ms: duration_ms as u64,
+                }
+            }
+            "error" => Directive::Error,
+            _ => {
+                return Err(directive_error(
+                    inner,
+                    "unknown directive; expected tokens, write, slow or error",
+                ))
+            }
+        };
+        Ok(Some(directive))
+    }
+}
+
+/// A non-negative finite number argument `key=value`, if present.
+fn number_arg(inner: &str, args: &str, key: &str) -> Result<Option<f64>, ScriptError> {
+    let Some(value) = args
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|w| w.strip_prefix('=')))
+    else {
+        return Ok(None);
+    };
+    match value.parse::<f64>() {
+        Ok(number) if number.is_finite() && number >= 0.0 => Ok(Some(number)),
+        _ => Err(directive_error(
+            inner,
+            "arguments must be non-negative numbers",
+        )),
+    }
+}
+
+fn directive_error(directive: &str, reason: &'static str) -> ScriptError {
+    ScriptError::Directive {
+        directive: crate::seed::truncate(directive, 200),
+        reason,
+    }
+}
+
+/// Cut `text` into about `parts` pieces at word boundaries, each piece keeping its leading space as
+/// the real API does (`"Hello"`, `" there"`). The pieces concatenate to `text`.
+fn split_words(text: &str, parts: usize) -> Vec<String> {
+    let mut words: Vec<&str> = Vec::new();
+    let mut start = 0;
+    for (at, ch) in text.char_indices() {
+        if ch == ' ' && at > start {
+            words.push(&text[start..at]);
+            start = at;
+        }
+    }
+    if start < text.len() {
+        words.push(&text[start..]);
+    }
+    let per_part = words.len().div_ceil(parts.max(1)).max(1);
+    words.chunks(per_part).map(|chunk| chunk.concat()).collect()
+}
+
+/// Cut serialized JSON into several pieces on character boundaries, the first one empty as in the
+/// real API.
+fn split_json(json: &str) -> Vec<String> {
+    let piece_bytes = (json.len() / 5).clamp(8, 256);
+    let mut pieces = vec![String::new()];
+    let mut current = String::new();
+    for ch in json.chars() {
+        current.push(ch);
+        if current.len() >= piece_bytes {
+            pieces.push(std::mem::take(&mut current));
+        }
+    }
+    if !current.is_empty() {
+        pieces.push(current);
+    }
+    pieces
+}
+
+/// One server-sent event, with the pause before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Frame {
+    /// Pause before sending it.
+    pub delay: Duration,
+    /// The SSE `event:` name.
+    pub event: &'static str,
+    /// The SSE `data:` JSON.
+    pub data: Value,
+}
+
+impl Frame {
+    fn now(event: &'static str, data: Value) -> Self {
+        Frame {
+            delay: Duration::ZERO,
+            event,
+            data,
+        }
+    }
+
+    /// The frame on the wire: `event: X\ndata: {...}\n\n`.
+    pub fn to_sse(&self) -> String {
+        format!("event: {}\ndata: {}\n\n", self.event, self.data)
+    }
+}
+
+/// Ids of one message and its tool calls, chosen by the caller (random on the wire, fixed in
+/// tests).
+#[derive(Debug, Clone)]
+pub struct Ids {
+    /// `msg_…`.
+    pub message_id: String,
+    /// Prefix of `toolu_…` ids; the block index is appended.
+    pub tool_use_prefix: String,
+}
+
+impl Ids {
+    fn random() -> Self {
+        let nonce = hex::encode(rand::random::<[u8; 12]>());
+        Ids {
+            message_id: format!("msg_scripted_{nonce}"),
+            tool_use_prefix: format!("toolu_scripted_{nonce}_"),
+        }
+    }
+}
+
+/// The whole stream of a reply, in the real API's event order.
+pub fn frames(reply: &Reply, ids: &Ids, input_tokens: u64) -> Vec<Frame> {
+    let mut out = vec![Frame::now(
+        "message_start",
+        json!({"type": "message_start", "message": {
+            "id": ids.message_id, "type": "message", "role": "assistant", "model": MODEL,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {
+                "input_tokens": input_tokens, "cache_creation_input_tokens": 0,
+                "cache_read_input_tokens": 0, "output_tokens": 1, "service_tier": "standard",
+            },
+        }}),
+    )];
+    let mut output_tokens: u64 = 1;
+    let delta = |index: usize, delta: Value| Frame {
+        delay: reply.delta_interval,
+        event: "content_block_delta",
+        data: json!({"type": "content_block_delta", "index": index, "delta": delta}),
+    };
+    for (index, block) in reply.blocks.iter().enumerate() {
+        let start = match block {
+            Block::Text(_) => json!({"type": "text", "text": ""}),
+            Block::ToolUse { name, .. } => json!({
+                "type": "tool_use", "id": format!("{}{index}", ids.tool_use_prefix),
+                "name": name, "input": {},
+            }),
+        };
+        out.push(Frame::now(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": index, "content_block": start}),
+        ));
+        if index == 0 {
+            out.push(Frame::now("ping", json!({"type": "ping"})));
+        }
+        match block {
+            Block::Text(deltas) => {
+                for text in deltas {
+                    output_tokens += 1;
+                    out.push(delta(index, json!({"type": "text_delta", "text": text})));
+                }
+            }
+            Block::ToolUse { input, .. } => {
+                for piece in split_json(&input.to_string()) {
+                    output_tokens += 1;
+                    out.push(delta(
+                        index,
+                        json!({"type": "input_json_delta", "partial_json": piece}),
+                    ));
+                }
+            }
+        }
+        if reply.fail_mid_stream {
+            out.push(Frame::now(
+                "error",
+                json!({"type": "error",
+                       "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+            ));
+            return out;
+        }
+        out.push(Frame::now(
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": index}),
+        ));
+    }
+    out.push(Frame::now(
+        "message_delta",
+        json!({"type": "message_delta",
+               "delta": {"stop_reason": reply.stop_reason.as_str(), "stop_sequence": null},
+               "usage": {"output_tokens": output_tokens}}),
+    ));
+    out.push(Frame::now("message_stop", json!({"type": "message_stop"})));
+    out
+}
+
+/// The API: `POST /v1/messages`. Mount it anywhere; the agent appends `/v1/messages` to its base
+/// URL.
+pub fn router() -> Router {
+    Router::new().route("/v1/messages", post(messages))
+}
+
+async fn messages(body: Bytes) -> Response {
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(err) => {
+            return invalid_request(ScriptError::InvalidJson {
+                reason: err.to_string(),
+            })
+        }
+    };
+    let reply = match plan(&request) {
+        Ok(reply) => reply,
+        Err(err) => return invalid_request(err),
+    };
+    // A rough estimate, as a real tokenizer would give about a token per four bytes.
+    let input_tokens = (body.len() as u64 / 4).max(1);
+    let frames = frames(&reply, &Ids::random(), input_tokens);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    tokio::spawn(async move {
+        let mut next = tokio::time::Instant::now();
+        for frame in frames {
+            if !frame.delay.is_zero() {
+                // Paced against the start, so sleeping never accumulates drift.
+                next += frame.delay;
+                tokio::time::sleep_until(next).await;
+            }
+            if tx.send(Bytes::from(frame.to_sse())).await.is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|chunk| (Ok::<_, Infallible>(chunk), rx))
+    });
+    let request_id = format!("req_scripted_{}", hex::encode(rand::random::<[u8; 12]>()));
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "text/event-stream; charset=utf-8".to_owned(),
+            ),
+            (header::CACHE_CONTROL, "no-cache".to_owned()),
+            (header::HeaderName::from_static("request-id"), request_id),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// The API's error shape: `{"type":"error","error":{"type":"invalid_request_error","message":…}}`.
+fn invalid_request(err: ScriptError) -> Response {
+    let body = json!({"type": "error",
+                      "error": {"type": "invalid_request_error", "message": err.to_string()}});
+    (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+}
+
+/// `sandbox-agent scripted-model`: serve [`router`] until Ctrl-C.
+pub async fn main(args: ScriptedModelArgs) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    tracing::info!(address = %listener.local_addr()?, model = MODEL, "scripted model listening");
+    axum::serve(listener, router())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// A parsed SSE event.
+    #[derive(Debug)]
+    struct Event {
+        name: String,
+        data: Value,
+    }
+
+    fn parse_sse(text: &str) -> Vec<Event> {
+        assert!(
+            text.ends_with("\n\n"),
+            "stream must end with a blank line: {text:?}"
+        );
+        text.split("\n\n")
+            .filter(|chunk| !chunk.is_empty())
+            .map(|chunk| {
+                let mut lines = chunk.lines();
+                let name = lines
+                    .next()
+                    .and_then(|l| l.strip_prefix("event: "))
+                    .expect("event line");
+                let data = lines
+                    .next()
+                    .and_then(|l| l.strip_prefix("data: "))
+                    .expect("data line");
+                assert!(lines.next().is_none(), "one data line per event: {chunk:?}");
+                let data: Value = serde_json::from_str(data).expect("data is JSON");
+                assert_eq!(data["type"], name, "event name matches data.type");
+                Event {
+                    name: name.to_owned(),
+                    data,
+                }
+            })
+            .collect()
+    }
+
+    async fn start() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router()).await });
+        format!("http://{address}/v1/messages")
+    }
+
+    async fn post(url: &str, body: &Value) -> (u16, String, String) {
+        let response = reqwest::Client::new()
+            .post(url)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        (status, content_type, response.text().await.unwrap())
+    }
+
+    fn request(messages: Value) -> Value {
+        json!({"model": "anything", "max_tokens": 1024, "stream": true, "messages": messages})
+    }
+
+    /// Text of all text deltas, the concatenated tool input JSON, tool names, and the stop reason.
+    fn summarize(events: &[Event]) -> (String, Vec<(String, Value)>, String) {
+        assert_eq!(
+            events.first().map(|e| e.name.as_str()),
+            Some("message_start")
+        );
+        assert_eq!(events[0].data["message"]["model"], MODEL);
+        assert_eq!(events.last().map(|e| e.name.as_str()), Some("message_stop"));
+        let mut text = String::new();
+        let mut tools = Vec::new();
+        let mut partial = String::new();
+        let mut stop_reason = String::new();
+        for event in events {
+            match event.name.as_str() {
+                "content_block_start" if event.data["content_block"]["type"] == "tool_use" => {
+                    tools.push((
+                        event.data["content_block"]["name"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned(),
+                        Value::Null,
+                    ));
+                    assert!(event.data["content_block"]["id"]
+                        .as_str()
+                        .unwrap()
+                        .starts_with("toolu_"));
+                    partial.clear();
+                }
+                "content_block_delta" => match event.data["delta"]["type"].as_str().unwrap() {
+                    "text_delta" => text.push_str(event.data["delta"]["text"].as_str().unwrap()),
+                    "input_json_delta" => {
+                        partial.push_str(event.data["delta"]["partial_json"].as_str().unwrap())
+                    }
+                    other => panic!("unexpected delta {other}"),
+                },
+                "content_block_stop" if !partial.is_empty() => {
+                    let input: Value =
+                        serde_json::from_str(&partial).expect("input_json_delta pieces form JSON");
+                    tools.last_mut().unwrap().1 = input;
+                }
+                "message_delta" => {
+                    stop_reason = event.data["delta"]["stop_reason"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                }
+                _ => {}
+            }
+        }
+        (text, tools, stop_reason)
+    }
+
+    #[tokio::test]
+    async fn demo_scenario_over_http() {
+        let url = start().await;
+        let user = json!({"role": "user", "content": "Add a farewell function"});
+
+        let (status, content_type, body) = post(&url, &request(json!([user]))).await;
+        assert_eq!(status, 200);
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        let events = parse_sse(&body);
+        let deltas = events
+            .iter()
+            .filter(|e| e.data["delta"]["type"] == "text_delta")
+            .count();
+        assert!(
+            (8..=12).contains(&deltas),
+            "about ten text deltas, got {deltas}"
+        );
+        let json_pieces = events
+            .iter()
+            .filter(|e| e.data["delta"]["type"] == "input_json_delta")
+            .count();
+        assert!(
+            json_pieces >= 3,
+            "tool input split into pieces, got {json_pieces}"
+        );
+        assert!(events.iter().any(|e| e.name == "ping"));
+        let (text, tools, stop) = summarize(&events);
+        assert!(
+            text.starts_with("I'll take a look at the repository"),
+            "{text}"
+        );
+        assert_eq!(tools, vec![("list_files".to_owned(), json!({"path": "."}))]);
+        assert_eq!(stop, "tool_use");
+
+        // Step 1: one tool_result in the conversation.
+        let assistant = json!({"role": "assistant", "content": [
+            {"type": "text", "text": text}, {"type": "tool_use", "id": "toolu_1", "name": "list_files", "input": {"path": "."}}]});
+        let result = json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "README.md"}]});
+        let (_, _, body) = post(&url, &request(json!([user, assistant, result]))).await;
+        let (_, tools, stop) = summarize(&parse_sse(&body));
+        let content = "# Notes from the demo model\n\nPrompt: Add a farewell function\n";
+        assert_eq!(
+            tools,
+            vec![(
+                "write_file".to_owned(),
+                json!({"path": "NIGHTSHIFT_DEMO.md", "content": content})
+            )]
+        );
+        assert_eq!(stop, "tool_use");
+
+        // Step 2: two tool_results.
+        let (_, _, body) = post(
+            &url,
+            &request(json!([user, assistant, result, assistant, result])),
+        )
+        .await;
+        let (text, tools, stop) = summarize(&parse_sse(&body));
+        assert_eq!(text, "Done — I wrote NIGHTSHIFT_DEMO.md.");
+        assert!(tools.is_empty());
+        assert_eq!(stop, "end_turn");
+    }
+
+    #[tokio::test]
+    async fn tokens_directive_streams_count_deltas_at_rate() {
+        let url = start().await;
+        let body = request(
+            json!([{"role": "user", "content": [{"type": "text", "text": "go [script:tokens count=50 rate=0]"}]}]),
+        );
+        let (status, _, text) = post(&url, &body).await;
+        assert_eq!(status, 200);
+        let events = parse_sse(&text);
+        let deltas: Vec<&str> = events
+            .iter()
+            .filter(|e| e.name == "content_block_delta")
+            .map(|e| e.data["delta"]["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(deltas.len(), 50);
+        assert_eq!(deltas[0], "tok0 ");
+        assert_eq!(deltas[49], "tok49 ");
+        let (_, tools, stop) = summarize(&events);
+        assert!(tools.is_empty());
+        assert_eq!(stop, "end_turn");
+
+        // Paced: 10 deltas at 50/s take at least ~200 ms.
+        let started = Instant::now();
+        let body =
+            request(json!([{"role": "user", "content": "[script:tokens count=10 rate=50]"}]));
+        let (_, _, text) = post(&url, &body).await;
+        assert_eq!(
+            parse_sse(&text)
+                .iter()
+                .filter(|e| e.name == "content_block_delta")
+                .count(),
+            10
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(190),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn pacing_is_visible_on_the_wire() {
+        let url = start().await;
+        let body = request(json!([{"role": "user", "content": "[script:slow ms=600]"}]));
+        let mut response = reqwest::Client::new()
+            .post(&url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let first = response.chunk().await.unwrap().unwrap();
+        let first_at = started.elapsed();
+        assert!(String::from_utf8_lossy(&first).starts_with("event: message_start"));
+        let mut rest = Vec::new();
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            rest.extend_from_slice(&chunk);
+        }
+        assert!(
+            first_at < Duration::from_millis(200),
+            "first event flushed at once, got {first_at:?}"
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(500),
+            "stream spread over ~600 ms, got {:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn write_directive() {
+        let url = start().await;
+        let user =
+            json!({"role": "user", "content": "[script:write path=src/a.txt content=hello there]"});
+        let (_, _, body) = post(&url, &request(json!([user]))).await;
+        let (_, tools, stop) = summarize(&parse_sse(&body));
+        assert_eq!(
+            tools,
+            vec![(
+                "write_file".to_owned(),
+                json!({"path": "src/a.txt", "content": "hello there"})
+            )]
+        );
+        assert_eq!(stop, "tool_use");
+        let result = json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]});
+        let (_, _, body) = post(
+            &url,
+            &request(json!([user, {"role": "assistant", "content": "x"}, result])),
+        )
+        .await;
+        let (_, tools, stop) = summarize(&parse_sse(&body));
+        assert!(tools.is_empty());
+        assert_eq!(stop, "end_turn");
+    }
+
+    #[tokio::test]
+    async fn error_directive_sends_an_error_event_mid_stream() {
+        let url = start().await;
+        let (status, _, body) = post(
+            &url,
+            &request(json!([{"role": "user", "content": "[script:error]"}])),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let events = parse_sse(&body);
+        assert!(events.iter().any(|e| e.name == "content_block_delta"));
+        let last = events.last().unwrap();
+        assert_eq!(last.name, "error");
+        assert_eq!(
+            last.data,
+            json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+        );
+        assert!(!events.iter().any(|e| e.name == "message_stop"));
+    }
+
+    #[tokio::test]
+    async fn bad_requests_get_the_api_error_shape() {
+        let url = start().await;
+        let client = reqwest::Client::new();
+        let cases = [
+            client.post(&url).body("{not json").send().await.unwrap(),
+            client
+                .post(&url)
+                .json(&json!({"messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap(),
+            client
+                .post(&url)
+                .json(&json!({"stream": true, "messages": []}))
+                .send()
+                .await
+                .unwrap(),
+            client
+                .post(&url)
+                .json(&request(
+                    json!([{"role": "user", "content": "[script:tokens]"}]),
+                ))
+                .send()
+                .await
+                .unwrap(),
+            client
+                .post(&url)
+                .json(&request(
+                    json!([{"role": "user", "content": "[script:nope]"}]),
+                ))
+                .send()
+                .await
+                .unwrap(),
+        ];
+        for response in cases {
+            assert_eq!(response.status().as_u16(), 400);
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["type"], "error");
+            assert_eq!(body["error"]["type"], "invalid_request_error");
+            assert!(body["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+        }
+    }
+
+    #[test]
+    fn fixture_event_shapes_match() {
+        // Same event sequence as the recorded tool_use stream: start, text block (with ping), tool
+        // block, end.
+        let reply = plan(&request(json!([{"role": "user", "content": "hi"}]))).unwrap();
+        let ids = Ids {
+            message_id: "msg_1".into(),
+            tool_use_prefix: "toolu_1_".into(),
+        };
+        let names: Vec<&str> = frames(&reply, &ids, 10)
+            .iter()
+            .map(|f| f.event)
+            .collect::<Vec<_>>();
+        let mut compact: Vec<&str> = names.clone();
+        compact.dedup();
+        assert_eq!(
+            compact,
+            [
+                "message_start",
+                "content_block_start",
+                "ping",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        let fixture = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../shared/fixtures/anthropic-sse/tool_use_response.txt"
+        ));
+        if let Ok(fixture) = fixture {
+            let recorded: Vec<String> = parse_sse(&format!("{}\n\n", fixture.trim_end()))
+                .into_iter()
+                .map(|e| e.name)
+                .collect();
+            let mut recorded: Vec<&str> = recorded.iter().map(String::as_str).collect();
+            recorded.dedup();
+            assert_eq!(compact, recorded);
+        }
+    }
+
+    #[test]
+    fn splitting_keeps_the_text() {
+        let text = "I'll take a look at the repository first to see how it is laid out.";
+        let parts = split_words(text, 10);
+        assert_eq!(parts.concat(), text);
+        assert!(parts.len() >= 5);
+        assert!(parts[1].starts_with(' '));
+        let json = json!({"path": "ü/x", "content": "a \"quoted\" line\n"}).to_string();
+        let pieces = split_json(&json);
+        assert_eq!(pieces[0], "");
+        assert!(pieces.len() >= 3);
+        assert_eq!(pieces.concat(), json);
+    }
+}

@@ -1,0 +1,668 @@
+//! `sandbox-agent seed`: creates a repository in a local git store (the host's `<data-dir>/git`),
+//! as a bare repository `<store>/<owner>/<name>.git` whose first commit on the chosen branch is a
+//! small demo project.
+//!
+//! This module also owns the names that reach the filesystem: [`RepoName`] and [`validate_branch`]
+//! are the only way a repository or branch name received from outside becomes a path or a git
+//! argument, here and in the host.
+//!
+//! Git runs through the CLI with a cleared environment and an explicit identity ([`git_command`]);
+//! the user's global and system git configuration are never read or written.
+
+use std::ffi::OsStr;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Branch of the first commit when none is given.
+pub const DEFAULT_BRANCH: &str = "main";
+
+/// Author and committer of the seeded commit.
+const SEED_NAME: &str = "Nightshift Seed";
+const SEED_EMAIL: &str = "seed@nightshift.invalid";
+/// A fixed date makes the seeded commit (and its id) the same on every machine.
+const SEED_DATE: &str = "2024-01-01T00:00:00+0000";
+
+/// Longest accepted owner or name part, in bytes (GitHub allows 39 and 100).
+const MAX_NAME_PART_BYTES: usize = 100;
+/// Longest accepted branch name, in bytes.
+const MAX_BRANCH_BYTES: usize = 200;
+/// How much of a rejected name is echoed back in an error message.
+const ECHO_BYTES: usize = 120;
+
+/// `sandbox-agent seed`.
+#[derive(Debug, clap::Args)]
+pub struct SeedArgs {
+    /// Root of the git store (the host's `<data-dir>/git`).
+    #[arg(long)]
+    pub store: PathBuf,
+    /// Repository to create, `owner/name`.
+    #[arg(long)]
+    pub repo: String,
+    /// Branch that receives the first commit.
+    #[arg(long, default_value = DEFAULT_BRANCH)]
+    pub branch: String,
+}
+
+/// Everything that can go wrong while naming or seeding a repository.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    /// The repository name is not `owner/name` with safe parts.
+    #[error("invalid repository name {name:?}: {reason}")]
+    InvalidRepo {
+        /// The rejected name (truncated).
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// The branch name is not a plain, safe git branch name.
+    #[error("invalid branch name {name:?}: {reason}")]
+    InvalidBranch {
+        /// The rejected name (truncated).
+        name: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+    /// A git command ran and failed.
+    #[error("`{command}` failed ({status}): {stderr}")]
+    GitCommand {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it wrote to stderr.
+        stderr: String,
+    },
+    /// A git command could not be started.
+    #[error("could not run `{command}`: {source}")]
+    GitSpawn {
+        /// The command line.
+        command: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A filesystem operation failed.
+    #[error("could not {action} {path}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// A validated repository name, `owner/name`: each part is `[A-Za-z0-9_.-]+`, at most 100 bytes,
+/// does not start with `.` or `-`, and contains no `..`. Such a part is always one plain path
+/// component.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RepoName {
+    owner: String,
+    name: String,
+}
+
+impl RepoName {
+    /// Parse and validate `owner/name`.
+    pub fn parse(full: &str) -> Result<Self, SeedError> {
+        let Some((owner, name)) = full.split_once('/') else {
+            return Err(invalid_repo(full, "expected owner/name"));
+        };
+        Self::from_parts(owner, name).map_err(|err| match err {
+            SeedError::InvalidRepo { reason, .. } => invalid_repo(full, reason),
+            other => other,
+        })
+    }
+
+    /// Validate an owner and a name received separately (as in a URL path).
+    pub fn from_parts(owner: &str, name: &str) -> Result<Self, SeedError> {
+        for part in [owner, name] {
+            if let Err(reason) = check_name_part(part) {
+                return Err(invalid_repo(&format!("{owner}/{name}"), reason));
+            }
+        }
+        Ok(RepoName {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+
+    /// The owner part.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    /// The name part.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The bare repository of this name inside a git store: `<store>/<owner>/<name>.git`.
+    pub fn git_dir(&self, store: &Path) -> PathBuf {
+        store.join(&self.owner).join(format!("{}.git", self.name))
+    }
+}
+
+impl fmt::Display for RepoName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.owner, self.name)
+    }
+}
+
+fn check_name_part(part: &str) -> Result<(), &'static str> {
+    if part.is_empty() {
+        return Err("owner and name must not be empty");
+    }
+    if part.len() > MAX_NAME_PART_BYTES {
+        return Err("owner or name is too long");
+    }
+    if !part
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+    {
+        return Err("only letters, digits, '_', '.' and '-' are allowed, with exactly one '/'");
+    }
+    if part.starts_with('.') || part.starts_with('-') {
+        return Err("owner and name must not start with '.' or '-'");
+    }
+    if part.contains("..") {
+        return Err("'..' is not allowed");
+    }
+    Ok(())
+}
+
+/// Validate a branch name: `[A-Za-z0-9_./-]+`, at most 200 bytes, no `..` or `//`, no component
+/// starting with `.`, not starting with `-` or `/`, not ending with `/`, `.` or `.lock`. A subset
+/// of what git accepts, so the name can never be read as an option or escape `refs/heads/`.
+pub fn validate_branch(branch: &str) -> Result<(), SeedError> {
+    let reason = if branch.is_empty() {
+        Some("must not be empty")
+    } else if branch.len() > MAX_BRANCH_BYTES {
+        Some("too long")
+    } else if !branch
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'/' | b'-'))
+    {
+        Some("only letters, digits, '_', '.', '/' and '-' are allowed")
+    } else if branch.starts_with('-')
+        || branch.starts_with('/')
+        || branch.ends_with('/')
+        || branch.ends_with('.')
+    {
+        Some("must not start with '-' or '/', nor end with '/' or '.'")
+    } else if branch.contains("..") || branch.contains("//") {
+        Some("'..' and '//' are not allowed")
+    } else if branch
+        .split('/')
+        .any(|c| c.starts_with('.') || c.ends_with(".lock"))
+    {
+        Some("no component may start with '.' or end with '.lock'")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(SeedError::InvalidBranch {
+            name: truncate(branch, ECHO_BYTES),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn invalid_repo(name: &str, reason: &'static str) -> SeedError {
+    SeedError::InvalidRepo {
+        name: truncate(name, ECHO_BYTES),
+        reason,
+    }
+}
+
+/// At most `max_bytes` of `text`, cut on a character boundary.
+pub(crate) fn truncate(text: &str, max_bytes: usize) -> String {
+    if text.len() <= max_bytes {
+        return text.to_owned();
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// A `git` command with a cleared environment: only `PATH`, no system or global configuration, no
+/// terminal prompts, and the seed identity (used by commits unless the caller overrides it).
+pub fn git_command() -> Command {
+    let mut command = Command::new("git");
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+        )
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_AUTHOR_NAME", SEED_NAME)
+        .env("GIT_AUTHOR_EMAIL", SEED_EMAIL)
+        .env("GIT_AUTHOR_DATE", SEED_DATE)
+        .env("GIT_COMMITTER_NAME", SEED_NAME)
+        .env("GIT_COMMITTER_EMAIL", SEED_EMAIL)
+        .env("GIT_COMMITTER_DATE", SEED_DATE)
+        .stdin(Stdio::null());
+    command
+}
+
+/// The command line of `command`, for error messages (arguments here never carry secrets).
+pub(crate) fn command_line(program: &OsStr, args: std::process::CommandArgs<'_>) -> String {
+    let mut line = program.to_string_lossy().into_owned();
+    for arg in args {
+        line.push(' ');
+        line.push_str(&arg.to_string_lossy());
+    }
+    line
+}
+
+fn run(command: &mut Command) -> Result<Output, SeedError> {
+    let line = command_line(command.get_program(), command.get_args());
+    let output = command.output().map_err(|source| SeedError::GitSpawn {
+        command: line.clone(),
+        source,
+    })?;
+    if !output.status.success() {
+        return Err(SeedError::GitCommand {
+            command: line,
+            status: output.status.to_string(),
+            stderr: truncate(String::from_utf8_lossy(&output.stderr).trim(), 4000),
+        });
+    }
+    Ok(output)
+}
+
+/// What [`seed_repo`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seeded {
+    /// The bare repository.
+    pub git_dir: PathBuf,
+    /// `false` when the repository already existed and was left as it was.
+    pub created: bool,
+}
+
+/// Create `<store>/<owner>/<name>.git` with the demo project as the first commit on `branch`, and
+/// `http.receivepack` enabled so sandboxes can push over smart HTTP. An existing repository is left
+/// alone.
+///
+/// The repository is built under a temporary name next to its final place and renamed into place,
+/// so a concurrent reader never sees a half-made repository and two concurrent seeds do not
+/// collide.
+pub fn seed_repo(store: &Path, repo: &str, branch: &str) -> Result<Seeded, SeedError> {
+    let repo = RepoName::parse(repo)?;
+    validate_branch(branch)?;
+    let git_dir = repo.git_dir(store);
+    if git_dir.exists() {
+        return Ok(Seeded {
+            git_dir,
+            created: false,
+        });
+    }
+    let owner_dir = store.join(repo.owner());
+    std::fs::create_dir_all(&owner_dir).map_err(|source| SeedError::Io {
+        action: "create directory",
+        path: owner_dir.clone(),
+        source,
+    })?;
+
+    let nonce = hex::encode(rand::random::<[u8; 6]>());
+    // Leading dots: never a valid repository name, so never served or confused with a real
+    // repository.
+    let staging = owner_dir.join(format!(".{}.git.seed-{nonce}", repo.name()));
+    let work = TempDir::new(std::env::temp_dir().join(format!("nightshift-seed-{nonce}")))?;
+    let _staged = TempDir {
+        path: staging.clone(),
+    };
+
+    run(git_command()
+        .args(["init", "--quiet", "--bare", "--initial-branch", branch])
+        .arg(&staging))?;
+    run(git_command()
+        .arg("--git-dir")
+        .arg(&staging)
+        .args(["config", "http.receivepack", "true"]))?;
+
+    let tree = work.path.join("tree");
+    write_demo_project(&tree)?;
+    let index = work.path.join("index");
+    let in_work_tree = |command: &mut Command| {
+        command
+            .env("GIT_DIR", &staging)
+            .env("GIT_WORK_TREE", &tree)
+            .env("GIT_INDEX_FILE", &index)
+            .current_dir(&tree);
+    };
+    let mut add = git_command();
+    in_work_tree(&mut add);
+    run(add.args(["add", "--all"]))?;
+    let mut commit = git_command();
+    in_work_tree(&mut commit);
+    run(commit.args([
+        "commit",
+        "--quiet",
+        "--no-verify",
+        "--no-gpg-sign",
+        "--message",
+        "Initial commit: demo project",
+    ]))?;
+
+    match std::fs::rename(&staging, &git_dir) {
+        // `_staged` now points at nothing; dropping it is a no-op.
+        Ok(()) => Ok(Seeded {
+            git_dir,
+            created: true,
+        }),
+        // Someone else created it meanwhile: theirs stays, ours is removed when `_staged` drops.
+        Err(_) if git_dir.exists() => Ok(Seeded {
+            git_dir,
+            created: false,
+        }),
+        Err(source) => Err(SeedError::Io {
+            action: "move into place",
+            path: git_dir,
+            source,
+        }),
+    }
+}
+
+/// A directory removed (with its contents) when dropped.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(path: PathBuf) -> Result<Self, SeedError> {
+        std::fs::create_dir_all(&path).map_err(|source| SeedError::Io {
+            action: "create directory",
+            path: path.clone(),
+            source,
+        })?;
+        Ok(TempDir { path })
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
+/// The files of the demo project: a small Python package with a test, runnable with the standard
+/// library only (`python3 -m unittest`).
+const DEMO_FILES: &[(&str, &str)] = &[
+    (
+        "README.md",
+        "# hello\n\
+         \n\
+         A tiny Python project seeded by Nightshift for demos and tests.\n\
+         \n\
+         ```sh\n\
+         python3 -m hello Ada        # Hello, Ada!\n\
+         python3 -m unittest -v      # run the tests\n\
+         ```\n",
+    ),
+    (
+        "pyproject.toml",
+        "[project]\n\
+         name = \"hello\"\n\
+         version = \"0.1.0\"\n\
+         description = \"A tiny demo project\"\n\
+         requires-python = \">=3.9\"\n",
+    ),
+    (".gitignore", "__pycache__/\n*.pyc\n"),
+    (
+        "hello/__init__.py",
+        "\"\"\"Greetings, politely or loudly.\"\"\"\n\
+         \n\
+         from hello.greet import greet, shout\n\
+         \n\
+         __all__ = [\"greet\", \"shout\"]\n",
+    ),
+    (
+        "hello/greet.py",
+        "def greet(name: str) -> str:\n\
+         \x20   \"\"\"Return a friendly greeting for `name`.\"\"\"\n\
+         \x20   name = name.strip() or \"world\"\n\
+         \x20   return f\"Hello, {name}!\"\n\
+         \n\
+         \n\
+         def shout(name: str) -> str:\n\
+         \x20   \"\"\"Return the greeting in capitals.\"\"\"\n\
+         \x20   return greet(name).upper()\n",
+    ),
+    (
+        "hello/__main__.py",
+        "import sys\n\
+         \n\
+         from hello.greet import greet\n\
+         \n\
+         \n\
+         def main() -> None:\n\
+         \x20   print(greet(\" \".join(sys.argv[1:])))\n\
+         \n\
+         \n\
+         if __name__ == \"__main__\":\n\
+         \x20   main()\n",
+    ),
+    ("tests/__init__.py", ""),
+    (
+        "tests/test_greet.py",
+        "import unittest\n\
+         \n\
+         from hello import greet, shout\n\
+         \n\
+         \n\
+         class GreetTest(unittest.TestCase):\n\
+         \x20   def test_greets_by_name(self):\n\
+         \x20       self.assertEqual(greet(\"Ada\"), \"Hello, Ada!\")\n\
+         \n\
+         \x20   def test_blank_name_greets_the_world(self):\n\
+         \x20       self.assertEqual(greet(\"  \"), \"Hello, world!\")\n\
+         \n\
+         \x20   def test_shout(self):\n\
+         \x20       self.assertEqual(shout(\"Ada\"), \"HELLO, ADA!\")\n\
+         \n\
+         \n\
+         if __name__ == \"__main__\":\n\
+         \x20   unittest.main()\n",
+    ),
+];
+
+fn write_demo_project(root: &Path) -> Result<(), SeedError> {
+    for (relative, contents) in DEMO_FILES {
+        let path = root.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|source| SeedError::Io {
+                action: "create directory",
+                path: parent.to_owned(),
+                source,
+            })?;
+        }
+        std::fs::write(&path, contents).map_err(|source| SeedError::Io {
+            action: "write",
+            path,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+/// `sandbox-agent seed`: print where the repository is and whether it was created.
+pub async fn main(args: SeedArgs) -> anyhow::Result<()> {
+    let seeded =
+        tokio::task::spawn_blocking(move || seed_repo(&args.store, &args.repo, &args.branch))
+            .await??;
+    let what = if seeded.created {
+        "created"
+    } else {
+        "exists, left unchanged"
+    };
+    println!("{} ({what})", seeded.git_dir.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check_repo(input: &str, ok: bool) {
+        let result = RepoName::parse(input);
+        assert_eq!(result.is_ok(), ok, "{input:?} -> {result:?}");
+        if let Ok(name) = result {
+            assert_eq!(name.to_string(), input);
+        }
+    }
+
+    #[test]
+    fn repo_names() {
+        for good in ["demo/hello", "Owner-1/name_2.rs", "a/b", "o/x.y.z", "o/x-"] {
+            check_repo(good, true);
+        }
+        let too_long = format!("o/{}", "x".repeat(101));
+        for bad in [
+            "",
+            "demo",
+            "/hello",
+            "demo/",
+            "demo/hello/extra",
+            "../x",
+            "a/../../b",
+            "a/..",
+            "./x",
+            ".hidden/x",
+            "x/.hidden",
+            "x/a..b",
+            "-o/x",
+            "o/-x",
+            "o/x y",
+            "o/x\0",
+            "o/ü",
+            "o\\x/y",
+            "%2e%2e/x",
+            too_long.as_str(),
+        ] {
+            check_repo(bad, false);
+        }
+    }
+
+    #[test]
+    fn git_dir_is_inside_the_store() {
+        let name = RepoName::parse("demo/hello").unwrap();
+        assert_eq!(
+            name.git_dir(Path::new("/s")),
+            PathBuf::from("/s/demo/hello.git")
+        );
+    }
+
+    #[test]
+    fn branch_names() {
+        for good in ["main", "feature/x-1", "nightshift/abc_1.2", "v1.0"] {
+            assert!(validate_branch(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "-f",
+            "/x",
+            "x/",
+            "x.",
+            "a..b",
+            "a//b",
+            ".x",
+            "a/.x",
+            "x.lock",
+            "a/b.lock/c",
+            "a b",
+            "a~1",
+            "a^",
+            "a:b",
+            "a@{1}",
+            "a\\b",
+        ] {
+            assert!(validate_branch(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn git_in(git_dir: &Path, args: &[&str]) -> String {
+        let output = run(git_command().arg("--git-dir").arg(git_dir).args(args)).unwrap();
+        String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    #[test]
+    fn seeds_a_bare_repository_once() {
+        let store = tempfile::tempdir().unwrap();
+        let first = seed_repo(store.path(), "demo/hello", "main").unwrap();
+        assert!(first.created);
+        assert_eq!(first.git_dir, store.path().join("demo/hello.git"));
+        assert_eq!(
+            git_in(&first.git_dir, &["rev-parse", "--is-bare-repository"]),
+            "true"
+        );
+        assert_eq!(
+            git_in(&first.git_dir, &["symbolic-ref", "HEAD"]),
+            "refs/heads/main"
+        );
+        assert_eq!(
+            git_in(&first.git_dir, &["config", "http.receivepack"]),
+            "true"
+        );
+        let files = git_in(&first.git_dir, &["ls-tree", "-r", "--name-only", "main"]);
+        let files: Vec<&str> = files.lines().collect();
+        assert!(files.contains(&"README.md"), "{files:?}");
+        assert!(files.contains(&"hello/greet.py"), "{files:?}");
+        assert!(files.contains(&"tests/test_greet.py"), "{files:?}");
+        assert_eq!(
+            git_in(&first.git_dir, &["log", "--format=%an <%ae>", "main"]),
+            "Nightshift Seed <seed@nightshift.invalid>"
+        );
+        let head = git_in(&first.git_dir, &["rev-parse", "main"]);
+
+        // Idempotent: the second call changes nothing, and no staging directory is left behind.
+        let second = seed_repo(store.path(), "demo/hello", "main").unwrap();
+        assert!(!second.created);
+        assert_eq!(git_in(&second.git_dir, &["rev-parse", "main"]), head);
+        let entries: Vec<_> = std::fs::read_dir(store.path().join("demo"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(entries, vec![std::ffi::OsString::from("hello.git")]);
+
+        // The fixed identity and date make the first commit the same everywhere.
+        let other = tempfile::tempdir().unwrap();
+        let again = seed_repo(other.path(), "demo/hello", "main").unwrap();
+        assert_eq!(git_in(&again.git_dir, &["rev-parse", "main"]), head);
+    }
+
+    #[test]
+    fn seeds_another_branch() {
+        let store = tempfile::tempdir().unwrap();
+        let seeded = seed_repo(store.path(), "acme/tool", "trunk").unwrap();
+        assert_eq!(
+            git_in(&seeded.git_dir, &["symbolic-ref", "HEAD"]),
+            "refs/heads/trunk"
+        );
+    }
+
+    #[test]
+    fn refuses_bad_names_without_touching_the_store() {
+        let store = tempfile::tempdir().unwrap();
+        for bad in ["../x", "a/../../b", ".hidden/x"] {
+            assert!(
+                matches!(
+                    seed_repo(store.path(), bad, "main"),
+                    Err(SeedError::InvalidRepo { .. })
+                ),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            seed_repo(store.path(), "demo/hello", "-x"),
+            Err(SeedError::InvalidBranch { .. })
+        ));
+        assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+    }
+}
