@@ -13,7 +13,7 @@ pub mod provider;
 pub use agent::{AgentMessage, ServerToAgent};
 pub use client::{ClientMessage, ServerMessage};
 pub use decode::{decode_agent_message, decode_client_message, DecodeError};
-pub use event::{Event, EventEnvelope};
+pub use event::{Event, EventEnvelope, FileChange};
 
 /// Version of this contract; `hello` carries it and a mismatch is refused with a typed error.
 pub const PROTOCOL_VERSION: u32 = 1;

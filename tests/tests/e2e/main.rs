@@ -1,0 +1,8 @@
+//! End-to-end tests: the real Worker in wrangler dev, the real sandbox host and agent, on loopback.
+//! One binary with modules, so the harness is compiled once.
+
+mod bad_input;
+mod durability;
+mod flow;
+mod multiplayer;
+mod smoke;

@@ -1,0 +1,155 @@
+//! The builds `dev`, `test` and `bench` share: the wasm Worker (worker-build) and the sandbox-agent.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context};
+
+use crate::env;
+use crate::step::{self, Outcome};
+use crate::workspace::Workspace;
+
+/// Cargo profile of the native binaries: debug for `dev` and `test` (shares artifacts with `cargo test`),
+/// release for `bench` (it measures speed).
+#[derive(Clone, Copy)]
+pub enum Profile {
+    Debug,
+    Release,
+}
+
+impl Profile {
+    /// The directory under `target/`.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Profile::Debug => "debug",
+            Profile::Release => "release",
+        }
+    }
+}
+
+/// What worker-build 0.8.7 writes, relative to `worker/`: the bundled ES module that wrangler.toml's `main`
+/// names, and the wasm it imports. (It also writes `build/worker/shim.mjs`, a re-export kept for old configs,
+/// and `build/package.json`.)
+pub const WORKER_OUTPUTS: [&str; 2] = ["build/index.js", "build/index_bg.wasm"];
+
+/// `worker-build --release` in `worker/`, with every tool it would download given locally.
+///
+/// worker-build always re-runs wasm-bindgen, wasm-opt (~9 s as the npm build) and esbuild, so xtask first
+/// runs the same cargo build itself and skips worker-build when the compiled wasm is the one it last
+/// processed.
+pub fn worker(workspace: &Workspace, command: &str) -> anyhow::Result<()> {
+    step::run(command, "build worker (worker-build --release)", |_| {
+        let worker_dir = workspace.root.join("worker");
+        let log_dir = workspace.log_dir();
+        // The cargo command worker-build 0.8.7 runs (src/build/target.rs), so the two share artifacts.
+        step::run_logged(
+            workspace
+                .cargo()
+                .args([
+                    "build",
+                    "--lib",
+                    "--release",
+                    "--target",
+                    "wasm32-unknown-unknown",
+                ])
+                .current_dir(&worker_dir)
+                .env(env::WASM_BINDGEN_USE_JS_SYS, "1"),
+            &step::log_path(&log_dir, "build-worker-cargo"),
+        )?;
+        let compiled = workspace
+            .target_dir()
+            .join("wasm32-unknown-unknown/release/nightshift_worker.wasm");
+        let fingerprint = file_fingerprint(&compiled)?;
+        let stamp = log_dir.join("worker-build.stamp");
+        let outputs_exist = WORKER_OUTPUTS
+            .iter()
+            .all(|file| worker_dir.join(file).exists());
+        if outputs_exist && std::fs::read_to_string(&stamp).is_ok_and(|done| done == fingerprint) {
+            return Ok(Outcome::Cached);
+        }
+        step::run_logged(
+            Command::new(workspace.cargo_bin_dir().join("worker-build"))
+                .arg("--release")
+                .current_dir(&worker_dir)
+                .env(env::PATH, workspace.tool_path())
+                .env(
+                    env::WASM_BINDGEN_BIN,
+                    workspace.cargo_bin_dir().join("wasm-bindgen"),
+                )
+                .env(env::WASM_OPT_BIN, workspace.wasm_opt())
+                .env(env::ESBUILD_BIN, workspace.esbuild()),
+            &step::log_path(&log_dir, "build-worker"),
+        )?;
+        for file in WORKER_OUTPUTS {
+            if !worker_dir.join(file).exists() {
+                bail!("worker-build succeeded but worker/{file} is missing");
+            }
+        }
+        std::fs::write(&stamp, fingerprint)
+            .with_context(|| format!("writing {}", stamp.display()))?;
+        Ok(Outcome::Done)
+    })
+}
+
+/// Size and modification time: changes whenever cargo writes the file anew.
+fn file_fingerprint(path: &Path) -> anyhow::Result<String> {
+    let metadata =
+        std::fs::metadata(path).with_context(|| format!("cargo built no {}", path.display()))?;
+    let modified = metadata.modified().context("reading a modification time")?;
+    let since_epoch = modified
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Ok(format!("{} {}", metadata.len(), since_epoch.as_nanos()))
+}
+
+/// `cargo build -p nightshift-sandbox-agent` in the given profile.
+pub fn agent(workspace: &Workspace, command: &str, profile: Profile) -> anyhow::Result<()> {
+    step::run(
+        command,
+        &format!("build sandbox-agent ({})", profile.dir()),
+        |_| {
+            let mut cargo = workspace.cargo();
+            cargo.args([
+                "build",
+                "--package",
+                "nightshift-sandbox-agent",
+                "--bin",
+                "sandbox-agent",
+            ]);
+            if let Profile::Release = profile {
+                cargo.arg("--release");
+            }
+            step::run_logged(
+                &mut cargo,
+                &step::log_path(&workspace.log_dir(), "build-agent"),
+            )?;
+            let binary = workspace.agent_bin(profile);
+            if !binary.exists() {
+                bail!("cargo build succeeded but {} is missing", binary.display());
+            }
+            Ok(Outcome::Done)
+        },
+    )
+}
+
+/// The protocol crate must also build for the Worker's target.
+pub fn check_protocol_wasm(workspace: &Workspace) -> anyhow::Result<()> {
+    step::run(
+        "test",
+        "cargo check -p nightshift-protocol --target wasm32-unknown-unknown",
+        |_| {
+            step::run_logged(
+                workspace.cargo().args([
+                    "check",
+                    "--package",
+                    "nightshift-protocol",
+                    "--target",
+                    "wasm32-unknown-unknown",
+                ]),
+                &step::log_path(&workspace.log_dir(), "check-protocol-wasm"),
+            )
+            .context("the protocol crate does not build for wasm32")?;
+            Ok(Outcome::Done)
+        },
+    )
+}
