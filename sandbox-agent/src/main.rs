@@ -24,7 +24,7 @@ enum Command {
     Host(host::HostArgs),
     /// Serve only the scripted model (Anthropic Messages SSE) for tests and demos.
     ScriptedModel(scripted_model::ScriptedModelArgs),
-    /// Create (or refresh) a repository in a local git store.
+    /// Create a repository in a local git store (an existing one is left as it is).
     Seed(seed::SeedArgs),
 }
 
@@ -33,6 +33,7 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env(env::LOG).unwrap_or_else(|_| "info".into()),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

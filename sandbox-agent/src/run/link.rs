@@ -505,7 +505,10 @@ mod tests {
     async fn accept(
         listener: &TcpListener,
     ) -> tokio_tungstenite::WebSocketStream<tokio::net::TcpStream> {
-        let (tcp, _) = listener.accept().await.unwrap();
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+            .await
+            .expect("the agent connects within 10 s")
+            .unwrap();
         tokio_tungstenite::accept_hdr_async(
             tcp,
             |request: &ServerRequest, response: ServerResponse| {
@@ -653,9 +656,15 @@ mod tests {
         events_tx.send(notice("a")).await.unwrap();
         {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let (mut tcp, _) = listener.accept().await.unwrap();
+            let (mut tcp, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+                .await
+                .expect("the agent connects within 10 s")
+                .unwrap();
             let mut buffer = [0u8; 4096];
-            let _ = tcp.read(&mut buffer).await.unwrap();
+            let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buffer))
+                .await
+                .expect("the upgrade request within 5 s")
+                .unwrap();
             tcp.write_all(b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\n\r\n")
                 .await
                 .unwrap();
