@@ -153,3 +153,28 @@ pub fn check_protocol_wasm(workspace: &Workspace) -> anyhow::Result<()> {
         },
     )
 }
+
+/// Clippy with warnings as errors: the Worker for wasm32 (where its no-panic lints are denied) and every
+/// native crate with its tests.
+pub fn lint(workspace: &Workspace) -> anyhow::Result<()> {
+    let runs: [(&str, &str, &[&str]); 2] = [
+        (
+            "clippy: worker (wasm32)",
+            "clippy-worker",
+            &["clippy", "--package", "nightshift-worker", "--target", "wasm32-unknown-unknown", "--", "-D", "warnings"],
+        ),
+        (
+            "clippy: native crates and tests",
+            "clippy-native",
+            &["clippy", "--workspace", "--exclude", "nightshift-worker", "--all-targets", "--", "-D", "warnings"],
+        ),
+    ];
+    for (what, log, args) in runs {
+        step::run("test", what, |_| {
+            step::run_logged(workspace.cargo().args(args), &step::log_path(&workspace.log_dir(), log))
+                .with_context(|| format!("{what} found problems"))?;
+            Ok(Outcome::Done)
+        })?;
+    }
+    Ok(())
+}

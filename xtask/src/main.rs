@@ -56,6 +56,7 @@ fn main() -> ExitCode {
 fn test(workspace: &Workspace) -> anyhow::Result<()> {
     setup::run(workspace)?;
     build::check_protocol_wasm(workspace)?;
+    build::lint(workspace)?;
     build::worker(workspace, "test")?;
     build::agent(workspace, "test", build::Profile::Debug)?;
     step::stream(

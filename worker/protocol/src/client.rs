@@ -50,6 +50,8 @@ impl ClientMessage {
 }
 
 /// A message from the session to a client.
+// `welcome` is much larger than the rest; messages are short-lived, so boxing it would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {

@@ -26,7 +26,7 @@ pub fn participants(members: &[Member], online_logins: &[String]) -> Vec<Partici
             login: m.author.login.clone(),
             name: m.author.name.clone(),
             role: m.role,
-            online: online_logins.iter().any(|l| *l == m.author.login),
+            online: online_logins.contains(&m.author.login),
         })
         .collect()
 }
