@@ -114,6 +114,7 @@ function sessionView(user, id) {
       stream.textContent += event.text;
       return;
     }
+    if (event.type === "message" && event.role === "assistant") stream.textContent += "\n\n";
     if (event.type === "sandbox_status") sandbox.textContent = `sandbox: ${event.status}`;
     log.append(el("div", { class: `ev ${event.type}`, "data-seq": String(seq) }, el("span", { class: "seq" }, `#${seq}`), describe(event)));
     log.scrollTop = log.scrollHeight;
@@ -126,7 +127,7 @@ function sessionView(user, id) {
       socket.onopen = () => socket.send(JSON.stringify({ type: "hello", protocol_version: 1, last_seq: lastSeq, client: "web" }));
       socket.onmessage = (m) => {
         const msg = JSON.parse(m.data);
-        if (msg.type === "welcome") title.textContent = `${msg.session.title} — ${msg.session.repo}`;
+        if (msg.type === "welcome") title.textContent = msg.session.title;
         if (msg.type === "welcome" || msg.type === "presence") {
           people.replaceChildren(...msg.participants.map((p) => el("span", { class: `pill${p.online ? " online" : ""}` }, p.name)));
         }
