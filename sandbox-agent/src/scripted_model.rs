@@ -10,8 +10,10 @@
 //! - no directive: the demo. Step 0: text, then `list_files {"path":"."}`; step 1: text, then
 //!   `write_file` of `NIGHTSHIFT_DEMO.md` with the prompt; step 2 and later: a final text,
 //!   `end_turn`.
-//! - `[script:tokens count=N rate=R]`: `N` text deltas `"tok{i} "` (`i` from 0) paced at `R` per
-//!   second (`rate=0` or none: as fast as possible), then `end_turn`; no tools.
+//! - `[script:tokens count=N rate=R stamp=S]`: `N` text deltas `"tok{i} "` (`i` from 0) paced at
+//!   `R` per second (`rate=0` or none: as fast as possible), then `end_turn`; no tools. With
+//!   `stamp=1` each delta carries the wall-clock time it is sent, `"tok{i}@{unix_micros} "`, so a
+//!   benchmark can measure delivery latency from the model to a client.
 //! - `[script:write path=P content=C]`: step 0: `write_file {"path":P,"content":C}` (`C` is the
 //!   literal text up to `]`); then a final text, `end_turn`.
 //! - `[script:slow ms=M]`: a text streamed evenly over `M` ms, then `end_turn` (for stop tests).
@@ -25,7 +27,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::http::{header, StatusCode};
@@ -120,6 +122,8 @@ pub struct Reply {
     pub delta_interval: Duration,
     /// Send an `overloaded_error` instead of finishing the message, after the text deltas.
     pub fail_mid_stream: bool,
+    /// Stamp each text delta with the time it is sent (see [`Frame::stamp`]).
+    pub stamp: bool,
 }
 
 /// Decide the reply to a request body (already parsed).
@@ -139,7 +143,11 @@ pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
     let step = messages.iter().map(count_tool_results).sum::<usize>();
     match Directive::find(&prompt)? {
         None => Ok(demo(step, &prompt)),
-        Some(Directive::Tokens { count, rate_per_s }) => Ok(Reply {
+        Some(Directive::Tokens {
+            count,
+            rate_per_s,
+            stamp,
+        }) => Ok(Reply {
             blocks: vec![Block::Text(
                 (0..count).map(|i| format!("tok{i} ")).collect(),
             )],
@@ -150,6 +158,7 @@ pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
                 Duration::ZERO
             },
             fail_mid_stream: false,
+            stamp,
         }),
         Some(Directive::Write { path, content }) => Ok(if step == 0 {
             Reply {
@@ -163,6 +172,7 @@ pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
                 stop_reason: StopReason::ToolUse,
                 delta_interval: Duration::ZERO,
                 fail_mid_stream: false,
+                stamp: false,
             }
         } else {
             end_turn(vec![format!("Wrote {path}.")], Duration::ZERO)
@@ -191,6 +201,7 @@ fn end_turn(deltas: Vec<String>, delta_interval: Duration) -> Reply {
         stop_reason: StopReason::EndTurn,
         delta_interval,
         fail_mid_stream: false,
+        stamp: false,
     }
 }
 
@@ -232,6 +243,7 @@ fn demo(step: usize, prompt: &str) -> Reply {
         stop_reason,
         delta_interval: DEMO_DELTA_INTERVAL,
         fail_mid_stream: false,
+        stamp: false,
     }
 }
 
@@ -262,9 +274,18 @@ fn count_tool_results(message: &Value) -> usize {
 /// A `[script:…]` directive.
 #[derive(Debug, Clone, PartialEq)]
 enum Directive {
-    Tokens { count: u64, rate_per_s: f64 },
-    Write { path: String, content: String },
-    Slow { duration_ms: u64 },
+    Tokens {
+        count: u64,
+        rate_per_s: f64,
+        stamp: bool,
+    },
+    Write {
+        path: String,
+        content: String,
+    },
+    Slow {
+        duration_ms: u64,
+    },
     Error,
 }
 
@@ -291,9 +312,11 @@ impl Directive {
                     ));
                 }
                 let rate_per_s = number_arg(inner, args, "rate")?.unwrap_or(0.0);
+                let stamp = number_arg(inner, args, "stamp")?.unwrap_or(0.0) != 0.0;
                 Directive::Tokens {
                     count: count as u64,
                     rate_per_s,
+                    stamp,
                 }
             }
             "write" => {
@@ -399,6 +422,9 @@ pub struct Frame {
     pub event: &'static str,
     /// The SSE `data:` JSON.
     pub data: Value,
+    /// A text delta that gets the time it is sent appended to its word: `"tok3 "` sent at
+    /// 1700000000.123456 s goes out as `"tok3@1700000000123456 "` ([`Frame::to_sse_at`]).
+    pub stamp: bool,
 }
 
 impl Frame {
@@ -407,6 +433,7 @@ impl Frame {
             delay: Duration::ZERO,
             event,
             data,
+            stamp: false,
         }
     }
 
@@ -414,6 +441,33 @@ impl Frame {
     pub fn to_sse(&self) -> String {
         format!("event: {}\ndata: {}\n\n", self.event, self.data)
     }
+
+    /// The frame on the wire when sent at `sent_at`: as [`Frame::to_sse`], with a stamped text
+    /// delta carrying `sent_at`.
+    pub fn to_sse_at(&self, sent_at: SystemTime) -> String {
+        if !self.stamp {
+            return self.to_sse();
+        }
+        let mut stamped = self.clone();
+        if let Some(Value::String(text)) = stamped
+            .data
+            .get_mut("delta")
+            .and_then(|delta| delta.get_mut("text"))
+        {
+            *text = stamp_text(text, sent_at);
+        }
+        stamped.to_sse()
+    }
+}
+
+/// `"tok3 "` sent at `sent_at` → `"tok3@{unix_micros} "`: the stamp goes after the word, before
+/// its trailing whitespace.
+fn stamp_text(text: &str, sent_at: SystemTime) -> String {
+    let unix_micros = sent_at
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| since.as_micros());
+    let word = text.trim_end();
+    format!("{word}@{unix_micros}{}", &text[word.len()..])
 }
 
 /// Ids of one message and its tool calls, chosen by the caller (random on the wire, fixed in
@@ -453,6 +507,7 @@ pub fn frames(reply: &Reply, ids: &Ids, input_tokens: u64) -> Vec<Frame> {
     let delta = |index: usize, delta: Value| Frame {
         delay: reply.delta_interval,
         event: "content_block_delta",
+        stamp: reply.stamp && delta["type"] == "text_delta",
         data: json!({"type": "content_block_delta", "index": index, "delta": delta}),
     };
     for (index, block) in reply.blocks.iter().enumerate() {
@@ -541,7 +596,8 @@ async fn messages(body: Bytes) -> Response {
                 next += frame.delay;
                 tokio::time::sleep_until(next).await;
             }
-            if tx.send(Bytes::from(frame.to_sse())).await.is_err() {
+            let sse = frame.to_sse_at(SystemTime::now());
+            if tx.send(Bytes::from(sse)).await.is_err() {
                 return; // the client went away
             }
         }
@@ -806,6 +862,58 @@ mod tests {
             started.elapsed() >= Duration::from_millis(190),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn stamped_tokens_carry_the_time_they_are_sent() {
+        let url = start().await;
+        let unix_micros = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_micros()
+        };
+        let before = unix_micros();
+        let body = request(
+            json!([{"role": "user", "content": "[script:tokens count=5 rate=100 stamp=1]"}]),
+        );
+        let (status, _, text) = post(&url, &body).await;
+        let after = unix_micros();
+        assert_eq!(status, 200);
+        let stamps: Vec<u128> = parse_sse(&text)
+            .iter()
+            .filter(|e| e.name == "content_block_delta")
+            .enumerate()
+            .map(|(i, e)| {
+                let delta = e.data["delta"]["text"].as_str().unwrap();
+                let rest = delta
+                    .strip_prefix(&format!("tok{i}@"))
+                    .and_then(|rest| rest.strip_suffix(' '))
+                    .unwrap_or_else(|| panic!("delta {i} is not stamped: {delta:?}"));
+                rest.parse().unwrap()
+            })
+            .collect();
+        assert_eq!(stamps.len(), 5);
+        assert!(
+            stamps.iter().all(|s| (before..=after).contains(s)),
+            "{stamps:?} outside [{before}, {after}]"
+        );
+        // Paced at 100/s, the stamps are the send times: ~10 ms apart, in order.
+        for pair in stamps.windows(2) {
+            assert!(pair[1] - pair[0] >= 5_000, "{stamps:?}");
+        }
+
+        // stamp=0 and no stamp keep the plain deltas.
+        for directive in ["[script:tokens count=2 stamp=0]", "[script:tokens count=2]"] {
+            let body = request(json!([{"role": "user", "content": directive}]));
+            let (_, _, text) = post(&url, &body).await;
+            let (text, _, _) = summarize(&parse_sse(&text));
+            assert_eq!(text, "tok0 tok1 ", "{directive}");
+        }
+        assert_eq!(
+            stamp_text("tok7 ", UNIX_EPOCH + Duration::from_micros(1_234_567)),
+            "tok7@1234567 "
         );
     }
 
