@@ -633,6 +633,9 @@ fn invalid_request(err: ScriptError) -> Response {
 pub async fn main(args: ScriptedModelArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(address = %listener.local_addr()?, model = MODEL, "scripted model listening");
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, router())
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;

@@ -170,7 +170,7 @@ impl Client {
                 .context("token is not a header value")?;
             request.headers_mut().insert("authorization", value);
         }
-        let (stream, _) = tokio_tungstenite::connect_async(request)
+        let (stream, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
             .await
             .with_context(|| format!("connecting to {url}"))?;
         Ok(Ws { stream })

@@ -2,6 +2,8 @@
 //! `nightshift_session` decides; every socket is accepted with the hibernation API and carries its identity
 //! as an attachment, so nothing lives only in memory.
 
+use std::cell::RefCell;
+
 use nightshift_protocol::http::{EventsPage, PromptRequest, PromptResponse, StopRequest};
 use nightshift_protocol::provider::{CreateSandboxRequest, SandboxInfo};
 use nightshift_protocol::{
@@ -53,6 +55,9 @@ pub struct CreateSessionInternal {
 pub struct SessionObject {
     state: State,
     env: Env,
+    /// Greeted client sockets, derived from the attachments and rebuilt whenever a client says hello or
+    /// leaves (and after hibernation, when the object starts with `None`): a cache, never the truth.
+    greeted: RefCell<Option<Vec<WebSocket>>>,
 }
 
 impl DurableObject for SessionObject {
@@ -60,7 +65,7 @@ impl DurableObject for SessionObject {
         if let Err(e) = migrate(&state.storage().sql()) {
             worker::console_error!("session schema migration failed: {e}");
         }
-        SessionObject { state, env }
+        SessionObject { state, env, greeted: RefCell::new(None) }
     }
 
     async fn fetch(&self, req: Request) -> worker::Result<Response> {
@@ -158,6 +163,21 @@ impl SessionObject {
             .collect()
     }
 
+    /// Client sockets that said hello: they get broadcasts.
+    fn greeted_clients(&self) -> Vec<WebSocket> {
+        if let Some(cached) = self.greeted.borrow().as_ref() {
+            return cached.clone();
+        }
+        let fresh: Vec<WebSocket> =
+            self.clients().into_iter().filter(|(_, identity)| identity.greeted).map(|(ws, _)| ws).collect();
+        *self.greeted.borrow_mut() = Some(fresh.clone());
+        fresh
+    }
+
+    fn forget_greeted(&self) {
+        *self.greeted.borrow_mut() = None;
+    }
+
     fn agent_online(&self) -> bool {
         !self.state.get_websockets_with_tag(AGENT_TAG).is_empty()
     }
@@ -170,8 +190,7 @@ impl SessionObject {
     /// Broadcast logged events to greeted clients and hand agent messages to the agent.
     fn deliver(&self, effects: Effects) {
         if !effects.events.is_empty() {
-            let clients: Vec<WebSocket> =
-                self.clients().into_iter().filter(|(_, identity)| identity.greeted).map(|(ws, _)| ws).collect();
+            let clients = self.greeted_clients();
             for envelope in effects.events {
                 let Ok(text) = serde_json::to_string(&ServerMessage::Event(envelope)) else { continue };
                 for ws in &clients {
@@ -399,6 +418,7 @@ impl SessionObject {
                 identity.greeted = true;
                 identity.client = client;
                 ws.serialize_attachment(&identity)?;
+                self.forget_greeted();
                 let online = self.online();
                 let session = Session::new(&mut store, now_ms());
                 let participants = session.participants(&online)?;
@@ -491,6 +511,7 @@ impl SessionObject {
     }
 
     fn on_socket_gone(&self, ws: &WebSocket) {
+        self.forget_greeted();
         let is_client = self.state.get_tags(ws).iter().any(|t| t == CLIENT_TAG);
         let _ = ws.close(Some(1000), Some("closed"));
         if is_client {

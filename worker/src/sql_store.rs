@@ -383,6 +383,10 @@ impl Store for SqlStore {
         )
     }
 
+    fn set_last_producer_seq(&mut self, producer_seq: u64) -> Result<(), StoreError> {
+        exec(&self.sql, "UPDATE sandbox SET last_producer_seq = ? WHERE singleton = 1", vec![int(producer_seq)?])
+    }
+
     fn usage(&self) -> Result<UsageTotals, StoreError> {
         let found: Vec<UsageRow> =
             rows(&self.sql, "SELECT input_tokens, output_tokens, cost_usd FROM usage WHERE singleton = 1", vec![])?;

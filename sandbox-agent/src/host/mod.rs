@@ -278,6 +278,12 @@ pub async fn serve(
         .unwrap_or_else(|| format!("http://{address}"));
     let state = AppState::new(config, &base_url)?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // Streamed model output and git traffic are many small writes: no Nagle delay.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
     let server = axum::serve(
         listener,
         app(state.clone()).into_make_service_with_connect_info::<SocketAddr>(),

@@ -182,7 +182,8 @@ pub async fn run(
         let connected = pumping(
             tokio::time::timeout(
                 config.connect_timeout,
-                tokio_tungstenite::connect_async(config.request()?),
+                // Events are small frames that must leave at once: no Nagle delay.
+                tokio_tungstenite::connect_async_with_config(config.request()?, None, true),
             ),
             &mut channels.events,
             &mut events_open,

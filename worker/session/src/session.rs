@@ -285,16 +285,14 @@ impl<'s, S: Store> Session<'s, S> {
 
     /// Apply one event from the agent, exactly once per `producer_seq`.
     pub fn apply_agent_event(&mut self, producer_seq: u64, event: Event) -> Result<Effects, SessionError> {
-        let mut sandbox = self.sandbox()?;
         let mut effects = Effects::default();
-        let last = sandbox.last_producer_seq;
-        if producer_seq <= last || producer_seq != last + 1 {
+        let last = self.sandbox()?.last_producer_seq;
+        if producer_seq != last + 1 {
             // A duplicate is acknowledged again; a gap gets the highest applied seq so the agent re-sends.
             effects.to_agent.push(ServerToAgent::Ack { producer_seq: last });
             return Ok(effects);
         }
-        sandbox.last_producer_seq = producer_seq;
-        self.store.save_sandbox(&sandbox)?;
+        self.store.set_last_producer_seq(producer_seq)?;
         effects.to_agent.push(ServerToAgent::Ack { producer_seq });
         match event {
             Event::PromptQueued { .. } | Event::PromptCancelled { .. } => {

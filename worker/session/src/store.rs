@@ -94,6 +94,8 @@ pub trait Store {
     fn sandbox(&self) -> Result<Option<SandboxRecord>, StoreError>;
     /// Replace the sandbox record.
     fn save_sandbox(&mut self, sandbox: &SandboxRecord) -> Result<(), StoreError>;
+    /// Record the highest applied `producer_seq` (the hot path of every agent event).
+    fn set_last_producer_seq(&mut self, producer_seq: u64) -> Result<(), StoreError>;
 
     /// Usage totals.
     fn usage(&self) -> Result<UsageTotals, StoreError>;
@@ -206,6 +208,12 @@ impl Store for MemoryStore {
 
     fn save_sandbox(&mut self, sandbox: &SandboxRecord) -> Result<(), StoreError> {
         self.sandbox = Some(sandbox.clone());
+        Ok(())
+    }
+
+    fn set_last_producer_seq(&mut self, producer_seq: u64) -> Result<(), StoreError> {
+        let sandbox = self.sandbox.as_mut().ok_or_else(|| StoreError("no sandbox".to_owned()))?;
+        sandbox.last_producer_seq = producer_seq;
         Ok(())
     }
 
