@@ -173,7 +173,7 @@ impl Client {
         let (stream, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
             .await
             .with_context(|| format!("connecting to {url}"))?;
-        Ok(Ws { stream })
+        Ok(Ws { stream, batched: std::collections::VecDeque::new() })
     }
 }
 
@@ -192,6 +192,8 @@ async fn expect_success(
 /// An open client WebSocket.
 pub struct Ws {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Events of an `events` frame not handed out yet.
+    batched: std::collections::VecDeque<EventEnvelope>,
 }
 
 impl Ws {
@@ -210,7 +212,11 @@ impl Ws {
     }
 
     /// The next server message within `timeout` (control frames are skipped; a close is an error).
+    /// An `events` frame is handed out as that many `event` messages, one per call.
     pub async fn next_message(&mut self, timeout: Duration) -> anyhow::Result<ServerMessage> {
+        if let Some(envelope) = self.batched.pop_front() {
+            return Ok(ServerMessage::Event(envelope));
+        }
         let deadline = Instant::now() + timeout;
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -221,9 +227,15 @@ impl Ws {
             };
             match frame {
                 Message::Text(text) => {
-                    return serde_json::from_str(text.as_str()).with_context(|| {
+                    let message: ServerMessage = serde_json::from_str(text.as_str()).with_context(|| {
                         format!("server message is not a ServerMessage: {}", text.as_str())
-                    });
+                    })?;
+                    let ServerMessage::Events { events } = message else { return Ok(message) };
+                    self.batched.extend(events);
+                    match self.batched.pop_front() {
+                        Some(envelope) => return Ok(ServerMessage::Event(envelope)),
+                        None => continue,
+                    }
                 }
                 Message::Close(close) => bail!("the server closed the websocket: {close:?}"),
                 Message::Binary(_) => bail!("unexpected binary frame"),

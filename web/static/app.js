@@ -132,6 +132,7 @@ function sessionView(user, id) {
           people.replaceChildren(...msg.participants.map((p) => el("span", { class: `pill${p.online ? " online" : ""}` }, p.name)));
         }
         if (msg.type === "event") onEvent(msg);
+        if (msg.type === "events") msg.events.forEach(onEvent);
         if (msg.type === "error") log.append(el("div", { class: "ev error" }, `${msg.code}: ${msg.message}`));
       };
       socket.onclose = () => connect(Math.min(5000, (delayMs || 250) * 2));

@@ -3,6 +3,7 @@
 //! as an attachment, so nothing lives only in memory.
 
 use std::cell::RefCell;
+use std::rc::Rc;
 
 use nightshift_protocol::http::{EventsPage, PromptRequest, PromptResponse, StopRequest};
 use nightshift_protocol::provider::{CreateSandboxRequest, SandboxInfo};
@@ -30,6 +31,11 @@ const AGENT_TAG: &str = "agent";
 const REPLAY_PAGE: u32 = 500;
 const EVENTS_PAGE_MAX: u32 = 1000;
 const DEFAULT_TIMEOUT_MS: u64 = 4 * 3600 * 1000;
+/// Sending a frame costs the object about 0.1 ms per connected client, so with many clients a stream of
+/// events is sent at most once per window: the window grows by 1 ms per this many greeted clients…
+const FANOUT_CLIENTS_PER_WINDOW_MS: usize = 10;
+/// …up to this bound on the latency it may add.
+const FANOUT_WINDOW_MAX_MS: u64 = 10;
 
 /// What the Worker sends the object to create its session (an internal body, not part of the contract).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -55,9 +61,40 @@ pub struct CreateSessionInternal {
 pub struct SessionObject {
     state: State,
     env: Env,
-    /// Greeted client sockets, derived from the attachments and rebuilt whenever a client says hello or
-    /// leaves (and after hibernation, when the object starts with `None`): a cache, never the truth.
-    greeted: RefCell<Option<Vec<WebSocket>>>,
+    /// Delivery of logged events to greeted clients (see [`Fanout`]).
+    fanout: Rc<RefCell<Fanout>>,
+}
+
+/// Events already stored but not yet sent, and the greeted sockets to send them to.
+///
+/// With few clients logged events leave at once. With many, the first event of a burst starts a short
+/// window (it grows with the number of clients), and a task sends whatever gathered when it ends, as one
+/// `events` frame per client instead of one frame per event. Both parts
+/// are derived: the events are in SQLite (a client that misses them replays), and `greeted` is rebuilt
+/// from the socket attachments whenever a client says hello or leaves, or after hibernation.
+#[derive(Default)]
+struct Fanout {
+    /// Serialized `EventEnvelope`s, in `seq` order.
+    pending: Vec<String>,
+    /// Whether a flush task is scheduled.
+    scheduled: bool,
+    /// Greeted client sockets; `None` until computed.
+    greeted: Option<Vec<WebSocket>>,
+}
+
+impl Fanout {
+    /// Send everything pending to `clients`: one `event` frame for one event, one `events` frame for more.
+    fn flush(&mut self, clients: &[WebSocket]) {
+        let pending = std::mem::take(&mut self.pending);
+        let frame = match pending.as_slice() {
+            [] => return,
+            [one] => format!(r#"{{"type":"event",{}"#, one.strip_prefix('{').unwrap_or(one)),
+            many => format!(r#"{{"type":"events","events":[{}]}}"#, many.join(",")),
+        };
+        for ws in clients {
+            let _ = ws.send_with_str(&frame);
+        }
+    }
 }
 
 impl DurableObject for SessionObject {
@@ -65,7 +102,7 @@ impl DurableObject for SessionObject {
         if let Err(e) = migrate(&state.storage().sql()) {
             worker::console_error!("session schema migration failed: {e}");
         }
-        SessionObject { state, env, greeted: RefCell::new(None) }
+        SessionObject { state, env, fanout: Rc::new(RefCell::new(Fanout::default())) }
     }
 
     async fn fetch(&self, req: Request) -> worker::Result<Response> {
@@ -165,17 +202,25 @@ impl SessionObject {
 
     /// Client sockets that said hello: they get broadcasts.
     fn greeted_clients(&self) -> Vec<WebSocket> {
-        if let Some(cached) = self.greeted.borrow().as_ref() {
+        if let Some(cached) = self.fanout.borrow().greeted.as_ref() {
             return cached.clone();
         }
+        self.refresh_greeted()
+    }
+
+    /// Recompute the greeted sockets from the attachments (after one said hello or left).
+    fn refresh_greeted(&self) -> Vec<WebSocket> {
         let fresh: Vec<WebSocket> =
             self.clients().into_iter().filter(|(_, identity)| identity.greeted).map(|(ws, _)| ws).collect();
-        *self.greeted.borrow_mut() = Some(fresh.clone());
+        self.fanout.borrow_mut().greeted = Some(fresh.clone());
         fresh
     }
 
-    fn forget_greeted(&self) {
-        *self.greeted.borrow_mut() = None;
+    /// Send pending events now, to the clients greeted so far. Called before the set of greeted clients
+    /// changes, so a new client's replay never overlaps a later flush and a leaving one gets what it can.
+    fn flush_now(&self) {
+        let clients = self.greeted_clients();
+        self.fanout.borrow_mut().flush(&clients);
     }
 
     fn agent_online(&self) -> bool {
@@ -190,12 +235,32 @@ impl SessionObject {
     /// Broadcast logged events to greeted clients and hand agent messages to the agent.
     fn deliver(&self, effects: Effects) {
         if !effects.events.is_empty() {
+            // Computed now so a flush task finds the set (it cannot read attachments itself).
             let clients = self.greeted_clients();
-            for envelope in effects.events {
-                let Ok(text) = serde_json::to_string(&ServerMessage::Event(envelope)) else { continue };
-                for ws in &clients {
-                    let _ = ws.send_with_str(&text);
+            let window_ms = (clients.len() / FANOUT_CLIENTS_PER_WINDOW_MS) as u64;
+            let window_ms = window_ms.min(FANOUT_WINDOW_MAX_MS);
+            let wait_ms = {
+                let mut fanout = self.fanout.borrow_mut();
+                fanout.pending.extend(effects.events.iter().filter_map(|e| serde_json::to_string(e).ok()));
+                if fanout.scheduled {
+                    None
+                } else if window_ms == 0 {
+                    fanout.flush(&clients);
+                    None
+                } else {
+                    fanout.scheduled = true;
+                    Some(window_ms)
                 }
+            };
+            if let Some(wait_ms) = wait_ms {
+                let fanout = Rc::clone(&self.fanout);
+                worker::wasm_bindgen_futures::spawn_local(async move {
+                    worker::Delay::from(std::time::Duration::from_millis(wait_ms)).await;
+                    let mut fanout = fanout.borrow_mut();
+                    fanout.scheduled = false;
+                    let clients = fanout.greeted.clone().unwrap_or_default();
+                    fanout.flush(&clients);
+                });
             }
         }
         if !effects.to_agent.is_empty() {
@@ -415,10 +480,12 @@ impl SessionObject {
                         format!("protocol_version {protocol_version} is not supported; this server speaks {PROTOCOL_VERSION}"),
                     ));
                 }
+                // Events logged so far go out to the clients greeted so far; this one gets them in its replay.
+                self.flush_now();
                 identity.greeted = true;
                 identity.client = client;
                 ws.serialize_attachment(&identity)?;
-                self.forget_greeted();
+                self.refresh_greeted();
                 let online = self.online();
                 let session = Session::new(&mut store, now_ms());
                 let participants = session.participants(&online)?;
@@ -511,7 +578,7 @@ impl SessionObject {
     }
 
     fn on_socket_gone(&self, ws: &WebSocket) {
-        self.forget_greeted();
+        self.flush_now();
         let is_client = self.state.get_tags(ws).iter().any(|t| t == CLIENT_TAG);
         let _ = ws.close(Some(1000), Some("closed"));
         if is_client {
@@ -520,6 +587,7 @@ impl SessionObject {
                 identity.greeted = false;
                 let _ = ws.serialize_attachment(&identity);
             }
+            self.refresh_greeted();
             if let Err(e) = self.broadcast_presence() {
                 worker::console_error!("presence after close failed: {e:?}");
             }

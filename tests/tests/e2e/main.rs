@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod durability;
+mod fanout;
 mod flow;
 mod multiplayer;
 mod smoke;

@@ -70,6 +70,12 @@ pub enum ServerMessage {
     },
     /// A logged event.
     Event(EventEnvelope),
+    /// Several logged events in `seq` order, sent as one frame when they were logged in a burst; the same
+    /// as that many `event` messages.
+    Events {
+        /// The events.
+        events: Vec<EventEnvelope>,
+    },
     /// Who is in the session and online.
     Presence {
         /// Everyone in the session.

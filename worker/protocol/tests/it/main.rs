@@ -83,6 +83,10 @@ fn every_server_message_round_trips() {
         json!({"type": "prompt_accepted", "prompt_id": "p1", "idempotency_key": "k", "position": 0}),
         json!({"type": "error", "code": "unknown_type", "message": "unknown message type `x`"}),
         json!({"type": "pong"}),
+        json!({"type": "events", "events": [
+            {"seq": 4, "ts_ms": 1, "event": {"type": "token", "prompt_id": "p1", "text": "a"}},
+            {"seq": 5, "ts_ms": 1, "event": {"type": "token", "prompt_id": "p1", "text": "b"}}
+        ]}),
     ];
     for message in messages {
         check::<ServerMessage>(message);
