@@ -33,7 +33,7 @@ const EVENTS_PAGE_MAX: u32 = 1000;
 const DEFAULT_TIMEOUT_MS: u64 = 4 * 3600 * 1000;
 /// Sending a frame costs the object about 0.1 ms per connected client, so with many clients a stream of
 /// events is sent at most once per window: the window grows by 1 ms per this many greeted clients…
-const FANOUT_CLIENTS_PER_WINDOW_MS: usize = 10;
+const FANOUT_CLIENTS_PER_WINDOW_MS: usize = 16;
 /// …up to this bound on the latency it may add.
 const FANOUT_WINDOW_MAX_MS: u64 = 10;
 
