@@ -436,6 +436,19 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Every variable an agent gets when the host has no model key: nothing else leaks in.
+#[cfg(test)]
+pub(super) const DEMO_AGENT_ENV: [&str; 8] = [
+    "ANTHROPIC_BASE_URL",
+    "HOME",
+    "NIGHTSHIFT_CONNECT_URL",
+    "NIGHTSHIFT_LOG",
+    "NIGHTSHIFT_SANDBOX_ID",
+    "NIGHTSHIFT_SANDBOX_TOKEN",
+    "NIGHTSHIFT_WORKSPACE",
+    "PATH",
+];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,19 +496,7 @@ mod tests {
         let vars = env_of(ModelConfig::default());
         let mut names: Vec<&str> = vars.keys().copied().collect();
         names.sort_unstable();
-        assert_eq!(
-            names,
-            [
-                "ANTHROPIC_BASE_URL",
-                "HOME",
-                "NIGHTSHIFT_CONNECT_URL",
-                "NIGHTSHIFT_LOG",
-                "NIGHTSHIFT_SANDBOX_ID",
-                "NIGHTSHIFT_SANDBOX_TOKEN",
-                "NIGHTSHIFT_WORKSPACE",
-                "PATH"
-            ]
-        );
+        assert_eq!(names, DEMO_AGENT_ENV);
         assert_eq!(
             vars["ANTHROPIC_BASE_URL"],
             "http://127.0.0.1:9/scripted-model"

@@ -572,19 +572,7 @@ async fn sandbox_lifecycle_with_a_fake_agent() {
         .filter(|k| !shell_own.contains(k))
         .collect();
     names.sort_unstable();
-    assert_eq!(
-        names,
-        [
-            "ANTHROPIC_BASE_URL",
-            "HOME",
-            "NIGHTSHIFT_CONNECT_URL",
-            "NIGHTSHIFT_LOG",
-            "NIGHTSHIFT_SANDBOX_ID",
-            "NIGHTSHIFT_SANDBOX_TOKEN",
-            "NIGHTSHIFT_WORKSPACE",
-            "PATH"
-        ]
-    );
+    assert_eq!(names, super::sandbox::DEMO_AGENT_ENV);
     assert_eq!(
         env["ANTHROPIC_BASE_URL"],
         format!("{}/scripted-model", host.base_url)

@@ -525,10 +525,13 @@ mod tests {
         .unwrap()
     }
 
-    /// A session that drops the connection mid-stream: the agent must reconnect, say where it resumes,
-    /// and resend exactly the unacknowledged events, in order, before new ones.
-    #[tokio::test]
-    async fn reconnects_and_resends_unacknowledged_events_in_order() {
+    /// A link to a local listener (token `secret-token`, sandbox `sb-1`, fast backoff), running in a task.
+    async fn start_link() -> (
+        TcpListener,
+        mpsc::Sender<Event>,
+        mpsc::UnboundedReceiver<PromptCommand>,
+        tokio::task::JoinHandle<Result<(), LinkError>>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("ws://{}/sandbox/s1/ws", listener.local_addr().unwrap());
         let mut config = LinkConfig::new(
@@ -541,7 +544,7 @@ mod tests {
             max: Duration::from_millis(50),
         };
         let (events_tx, events_rx) = mpsc::channel(64);
-        let (commands_tx, mut commands_rx) = mpsc::unbounded_channel();
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
         let link = tokio::spawn(run(
             config,
             Outbox::in_memory(),
@@ -550,6 +553,14 @@ mod tests {
                 commands: commands_tx,
             },
         ));
+        (listener, events_tx, commands_rx, link)
+    }
+
+    /// A session that drops the connection mid-stream: the agent must reconnect, say where it resumes,
+    /// and resend exactly the unacknowledged events, in order, before new ones.
+    #[tokio::test]
+    async fn reconnects_and_resends_unacknowledged_events_in_order() {
+        let (listener, events_tx, mut commands_rx, link) = start_link().await;
 
         // Events produced before the first connection are held until `welcome`.
         for text in ["a", "b", "c"] {
@@ -633,27 +644,7 @@ mod tests {
     /// A refused upgrade is retried, not fatal.
     #[tokio::test]
     async fn rejected_upgrade_is_retried() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("ws://{}/sandbox/s1/ws", listener.local_addr().unwrap());
-        let mut config = LinkConfig::new(
-            url,
-            SandboxToken::new("secret-token".to_owned()),
-            "sb-1".to_owned(),
-        );
-        config.backoff = Backoff {
-            initial: Duration::from_millis(10),
-            max: Duration::from_millis(50),
-        };
-        let (events_tx, events_rx) = mpsc::channel(64);
-        let (commands_tx, _commands_rx) = mpsc::unbounded_channel();
-        let link = tokio::spawn(run(
-            config,
-            Outbox::in_memory(),
-            LinkChannels {
-                events: events_rx,
-                commands: commands_tx,
-            },
-        ));
+        let (listener, events_tx, _commands_rx, link) = start_link().await;
         events_tx.send(notice("a")).await.unwrap();
         {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
