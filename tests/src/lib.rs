@@ -17,9 +17,11 @@
 
 pub mod client;
 pub mod env;
+pub mod proxy;
 pub mod system;
 
 pub use client::{Client, Ws};
+pub use proxy::CutProxy;
 pub use system::{StartOptions, System};
 
 /// The repository every [`System`] seeds in its host's git store.

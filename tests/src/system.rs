@@ -137,6 +137,11 @@ impl System {
         Ok(system)
     }
 
+    /// The Worker's loopback address.
+    pub fn worker_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.worker_port))
+    }
+
     /// `http://127.0.0.1:PORT` of the Worker.
     pub fn base_url(&self) -> String {
         format!("http://127.0.0.1:{}", self.worker_port)

@@ -24,7 +24,7 @@ commands:
   setup   install the toolchain (wasm32 target, wasm-bindgen-cli, worker-build, Node 22, wrangler,
           binaryen, Debian packages); idempotent
   dev     set up, build, and run Nightshift on http://127.0.0.1:8787 until Ctrl-C
-  test    set up, build, and run every test layer
+  test    set up, build, and run every test layer (extra arguments go to `cargo test`)
   bench   set up, build in release, and run the benchmarks (writes target/bench/report.json)";
 
 fn main() -> ExitCode {
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("setup") => setup::run(&workspace),
         Some("dev") => dev::run(&workspace),
-        Some("test") => test(&workspace),
+        Some("test") => test(&workspace, args.get(1..).unwrap_or_default()),
         Some("bench") => bench(&workspace),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
@@ -52,8 +52,9 @@ fn main() -> ExitCode {
 }
 
 /// `cargo xtask test`: setup, the wasm check of the protocol crate, the builds, then every native test
-/// (unit, integration and end to end) in one `cargo test`.
-fn test(workspace: &Workspace) -> anyhow::Result<()> {
+/// (unit, integration and end to end) in one `cargo test`. Extra arguments go to that `cargo test`
+/// (e.g. `cargo xtask test --test e2e link`).
+fn test(workspace: &Workspace, extra: &[String]) -> anyhow::Result<()> {
     setup::run(workspace)?;
     build::check_protocol_wasm(workspace)?;
     build::lint(workspace)?;
@@ -61,10 +62,11 @@ fn test(workspace: &Workspace) -> anyhow::Result<()> {
     build::agent(workspace, "test", build::Profile::Debug)?;
     step::stream(
         "test",
-        "cargo test --workspace --exclude nightshift-worker",
+        &format!("cargo test --workspace --exclude nightshift-worker {}", extra.join(" ")),
         workspace
             .cargo()
             .args(["test", "--workspace", "--exclude", "nightshift-worker"])
+            .args(extra)
             .envs(workspace.test_env(build::Profile::Debug)),
     )
 }

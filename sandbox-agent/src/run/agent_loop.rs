@@ -124,6 +124,8 @@ pub async fn run_prompt(
         prompt_id: Some(prompt_id.clone()),
         input_tokens: usage.input_tokens,
         output_tokens: usage.output_tokens,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         cost_usd: None,
         total_cost_usd: None,
     };

@@ -8,6 +8,8 @@
 //! link → queue. So the link keeps heartbeating and taking `stop` while a prompt runs.
 
 pub mod agent_loop;
+#[allow(dead_code)] // wired into the agent loop next
+pub mod git;
 pub mod link;
 pub mod model;
 pub mod outbox;

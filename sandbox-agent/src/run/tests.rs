@@ -222,6 +222,8 @@ fn usage(input_tokens: u64, output_tokens: u64) -> Event {
         prompt_id: Some("p1".into()),
         input_tokens,
         output_tokens,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         cost_usd: None,
         total_cost_usd: None,
     }

@@ -4,6 +4,7 @@
 mod bad_input;
 mod durability;
 mod fanout;
+mod link;
 mod flow;
 mod multiplayer;
 mod smoke;

@@ -87,6 +87,14 @@ pub enum Event {
         /// How long it took.
         duration_ms: u64,
     },
+    /// Output of a running tool (e.g. `bash`), streamed as it comes; the whole (capped) output
+    /// follows in the call's `tool_result`.
+    ToolOutput {
+        /// Id of the call.
+        call_id: String,
+        /// The next piece of output.
+        text: String,
+    },
     /// A file in the workspace changed.
     FileChanged {
         /// Path relative to the workspace root.
@@ -139,6 +147,12 @@ pub enum Event {
         input_tokens: u64,
         /// Output tokens of this call.
         output_tokens: u64,
+        /// Input tokens of this call read from the provider's prompt cache.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        cache_read_tokens: u64,
+        /// Input tokens of this call written to the provider's prompt cache.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        cache_write_tokens: u64,
         /// Cost of this call; `null` when the model has no known price.
         cost_usd: Option<f64>,
         /// Session total so far; `null` when unknown.
@@ -179,6 +193,7 @@ impl Event {
             Event::Message { .. } => "message",
             Event::ToolCall { .. } => "tool_call",
             Event::ToolResult { .. } => "tool_result",
+            Event::ToolOutput { .. } => "tool_output",
             Event::FileChanged { .. } => "file_changed",
             Event::SandboxStatus { .. } => "sandbox_status",
             Event::GitSync { .. } => "git_sync",
@@ -202,4 +217,8 @@ pub enum FileChange {
     Modified,
     /// File removed.
     Deleted,
+}
+
+fn is_zero(value: &u64) -> bool {
+    *value == 0
 }

@@ -319,7 +319,7 @@ impl<'s, S: Store> Session<'s, S> {
                 self.log(&mut effects, event)?;
                 self.dispatch(&mut effects)?;
             }
-            Event::Usage { prompt_id, input_tokens, output_tokens, cost_usd, .. } => {
+            Event::Usage { prompt_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, .. } => {
                 let previous = self.store.usage()?;
                 let first = previous.input_tokens == 0 && previous.output_tokens == 0 && previous.cost_usd.is_none();
                 let total_cost_usd = match (previous.cost_usd, cost_usd) {
@@ -334,7 +334,15 @@ impl<'s, S: Store> Session<'s, S> {
                 })?;
                 self.log(
                     &mut effects,
-                    Event::Usage { prompt_id, input_tokens, output_tokens, cost_usd, total_cost_usd },
+                    Event::Usage {
+                        prompt_id,
+                        input_tokens,
+                        output_tokens,
+                        cache_read_tokens,
+                        cache_write_tokens,
+                        cost_usd,
+                        total_cost_usd,
+                    },
                 )?;
             }
             Event::SandboxStatus { status, ref detail } => {

@@ -70,6 +70,8 @@ fn usage_totals_accumulate_and_unknown_cost_stays_unknown() {
         prompt_id: Some("p1".to_owned()),
         input_tokens: 10,
         output_tokens: 5,
+        cache_read_tokens: 0,
+        cache_write_tokens: 0,
         cost_usd: cost,
         total_cost_usd: None,
     };
