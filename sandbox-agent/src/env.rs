@@ -10,6 +10,10 @@ pub const SANDBOX_TOKEN: &str = "NIGHTSHIFT_SANDBOX_TOKEN";
 pub const SANDBOX_ID: &str = "NIGHTSHIFT_SANDBOX_ID";
 /// `run`: the workspace root (the git working copy the tools are confined to).
 pub const WORKSPACE: &str = "NIGHTSHIFT_WORKSPACE";
+/// `run`: the session the sandbox works for; names the branch `nightshift/<session-id>`.
+pub const SESSION_ID: &str = "NIGHTSHIFT_SESSION_ID";
+/// `run`: the branch the session starts from (default: the branch checked out in the workspace).
+pub const BASE_BRANCH: &str = "NIGHTSHIFT_BASE_BRANCH";
 /// `run`: base URL of the Anthropic Messages API (default `https://api.anthropic.com`).
 pub const ANTHROPIC_BASE_URL: &str = "ANTHROPIC_BASE_URL";
 /// `run` and `host`: the Anthropic API key. Never logged.

@@ -42,6 +42,10 @@ pub struct SeedArgs {
     /// Branch that receives the first commit.
     #[arg(long, default_value = DEFAULT_BRANCH)]
     pub branch: String,
+    /// Also commit this many generated source files (a large repository for benchmarks), under
+    /// `generated/`.
+    #[arg(long, default_value_t = 0)]
+    pub synthetic_files: usize,
 }
 
 /// Everything that can go wrong while naming or seeding a repository.
@@ -294,6 +298,17 @@ pub struct Seeded {
 /// so a concurrent reader never sees a half-made repository and two concurrent seeds do not
 /// collide.
 pub fn seed_repo(store: &Path, repo: &str, branch: &str) -> Result<Seeded, SeedError> {
+    seed_repo_with(store, repo, branch, 0)
+}
+
+/// [`seed_repo`] with `synthetic_files` generated source files added to the demo project (see
+/// [`write_synthetic_files`]).
+pub fn seed_repo_with(
+    store: &Path,
+    repo: &str,
+    branch: &str,
+    synthetic_files: usize,
+) -> Result<Seeded, SeedError> {
     let repo = RepoName::parse(repo)?;
     validate_branch(branch)?;
     let git_dir = repo.git_dir(store);
@@ -329,6 +344,7 @@ pub fn seed_repo(store: &Path, repo: &str, branch: &str) -> Result<Seeded, SeedE
 
     let tree = work.path.join("tree");
     write_demo_project(&tree)?;
+    write_synthetic_files(&tree, synthetic_files)?;
     let index = work.path.join("index");
     let in_work_tree = |command: &mut Command| {
         command
@@ -492,11 +508,73 @@ fn write_demo_project(root: &Path) -> Result<(), SeedError> {
     Ok(())
 }
 
+/// Files per generated directory.
+const SYNTHETIC_FILES_PER_DIR: usize = 100;
+
+/// Write `count` generated source files, `generated/d{i/100}/item_{i}.rs`, ~1 KB each: a module doc,
+/// a struct and a function named after `i` (so a search for `item_{i}` finds exactly one definition),
+/// and lines shared by every file (so a search for them finds many).
+pub fn write_synthetic_files(root: &Path, count: usize) -> Result<(), SeedError> {
+    for i in 0..count {
+        let dir = root
+            .join("generated")
+            .join(format!("d{}", i / SYNTHETIC_FILES_PER_DIR));
+        if i % SYNTHETIC_FILES_PER_DIR == 0 {
+            std::fs::create_dir_all(&dir).map_err(|source| SeedError::Io {
+                action: "create directory",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+        let path = dir.join(format!("item_{i}.rs"));
+        let contents = format!(
+            "//! Generated item {i}: part of a large repository for benchmarks.\n\
+             \n\
+             use std::collections::HashMap;\n\
+             \n\
+             /// Settings of item {i}.\n\
+             #[derive(Debug, Clone, Default)]\n\
+             pub struct Item{i} {{\n\
+             \x20   pub name: String,\n\
+             \x20   pub weight_grams: u64,\n\
+             \x20   pub tags: HashMap<String, String>,\n\
+             }}\n\
+             \n\
+             /// Build item {i}.\n\
+             pub fn item_{i}(weight_grams: u64) -> Item{i} {{\n\
+             \x20   let mut tags = HashMap::new();\n\
+             \x20   tags.insert(\"origin\".to_owned(), \"generated\".to_owned());\n\
+             \x20   Item{i} {{\n\
+             \x20       name: \"item {i}\".to_owned(),\n\
+             \x20       weight_grams: weight_grams + {i},\n\
+             \x20       tags,\n\
+             \x20   }}\n\
+             }}\n\
+             \n\
+             #[cfg(test)]\n\
+             mod tests {{\n\
+             \x20   #[test]\n\
+             \x20   fn weighs_more_than_its_input() {{\n\
+             \x20       assert!(super::item_{i}(1).weight_grams >= 1);\n\
+             \x20   }}\n\
+             }}\n"
+        );
+        std::fs::write(&path, contents).map_err(|source| SeedError::Io {
+            action: "write",
+            path,
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 /// `sandbox-agent seed`: print where the repository is and whether it was created.
 pub async fn main(args: SeedArgs) -> anyhow::Result<()> {
     let seeded =
-        tokio::task::spawn_blocking(move || seed_repo(&args.store, &args.repo, &args.branch))
-            .await??;
+        tokio::task::spawn_blocking(move || {
+            seed_repo_with(&args.store, &args.repo, &args.branch, args.synthetic_files)
+        })
+        .await??;
     let what = if seeded.created {
         "created"
     } else {
@@ -590,6 +668,18 @@ mod tests {
     fn git_in(git_dir: &Path, args: &[&str]) -> String {
         let output = run(git_command().arg("--git-dir").arg(git_dir).args(args)).unwrap();
         String::from_utf8(output.stdout).unwrap().trim().to_owned()
+    }
+
+    #[test]
+    fn seeds_generated_files_for_a_large_repository() {
+        let store = tempfile::tempdir().unwrap();
+        let seeded = seed_repo_with(store.path(), "bench/large", "main", 250).unwrap();
+        let files = git_in(&seeded.git_dir, &["ls-tree", "-r", "--name-only", "main"]);
+        let generated: Vec<&str> = files.lines().filter(|f| f.starts_with("generated/")).collect();
+        assert_eq!(generated.len(), 250);
+        assert!(generated.contains(&"generated/d2/item_249.rs"), "{generated:?}");
+        let one = git_in(&seeded.git_dir, &["show", "main:generated/d1/item_117.rs"]);
+        assert!(one.contains("pub fn item_117(weight_grams: u64) -> Item117 {"), "{one}");
     }
 
     #[test]

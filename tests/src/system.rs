@@ -184,11 +184,17 @@ impl System {
 
     /// Create (or refresh) a repository in the host's git store with `sandbox-agent seed`.
     pub async fn seed(&self, repo: &str) -> anyhow::Result<()> {
+        self.seed_with(repo, 0).await
+    }
+
+    /// [`System::seed`] with `synthetic_files` generated files added (a large repository).
+    pub async fn seed_with(&self, repo: &str, synthetic_files: usize) -> anyhow::Result<()> {
         let output = tokio::process::Command::new(&self.tools.agent_bin)
             .arg("seed")
             .arg("--store")
             .arg(self.host_data_dir().join("git"))
             .args(["--repo", repo])
+            .arg(format!("--synthetic-files={synthetic_files}"))
             .stdin(Stdio::null())
             .output()
             .await

@@ -71,6 +71,8 @@ function describe(event) {
     case "message": return `${event.role}: ${event.text}`;
     case "tool_call": return `→ ${event.tool} ${JSON.stringify(event.input).slice(0, 300)}`;
     case "tool_result": return `← ${event.ok ? "ok" : "error"} (${event.duration_ms} ms) ${event.output.slice(0, 300)}`;
+    case "tool_output": return `  ${event.text.slice(0, 300)}`;
+    case "git_sync": return `git sync ${event.state}${event.commit ? " @ " + event.commit.slice(0, 12) : ""}`;
     case "file_changed": return `${event.change} ${event.path} +${event.additions} −${event.deletions}`;
     case "sandbox_status": return `sandbox ${event.status}${event.detail ? " — " + event.detail : ""}`;
     case "usage": return `usage: ${event.input_tokens} in, ${event.output_tokens} out, cost ${event.cost_usd ?? "unknown"}`;

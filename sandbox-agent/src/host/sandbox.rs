@@ -165,6 +165,7 @@ pub(super) fn agent_env(
         (env::CONNECT_URL, request.connect_url.clone().into()),
         (env::SANDBOX_TOKEN, request.sandbox_token.clone().into()),
         (env::SANDBOX_ID, sandbox_id.into()),
+        (env::SESSION_ID, request.session_id.clone().into()),
         (env::WORKSPACE, workspace.into()),
         (env::LOG, config.agent_log_filter.clone().into()),
     ];
@@ -438,13 +439,14 @@ fn now_ms() -> u64 {
 
 /// Every variable an agent gets when the host has no model key: nothing else leaks in.
 #[cfg(test)]
-pub(super) const DEMO_AGENT_ENV: [&str; 8] = [
+pub(super) const DEMO_AGENT_ENV: [&str; 9] = [
     "ANTHROPIC_BASE_URL",
     "HOME",
     "NIGHTSHIFT_CONNECT_URL",
     "NIGHTSHIFT_LOG",
     "NIGHTSHIFT_SANDBOX_ID",
     "NIGHTSHIFT_SANDBOX_TOKEN",
+    "NIGHTSHIFT_SESSION_ID",
     "NIGHTSHIFT_WORKSPACE",
     "PATH",
 ];

@@ -1,6 +1,7 @@
 //! End-to-end tests: the real Worker in wrangler dev, the real sandbox host and agent, on loopback.
 //! One binary with modules, so the harness is compiled once.
 
+mod agent;
 mod bad_input;
 mod durability;
 mod fanout;

@@ -14,6 +14,7 @@ mod report;
 mod round_trip;
 mod session;
 mod stream;
+mod tool;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -105,6 +106,9 @@ async fn measure(system: &System) -> anyhow::Result<Vec<Row>> {
             .await
             .context("agent_token_overhead")?,
     );
+    done(at);
+    let at = step("tool_read_30k, tool_grep_30k");
+    rows.extend(tool::run(system).await.context("tool_read_30k")?);
     done(at);
     Ok(rows)
 }

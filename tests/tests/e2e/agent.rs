@@ -1,0 +1,178 @@
+//! The agent end to end through real workerd: a scripted multi-step task (read, grep, edit two files, run
+//! the repository's tests with bash) whose every event reaches a client, and whose commit is pushed as
+//! the person who asked; a second person's prompt is committed as them.
+
+use std::process::Command;
+
+use nightshift_protocol::{Event, EventEnvelope, PromptStatus};
+use nightshift_tests::System;
+use serde_json::json;
+
+use crate::flow::{self, assert_contiguous, finished_status, join, pair, until_finished, until_ready};
+
+fn plan() -> String {
+    let steps = [
+        json!({"tool": "read_file", "input": {"path": "hello/greet.py"}}),
+        json!({"tool": "grep", "input": {"pattern": "def (greet|shout)"}}),
+        json!([
+            {"tool": "edit_file", "input": {
+                "path": "hello/greet.py",
+                "old_text": "def shout(name: str) -> str:",
+                "new_text": "def wave(name: str) -> str:\n    \"\"\"Return a wave for `name`.\"\"\"\n    return f\"o/ {greet(name)}\"\n\n\ndef shout(name: str) -> str:"
+            }},
+            {"tool": "edit_file", "input": {
+                "path": "tests/test_greet.py",
+                "old_text": "    def test_shout(self):",
+                "new_text": "    def test_wave(self):\n        from hello.greet import wave\n        self.assertEqual(wave(\"Ada\"), \"o/ Hello, Ada!\")\n\n    def test_shout(self):"
+            }}
+        ]),
+        json!({"tool": "bash", "input": {"command": "/usr/bin/python3 -m unittest -v 2>&1"}}),
+        json!({"text": "Added `wave` with a test; the suite passes."}),
+    ];
+    let mut text = String::from("Add a wave greeting with a test\n[script:plan]\n");
+    for step in steps {
+        text.push_str(&step.to_string());
+        text.push('\n');
+    }
+    text
+}
+
+fn git_log(system: &System, branch: &str) -> anyhow::Result<Vec<String>> {
+    let git_dir = system.host_data_dir().join("git/demo/hello.git");
+    let output = Command::new("git")
+        .arg("--git-dir")
+        .arg(&git_dir)
+        .args(["log", "--format=%H|%an <%ae>|%cn", branch])
+        .output()?;
+    anyhow::ensure!(output.status.success(), "git log: {}", String::from_utf8_lossy(&output.stderr));
+    Ok(String::from_utf8(output.stdout)?.lines().map(str::to_owned).collect())
+}
+
+fn pushes(events: &[EventEnvelope]) -> Vec<(String, String)> {
+    events
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::Push { branch, commit } => Some((branch.clone(), commit.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let people = pair(&system).await?;
+    let (mut a, _) = join(&people.ada, &people.session, None).await?;
+    let mut seen = until_ready(&mut a).await?;
+    let (mut b, _) = join(&people.bob, &people.session, None).await?;
+
+    let prompt_id = flow::prompt(&mut a, &plan(), &mut seen).await?;
+    seen.extend(until_finished(&mut a, &prompt_id).await?);
+    assert_eq!(finished_status(&seen, &prompt_id), Some(PromptStatus::Completed), "{seen:#?}");
+    assert_contiguous(&seen);
+
+    // The catch-up ran before any write.
+    let sync: Vec<&str> = seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::GitSync { state, .. } => Some(state.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sync, ["started", "done"]);
+
+    let calls: Vec<&str> = seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ToolCall { tool, .. } => Some(tool.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls, ["read_file", "grep", "edit_file", "edit_file", "bash"]);
+    let results: Vec<(bool, &str)> = seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ToolResult { ok, output, .. } => Some((*ok, output.as_str())),
+            _ => None,
+        })
+        .collect();
+    assert!(results.iter().all(|(ok, _)| *ok), "{results:#?}");
+    assert!(results[1].1.contains("hello/greet.py:"), "grep finds the definitions: {}", results[1].1);
+    assert!(results[2].1.contains("+def wave"), "edit shows a diff: {}", results[2].1);
+    let bash = results[4].1;
+    assert!(bash.contains("test_wave") && bash.contains("OK"), "the tests ran and passed: {bash}");
+    let streamed: String = seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::ToolOutput { text, .. } => Some(text.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert!(streamed.contains("test_wave"), "bash output was streamed: {streamed:?}");
+    let mut changed: Vec<&str> = seen
+        .iter()
+        .filter_map(|e| match &e.event {
+            Event::FileChanged { path, .. } => Some(path.as_str()),
+            _ => None,
+        })
+        .collect();
+    changed.sort_unstable();
+    changed.dedup();
+    assert_eq!(changed, ["hello/greet.py", "tests/test_greet.py"]);
+
+    let branch = format!("nightshift/{}", people.session);
+    let ada_push = pushes(&seen);
+    assert_eq!(ada_push.len(), 1, "one push: {ada_push:?}");
+    assert_eq!(ada_push[0].0, branch);
+    let log = git_log(&system, &branch)?;
+    assert_eq!(
+        log[0],
+        format!("{}|Ada Lovelace <ada@example.com>|Nightshift", ada_push[0].1),
+        "the pushed commit is Ada's, committed by Nightshift"
+    );
+
+    // Bob saw everything live, and his own prompt is committed as him.
+    let mut bob_seen = Vec::new();
+    let bob_prompt = flow::prompt(&mut b, "[script:write path=NOTES.md content=bob was here]", &mut bob_seen).await?;
+    bob_seen.extend(until_finished(&mut b, &bob_prompt).await?);
+    assert!(bob_seen.iter().any(|e| matches!(&e.event, Event::Push { .. })));
+    let log = git_log(&system, &branch)?;
+    assert!(log[0].ends_with("|Bob Noyce <bob@example.com>|Nightshift"), "{log:?}");
+    assert!(log[1].ends_with("|Ada Lovelace <ada@example.com>|Nightshift"), "{log:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn stop_kills_a_running_command_and_the_next_prompt_starts_cleanly() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let mut ada = nightshift_tests::Client::new(&system);
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
+    let session = ada.create_session(nightshift_tests::DEMO_REPO).await?;
+    let (mut a, _) = join(&ada, &session, None).await?;
+    let mut seen = until_ready(&mut a).await?;
+
+    let command = json!({"tool": "bash", "input": {"command": "sleep 120 & echo child=$!; wait"}});
+    let prompt_id = flow::prompt(&mut a, &format!("[script:plan]\n{command}\n"), &mut seen).await?;
+    let output = a
+        .wait_for_event(|e| matches!(e, Event::ToolOutput { text, .. } if text.contains("child=")), flow::WAIT)
+        .await?;
+    let Event::ToolOutput { text, .. } = output.event else { unreachable!() };
+    let pid: u32 = text
+        .split("child=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no pid in {text:?}"))?;
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the command runs");
+
+    a.send(&nightshift_protocol::ClientMessage::Stop { scope: nightshift_protocol::StopScope::Turn }).await?;
+    let events = until_finished(&mut a, &prompt_id).await?;
+    assert_eq!(finished_status(&events, &prompt_id), Some(PromptStatus::Stopped));
+    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the command's process group was killed");
+
+    let mut next = Vec::new();
+    let again = flow::prompt(&mut a, "[script:tokens count=5 rate=0]", &mut next).await?;
+    next.extend(until_finished(&mut a, &again).await?);
+    assert_eq!(finished_status(&next, &again), Some(PromptStatus::Completed));
+    Ok(())
+}
