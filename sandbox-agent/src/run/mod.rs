@@ -8,6 +8,7 @@
 //! link → queue. So the link keeps heartbeating and taking `stop` while a prompt runs.
 
 pub mod agent_loop;
+pub mod hook;
 pub mod link;
 pub mod model;
 pub mod outbox;
