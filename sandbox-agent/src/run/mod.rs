@@ -10,6 +10,7 @@
 pub mod agent_loop;
 #[allow(dead_code)] // wired into the agent loop next
 pub mod git;
+pub mod hook;
 pub mod link;
 pub mod model;
 pub mod outbox;
