@@ -1,6 +1,7 @@
 //! The agent loop of one prompt: call the model, stream its text, run the tools it asks for, feed the
 //! results back, until it ends its turn. Emits `prompt_started` first and `usage` + `prompt_finished` last.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use nightshift_protocol::{Event, PromptStatus};
@@ -8,9 +9,10 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::gate::SyncGate;
 use super::model::{ContentBlock, ModelClient, ModelError, ModelRequest, StreamItem, TokenUsage};
 use super::queue::PromptRequest;
-use super::tools::{self, ToolError, ToolOutput};
+use super::tools::{self, ToolContext, ToolLimits, ToolOutput};
 use super::workspace::Workspace;
 
 /// Most model calls in one prompt.
@@ -39,15 +41,6 @@ pub enum LoopError {
     /// A participant stopped the prompt.
     #[error("stopped")]
     Stopped,
-    /// A tool's thread failed.
-    #[error("tool `{tool}` crashed: {source}")]
-    ToolCrashed {
-        /// Tool name.
-        tool: String,
-        /// Cause.
-        #[source]
-        source: tokio::task::JoinError,
-    },
     /// The link is gone, so nothing we produce can be delivered.
     #[error("event channel closed")]
     EventsClosed,
@@ -60,6 +53,12 @@ pub struct Agent {
     pub client: ModelClient,
     /// Where the tools work.
     pub workspace: Workspace,
+    /// Whether the workspace's git sync has finished; write tools wait for it.
+    pub gate: SyncGate,
+    /// Workspace-relative prefixes no tool may write.
+    pub read_only_paths: Arc<[String]>,
+    /// Size and time limits of the tools.
+    pub limits: ToolLimits,
     /// System prompt, generated with the tool list.
     pub system: String,
     /// Tool definitions sent with every call.
@@ -67,11 +66,14 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// An agent with the built-in tools.
+    /// An agent with the built-in tools, a synced workspace and `.nightshift` read-only.
     pub fn new(client: ModelClient, workspace: Workspace) -> Self {
         Self {
             client,
             workspace,
+            gate: SyncGate::done(),
+            read_only_paths: Arc::from([".nightshift".to_owned()]),
+            limits: ToolLimits::default(),
             system: tools::system_prompt(),
             tool_definitions: tools::api_definitions(),
         }
@@ -242,14 +244,22 @@ async fn converse(
                 })
                 .await?;
             let started = Instant::now();
-            let outcome = execute(agent, name, input.clone()).await?;
+            let context = ToolContext {
+                workspace: agent.workspace.clone(),
+                gate: agent.gate.clone(),
+                read_only_paths: agent.read_only_paths.clone(),
+                cancel: cancel.clone(),
+                output: None,
+                limits: agent.limits,
+            };
+            let outcome = tools::execute(&context, name, input.clone()).await;
             let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-            let (ok, output, file_change) = match outcome {
+            let (ok, output, file_changes) = match outcome {
                 Ok(ToolOutput {
                     output,
-                    file_change,
-                }) => (true, output, file_change),
-                Err(error) => (false, error.to_string(), None),
+                    file_changes,
+                }) => (true, output, file_changes),
+                Err(error) => (false, error.to_string(), Vec::new()),
             };
             emitter
                 .emit(Event::ToolResult {
@@ -259,7 +269,7 @@ async fn converse(
                     duration_ms,
                 })
                 .await?;
-            if let Some(change) = file_change {
+            for change in file_changes {
                 emitter
                     .emit(Event::FileChanged {
                         path: change.path,
@@ -279,23 +289,4 @@ async fn converse(
     Err(LoopError::TooManyCalls {
         limit: MAX_MODEL_CALLS,
     })
-}
-
-/// Run a tool on a blocking thread (tools do synchronous file I/O).
-async fn execute(
-    agent: &Agent,
-    name: &str,
-    input: Value,
-) -> Result<Result<ToolOutput, ToolError>, LoopError> {
-    let tool = match tools::find(name) {
-        Ok(tool) => tool,
-        Err(error) => return Ok(Err(error)),
-    };
-    let workspace = agent.workspace.clone();
-    tokio::task::spawn_blocking(move || (tool.execute)(&workspace, input))
-        .await
-        .map_err(|source| LoopError::ToolCrashed {
-            tool: name.to_owned(),
-            source,
-        })
 }

@@ -1,13 +1,14 @@
 //! `sandbox-agent run`: the agent inside a sandbox. It dials its session ([`link`]), takes prompts one at
 //! a time ([`queue`]), works on each with the model ([`model`]) and the workspace tools ([`tools`],
-//! confined by [`workspace`]) in the [`agent_loop`], and streams every event back through the
-//! acknowledged, journaled [`outbox`].
+//! confined by [`workspace`], writes held back by the sync [`gate`]) in the [`agent_loop`], and streams
+//! every event back through the acknowledged, journaled [`outbox`].
 //!
 //! Task layout: the link task owns the socket and the outbox; the queue task owns the prompts; each
 //! prompt runs in its own task. Events flow prompt → queue-owned channel → link; commands flow
 //! link → queue. So the link keeps heartbeating and taking `stop` while a prompt runs.
 
 pub mod agent_loop;
+pub mod gate;
 #[allow(dead_code)] // wired into the agent loop next
 pub mod git;
 pub mod hook;

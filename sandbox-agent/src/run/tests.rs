@@ -374,7 +374,19 @@ async fn tool_calls_round_trip_through_the_model() {
         .iter()
         .map(|t| t["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["list_files", "read_file", "write_file"]);
+    assert_eq!(
+        names,
+        [
+            "list_files",
+            "read_file",
+            "write_file",
+            "edit_file",
+            "glob",
+            "grep",
+            "bash",
+            "tool_catalogue"
+        ]
+    );
     assert!(first["system"].as_str().unwrap().contains("- write_file: "));
 
     let (_, second) = &requests[1];

@@ -3,7 +3,8 @@
 //! Invariant: a path a tool gets from the model resolves to a location inside the canonical workspace
 //! root and outside `.git/`. Absolute paths and `..` that leave the root are refused before any file
 //! system access; the nearest existing ancestor is canonicalized, so a symlink (file or directory,
-//! dangling or not) that leads outside is refused for reads and writes alike.
+//! dangling or not) that leads outside is refused for reads and writes alike. (A bash command is not a
+//! path: it runs under the sandbox policy of `tools::bash`.)
 
 use std::io::ErrorKind;
 use std::path::{Component, Path, PathBuf};
