@@ -14,5 +14,10 @@ pub const WORKSPACE: &str = "NIGHTSHIFT_WORKSPACE";
 pub const ANTHROPIC_BASE_URL: &str = "ANTHROPIC_BASE_URL";
 /// `run` and `host`: the Anthropic API key. Never logged.
 pub const ANTHROPIC_API_KEY: &str = "ANTHROPIC_API_KEY";
+/// `run`: base URL of an OpenAI-compatible chat completions API, including `/v1` (e.g.
+/// `http://localhost:11434/v1`); default with only a key: `https://api.openai.com/v1`.
+pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
+/// `run`: the OpenAI API key. Never logged.
+pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 /// `host`: bearer token the Worker presents on the provider API. Never logged.
 pub const PROVIDER_TOKEN: &str = "NIGHTSHIFT_PROVIDER_TOKEN";

@@ -4,17 +4,22 @@
 use std::time::Instant;
 
 use nightshift_protocol::{Event, PromptStatus};
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::model::{ContentBlock, ModelClient, ModelError, ModelRequest, StreamItem, TokenUsage};
+use super::provider::{
+    self, Message, ModelError, ModelRequest, Providers, StopReason, StreamItem, TokenUsage,
+    ToolResultBlock,
+};
 use super::queue::PromptRequest;
 use super::tools::{self, ToolError, ToolOutput};
 use super::workspace::Workspace;
 
 /// Most model calls in one prompt.
 pub const MAX_MODEL_CALLS: usize = 50;
+/// `max_tokens` of every model call.
+pub const MAX_TOKENS: u32 = 8192;
 /// Model used when a prompt names none.
 pub const DEFAULT_MODEL: &str = "claude-sonnet-4-5";
 /// Models whose id starts with this are the scripted demo model.
@@ -56,8 +61,8 @@ pub enum LoopError {
 /// What every prompt needs.
 #[derive(Debug)]
 pub struct Agent {
-    /// The model.
-    pub client: ModelClient,
+    /// The models.
+    pub providers: Providers,
     /// Where the tools work.
     pub workspace: Workspace,
     /// System prompt, generated with the tool list.
@@ -68,9 +73,9 @@ pub struct Agent {
 
 impl Agent {
     /// An agent with the built-in tools.
-    pub fn new(client: ModelClient, workspace: Workspace) -> Self {
+    pub fn new(providers: Providers, workspace: Workspace) -> Self {
         Self {
-            client,
+            providers,
             workspace,
             system: tools::system_prompt(),
             tool_definitions: tools::api_definitions(),
@@ -110,10 +115,17 @@ pub async fn run_prompt(
         return;
     }
     let mut usage = TokenUsage::default();
-    let outcome = converse(agent, request, &emitter, cancel, &mut usage).await;
+    let model = if request.model.trim().is_empty() {
+        DEFAULT_MODEL
+    } else {
+        request.model.as_str()
+    };
+    let outcome = converse(agent, request, model, &emitter, cancel, &mut usage).await;
     let (status, error) = match outcome {
         Ok(()) => (PromptStatus::Completed, None),
-        Err(LoopError::Stopped) => (PromptStatus::Stopped, None),
+        Err(LoopError::Stopped | LoopError::Model(ModelError::Cancelled)) => {
+            (PromptStatus::Stopped, None)
+        }
         Err(LoopError::EventsClosed) => return,
         Err(error) => {
             tracing::warn!(%prompt_id, %error, "prompt failed");
@@ -124,7 +136,7 @@ pub async fn run_prompt(
         prompt_id: Some(prompt_id.clone()),
         input_tokens: usage.input_tokens,
         output_tokens: usage.output_tokens,
-        cost_usd: None,
+        cost_usd: provider::cost_usd(model, &usage),
         total_cost_usd: None,
     };
     let _ = emitter.emit(usage).await;
@@ -140,17 +152,20 @@ pub async fn run_prompt(
 async fn converse(
     agent: &Agent,
     request: &PromptRequest,
+    model: &str,
     emitter: &Emitter<'_>,
     cancel: &CancellationToken,
     usage: &mut TokenUsage,
 ) -> Result<(), LoopError> {
     let prompt_id = &request.prompt_id;
-    let model = if request.model.trim().is_empty() {
-        DEFAULT_MODEL
-    } else {
-        request.model.as_str()
-    };
-    let mut messages = vec![json!({"role": "user", "content": request.text})];
+    tracing::debug!(
+        model,
+        context_window_tokens = provider::model_info(model).context_window_tokens,
+        "prompt model"
+    );
+    let mut messages = vec![Message::User {
+        text: request.text.clone(),
+    }];
     let mut notice_sent = false;
 
     for _ in 0..MAX_MODEL_CALLS {
@@ -159,18 +174,17 @@ async fn converse(
             system: &agent.system,
             messages: &messages,
             tools: &agent.tool_definitions,
+            max_tokens: MAX_TOKENS,
         };
-        let mut stream = tokio::select! {
-            () = cancel.cancelled() => return Err(LoopError::Stopped),
-            stream = agent.client.stream(call) => stream?,
-        };
+        let mut stream = agent.providers.stream(call, cancel).await?;
         let response = loop {
-            let item = tokio::select! {
-                () = cancel.cancelled() => return Err(LoopError::Stopped),
-                item = stream.next() => item,
-            };
-            match item {
-                None => return Err(ModelError::Truncated.into()),
+            match stream.next().await {
+                None => {
+                    return Err(ModelError::Truncated {
+                        expected: "the finished response",
+                    }
+                    .into())
+                }
                 Some(Err(error)) => return Err(error.into()),
                 Some(Ok(StreamItem::Started { model })) => {
                     if model.starts_with(SCRIPTED_MODEL_PREFIX) && !notice_sent {
@@ -190,11 +204,11 @@ async fn converse(
                         })
                         .await?;
                 }
+                Some(Ok(StreamItem::ThinkingDelta(_))) => {}
                 Some(Ok(StreamItem::Finished(response))) => break response,
             }
         };
-        usage.input_tokens += response.usage.input_tokens;
-        usage.output_tokens += response.usage.output_tokens;
+        usage.add(&response.usage);
 
         let text = response.text();
         if !text.is_empty() {
@@ -205,19 +219,13 @@ async fn converse(
             };
             emitter.emit(message).await?;
         }
-        let tool_uses: Vec<(&str, &str, &Value)> = response
-            .content
-            .iter()
-            .filter_map(|block| match block {
-                ContentBlock::ToolUse { id, name, input } => {
-                    Some((id.as_str(), name.as_str(), input))
-                }
-                ContentBlock::Text(_) => None,
-            })
-            .collect();
-        match response.stop_reason.as_deref() {
-            Some("tool_use") if !tool_uses.is_empty() => {}
-            Some("end_turn" | "stop_sequence" | "max_tokens" | "refusal") => return Ok(()),
+        let tool_uses: Vec<(&str, &str, &Value)> = response.tool_uses().collect();
+        match &response.stop_reason {
+            StopReason::ToolUse if !tool_uses.is_empty() => {}
+            StopReason::EndTurn
+            | StopReason::StopSequence
+            | StopReason::MaxTokens
+            | StopReason::Refusal => return Ok(()),
             other => {
                 if !tool_uses.is_empty() {
                     tracing::warn!(stop_reason = ?other, "model asked for tools without stop_reason tool_use; running them");
@@ -228,7 +236,6 @@ async fn converse(
             }
         }
 
-        messages.push(json!({"role": "assistant", "content": response.to_api_content()}));
         let mut results = Vec::with_capacity(tool_uses.len());
         for (call_id, name, input) in tool_uses {
             emitter
@@ -267,12 +274,19 @@ async fn converse(
                     })
                     .await?;
             }
-            results.push(json!({"type": "tool_result", "tool_use_id": call_id, "content": output, "is_error": !ok}));
+            results.push(ToolResultBlock {
+                call_id: call_id.to_owned(),
+                content: output,
+                is_error: !ok,
+            });
             if cancel.is_cancelled() {
                 return Err(LoopError::Stopped);
             }
         }
-        messages.push(json!({"role": "user", "content": results}));
+        messages.push(Message::Assistant {
+            content: response.content.clone(),
+        });
+        messages.push(Message::ToolResults { results });
     }
     Err(LoopError::TooManyCalls {
         limit: MAX_MODEL_CALLS,

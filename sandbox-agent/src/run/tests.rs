@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::agent_loop::{run_prompt, Agent, MAX_MODEL_CALLS};
-use super::model::{ApiKey, ModelClient};
+use super::provider::{ApiKey, ProviderConfig, Providers, RetryPolicy};
 use super::queue::PromptRequest;
 use super::workspace::Workspace;
 
@@ -75,6 +75,19 @@ async fn messages(
 }
 
 use futures_util::StreamExt as _;
+
+/// A client of the fake model at `url`, without retries (the provider tests cover those).
+fn providers(url: &str, api_key: Option<&str>) -> Providers {
+    Providers::new(ProviderConfig {
+        anthropic_api_key: api_key.map(|key| ApiKey::new(key.to_owned())),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        },
+        ..ProviderConfig::new(url)
+    })
+    .unwrap()
+}
 
 async fn start_model(replies: Vec<Reply>, fallback: Option<Reply>) -> (String, ModelServer) {
     let server = ModelServer {
@@ -162,8 +175,7 @@ async fn run_one(url: &str, api_key: Option<&str>, cancel_after: Option<Duration
     std::fs::create_dir_all(root.join("src")).unwrap();
     std::fs::write(root.join("src/lib.rs"), "pub fn one() {}\n").unwrap();
     let workspace = Workspace::open(&root).unwrap();
-    let client = ModelClient::new(url, api_key.map(|key| ApiKey::new(key.to_owned()))).unwrap();
-    let agent = Agent::new(client, workspace);
+    let agent = Agent::new(providers(url, api_key), workspace);
     let request = PromptRequest {
         prompt_id: "p1".into(),
         text: "add a greeting".into(),
@@ -532,7 +544,7 @@ async fn queue_runs_prompts_in_order_and_routes_stops() {
     let (url, server) = start_model(replies, None).await;
     let dir = tempfile::tempdir().unwrap();
     let workspace = Workspace::open(dir.path()).unwrap();
-    let agent = Arc::new(Agent::new(ModelClient::new(&url, None).unwrap(), workspace));
+    let agent = Arc::new(Agent::new(providers(&url, None), workspace));
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
