@@ -209,7 +209,10 @@ pub fn plan(request: &Value, api: Api) -> Result<Reply, ScriptError> {
         Some(Directive::Write { path, content }) => Ok(if step == 0 {
             tool_step(
                 format!("Writing {path}."),
-                vec![("write_file".into(), json!({ "path": path, "content": content }))],
+                vec![(
+                    "write_file".into(),
+                    json!({ "path": path, "content": content }),
+                )],
             )
         } else {
             end_turn(vec![format!("Wrote {path}.")], Duration::ZERO)
@@ -1360,7 +1363,11 @@ mod tests {
     fn fixture_event_shapes_match() {
         // Same event sequence as the recorded tool_use stream: start, text block (with ping), tool
         // block, end.
-        let reply = plan(&request(json!([{"role": "user", "content": "hi"}])), Api::Anthropic).unwrap();
+        let reply = plan(
+            &request(json!([{"role": "user", "content": "hi"}])),
+            Api::Anthropic,
+        )
+        .unwrap();
         let ids = Ids {
             message_id: "msg_1".into(),
             tool_use_prefix: "toolu_1_".into(),
@@ -1386,19 +1393,345 @@ mod tests {
                 "message_stop"
             ]
         );
-        let fixture = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures/anthropic-sse/tool_use_response.txt"
-        ));
-        if let Ok(fixture) = fixture {
-            let recorded: Vec<String> = parse_sse(&format!("{}\n\n", fixture.trim_end()))
-                .into_iter()
-                .map(|e| e.name)
-                .collect();
-            let mut recorded: Vec<&str> = recorded.iter().map(String::as_str).collect();
-            recorded.dedup();
-            assert_eq!(compact, recorded);
+        let fixture = std::fs::read_to_string(
+            crate::run::provider::tests::fixtures("anthropic-sse").join("tool_use_response.txt"),
+        )
+        .unwrap();
+        let recorded: Vec<String> = parse_sse(&format!("{}\n\n", fixture.trim_end()))
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        let mut recorded: Vec<&str> = recorded.iter().map(String::as_str).collect();
+        recorded.dedup();
+        assert_eq!(compact, recorded);
+    }
+
+    fn user(text: &str) -> Value {
+        json!({"role": "user", "content": text})
+    }
+
+    fn tool_results() -> Value {
+        json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]})
+    }
+
+    fn assistant() -> Value {
+        json!({"role": "assistant", "content": [{"type": "text", "text": "x"}]})
+    }
+
+    /// Text deltas joined, tool calls, stop reason of a reply.
+    fn outline(reply: &Reply) -> (String, Vec<(String, Value)>, StopReason) {
+        let mut text = String::new();
+        let mut tools = Vec::new();
+        for block in &reply.blocks {
+            match block {
+                Block::Text(deltas) => text.push_str(&deltas.concat()),
+                Block::ToolUse { name, input } => tools.push((name.clone(), input.clone())),
+            }
         }
+        (text, tools, reply.stop_reason)
+    }
+
+    #[test]
+    fn the_last_user_text_message_is_the_prompt_and_steps_count_from_it() {
+        // The first prompt's directive is over; the second prompt has none: the demo, at step 0.
+        let messages = json!([
+            user("[script:write path=a content=x]"),
+            assistant(),
+            tool_results(),
+            assistant(),
+            user("say hello"),
+        ]);
+        let (_, tools, stop) = outline(&plan(&request(messages.clone()), Api::Anthropic).unwrap());
+        assert_eq!(tools, vec![("list_files".to_owned(), json!({"path": "."}))]);
+        assert_eq!(stop, StopReason::ToolUse);
+
+        // One tool-result turn after the current prompt: step 1, whatever came before it.
+        let mut later = messages.as_array().unwrap().clone();
+        later.extend([assistant(), tool_results()]);
+        let (_, tools, _) = outline(&plan(&request(json!(later)), Api::Anthropic).unwrap());
+        assert_eq!(tools[0].0, "write_file");
+        assert_eq!(
+            tools[0].1["content"],
+            "# Notes from the demo model\n\nPrompt: say hello\n"
+        );
+
+        // A directive in the latest prompt wins over one in an earlier prompt.
+        let messages = json!([user("hi"), assistant(), user("[script:tokens count=2]")]);
+        let (text, tools, stop) = outline(&plan(&request(messages), Api::Anthropic).unwrap());
+        assert_eq!(
+            (text.as_str(), tools.len(), stop),
+            ("tok0 tok1 ", 0, StopReason::EndTurn)
+        );
+
+        // OpenAI: the last `user` message; a run of `tool` messages is one step.
+        let tool = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "ok"});
+        let call = json!({"role": "assistant", "content": null, "tool_calls": []});
+        let messages = json!([
+            {"role": "system", "content": "s"},
+            user("old [script:error]"),
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": [{"type": "text", "text": "new prompt"}]},
+            call, tool("a"), tool("b"),
+        ]);
+        let (text, tools, _) = outline(&plan(&request(messages), Api::OpenAi).unwrap());
+        assert!(text.starts_with("Thanks"), "{text}");
+        assert_eq!(tools[0].0, "write_file");
+        assert_eq!(
+            tools[0].1["content"],
+            "# Notes from the demo model\n\nPrompt: new prompt\n"
+        );
+    }
+
+    const PLAN: &str = "Do it. [script:plan]\n\
+        {\"tool\": \"list_files\", \"input\": {\"path\": \".\"}}\n\
+        \n\
+        [{\"tool\": \"read_file\", \"input\": {\"path\": \"a\"}}, {\"tool\": \"read_file\"}]\n\
+        {\"text\": \"Finished early.\"}\n\
+        {\"tool\": \"never\"}";
+
+    #[test]
+    fn plan_plays_one_line_per_step() {
+        let mut messages = vec![user(PLAN)];
+        let mut replies = Vec::new();
+        for _ in 0..5 {
+            replies.push(outline(
+                &plan(&request(json!(messages)), Api::Anthropic).unwrap(),
+            ));
+            messages.extend([assistant(), tool_results()]);
+        }
+        assert_eq!(
+            replies,
+            vec![
+                (
+                    "Step 1: calling list_files.".to_owned(),
+                    vec![("list_files".to_owned(), json!({"path": "."}))],
+                    StopReason::ToolUse
+                ),
+                (
+                    "Step 2: calling read_file, read_file.".to_owned(),
+                    vec![
+                        ("read_file".to_owned(), json!({"path": "a"})),
+                        ("read_file".to_owned(), json!({}))
+                    ],
+                    StopReason::ToolUse
+                ),
+                ("Finished early.".to_owned(), vec![], StopReason::EndTurn),
+                (
+                    "Step 4: calling never.".to_owned(),
+                    vec![("never".to_owned(), json!({}))],
+                    StopReason::ToolUse
+                ),
+                (
+                    "Done: followed the plan's 4 steps.".to_owned(),
+                    vec![],
+                    StopReason::EndTurn
+                ),
+            ]
+        );
+        // Several calls in one step get distinct ids.
+        let reply = plan(
+            &request(json!([user(PLAN), assistant(), tool_results()])),
+            Api::Anthropic,
+        )
+        .unwrap();
+        let ids = Ids {
+            message_id: "msg_1".into(),
+            tool_use_prefix: "toolu_1_".into(),
+        };
+        let starts: Vec<String> = frames(&reply, &ids, 1)
+            .iter()
+            .filter_map(|frame| match &frame.data {
+                FrameData::Json(data) if data["content_block"]["type"] == "tool_use" => {
+                    Some(data["content_block"]["id"].as_str().unwrap().to_owned())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts, ["toolu_1_1", "toolu_1_2"]);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_with_their_line() {
+        for (body, line) in [
+            ("{\"tool\": \"a\"}\n{not json", 2),
+            ("{\"tool\": \"\"}", 1),
+            ("{\"tool\": \"a\", \"input\": [1]}", 1),
+            ("[]", 1),
+            ("{\"say\": \"x\"}", 1),
+            ("{\"text\": \"fine\"}\n\n\"just a string\"", 2),
+        ] {
+            let prompt = format!("[script:plan]\n{body}");
+            let error = plan(&request(json!([user(&prompt)])), Api::Anthropic).unwrap_err();
+            assert!(
+                matches!(&error, ScriptError::Plan { line: l, .. } if *l == line),
+                "{body}: {error:?}"
+            );
+        }
+    }
+
+    /// The `data:` payloads of an OpenAI stream; asserts there are no `event:` lines.
+    fn parse_chunks(text: &str) -> Vec<String> {
+        assert!(text.ends_with("\n\n"), "{text:?}");
+        text.split("\n\n")
+            .filter(|chunk| !chunk.is_empty())
+            .map(|chunk| {
+                chunk
+                    .strip_prefix("data: ")
+                    .filter(|data| !data.contains('\n'))
+                    .unwrap_or_else(|| panic!("one data line per event: {chunk:?}"))
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn chat_url(url: &str) -> String {
+        url.replace("/v1/messages", "/v1/chat/completions")
+    }
+
+    #[tokio::test]
+    async fn chat_completions_stream_in_the_real_wire_shape() {
+        let url = chat_url(&start().await);
+        let body = json!({"model": "any", "stream": true, "stream_options": {"include_usage": true},
+                          "messages": [{"role": "user", "content": "Add a farewell function"}]});
+        let (status, content_type, text) = post(&url, &body).await;
+        assert_eq!(status, 200);
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        let data = parse_chunks(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        for chunk in &chunks {
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            assert_eq!(chunk["model"], MODEL);
+            assert!(chunk["id"].as_str().unwrap().starts_with("chatcmpl-"));
+            assert_eq!(chunk["id"], chunks[0]["id"]);
+        }
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert!(content.starts_with("I'll take a look"), "{content}");
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert!(calls.len() >= 3, "arguments in pieces: {calls:?}");
+        assert_eq!(calls[0]["index"], 0);
+        assert_eq!(calls[0]["type"], "function");
+        assert_eq!(calls[0]["function"]["name"], "list_files");
+        assert_eq!(calls[0]["function"]["arguments"], "");
+        assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+        assert!(calls[1..].iter().all(|c| c.get("id").is_none()));
+        let arguments: String = calls
+            .iter()
+            .map(|c| c["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&arguments).unwrap(),
+            json!({"path": "."})
+        );
+        let finish = &chunks[chunks.len() - 2];
+        assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(finish["choices"][0]["delta"], json!({}));
+        let usage = &chunks[chunks.len() - 1];
+        assert_eq!(usage["choices"], json!([]));
+        let (prompt, completion) = (
+            usage["usage"]["prompt_tokens"].as_u64().unwrap(),
+            usage["usage"]["completion_tokens"].as_u64().unwrap(),
+        );
+        assert!(prompt > 0 && completion > 0);
+        assert_eq!(usage["usage"]["total_tokens"], prompt + completion);
+
+        // Step 1: one run of tool messages.
+        let body = json!({"model": "any", "stream": true, "messages": [
+            {"role": "user", "content": "Add a farewell function"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "list_files", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "README.md"},
+        ]});
+        let (_, _, text) = post(&url, &body).await;
+        assert!(text.contains("NIGHTSHIFT_DEMO.md"), "{text}");
+        assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
+
+        // Stamped tokens carry the time in the content too.
+        let body = json!({"stream": true, "messages": [user("[script:tokens count=2 stamp=1]")]});
+        let (_, _, text) = post(&url, &body).await;
+        let content: String = parse_chunks(&text)
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert!(
+            content.starts_with("tok0@") && content.contains(" tok1@"),
+            "{content}"
+        );
+        assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn chat_completions_errors_in_the_openai_shape() {
+        let url = chat_url(&start().await);
+        let (status, _, text) = post(
+            &url,
+            &json!({"stream": true, "messages": [user("[script:error]")]}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let data = parse_chunks(&text);
+        let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+        assert_eq!(last["error"]["type"], "server_error");
+        assert_eq!(last["error"]["message"], "Overloaded");
+        assert!(!text.contains("[DONE]"));
+        assert!(data.len() > 2, "some content before the error");
+
+        let client = reqwest::Client::new();
+        let bodies = [
+            "{not json".to_owned(),
+            json!({"messages": [user("hi")]}).to_string(),
+            json!({"stream": true, "messages": [{"role": "system", "content": "s"}]}).to_string(),
+            json!({"stream": true, "messages": [user("[script:nope]")]}).to_string(),
+            json!({"stream": true, "messages": [user("[script:plan]\n{bad")]}).to_string(),
+        ];
+        for body in bodies {
+            let response = client.post(&url).body(body.clone()).send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 400, "{body}");
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["error"]["type"], "invalid_request_error", "{body}");
+            assert!(error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+            assert!(
+                error.get("type").is_none(),
+                "OpenAI shape, not Anthropic's: {error}"
+            );
+        }
+        // The Anthropic endpoint refuses a bad plan in its own shape.
+        let response = client
+            .post(url.replace("/v1/chat/completions", "/v1/messages"))
+            .json(&request(json!([user("[script:plan]\n{bad")])))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["type"], "error");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("line 1"),
+            "{error}"
+        );
     }
 
     #[test]

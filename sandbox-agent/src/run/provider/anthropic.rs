@@ -32,9 +32,7 @@ impl AnthropicApi {
     pub fn new(base_url: &str, api_key: Option<&ApiKey>) -> Result<Self, ModelError> {
         Ok(Self {
             messages_url: format!("{base_url}/v1/messages"),
-            api_key: api_key
-                .map(|key| key.header("", "anthropic"))
-                .transpose()?,
+            api_key: api_key.map(|key| key.header("", "anthropic")).transpose()?,
         })
     }
 }
@@ -198,9 +196,10 @@ impl MessageAssembler {
         }
     }
 
-    /// Usage arrives in `message_start` and again, cumulative, in `message_delta` (output always; input and
-    /// cache counts on newer API versions). Counts only grow, so the larger value wins: a proxy that sends
-    /// 0 in `message_delta` does not erase the count from `message_start`.
+    /// Usage arrives in `message_start` and again, cumulative, in `message_delta`: the output count there is
+    /// the final one (`message_start` has a placeholder), so the latest wins. Input and cache counts are
+    /// known from the start and repeated on newer API versions; the larger value wins, so a proxy that
+    /// sends 0 in `message_delta` does not erase them.
     fn read_usage(&mut self, usage: Option<&Value>) {
         let Some(usage) = usage else { return };
         let merge = |field: &str, count: &mut u64| {
@@ -209,11 +208,10 @@ impl MessageAssembler {
             }
         };
         merge("input_tokens", &mut self.usage.input_tokens);
-        merge("output_tokens", &mut self.usage.output_tokens);
-        merge(
-            "cache_read_input_tokens",
-            &mut self.usage.cache_read_tokens,
-        );
+        if let Some(output) = usage.get("output_tokens").and_then(Value::as_u64) {
+            self.usage.output_tokens = output;
+        }
+        merge("cache_read_input_tokens", &mut self.usage.cache_read_tokens);
         merge(
             "cache_creation_input_tokens",
             &mut self.usage.cache_write_tokens,
@@ -296,9 +294,9 @@ impl MessageAssembler {
                 thinking: thinking.clone(),
                 signature: signature.clone(),
             }),
-            OpenBlock::RedactedThinking(data) => Some(ContentBlock::RedactedThinking {
-                data: data.clone(),
-            }),
+            OpenBlock::RedactedThinking(data) => {
+                Some(ContentBlock::RedactedThinking { data: data.clone() })
+            }
             OpenBlock::ToolUse {
                 id,
                 name,
@@ -581,11 +579,30 @@ mod tests {
     fn malformed_streams_are_typed_errors() {
         let start = json!({"type": "message_start", "message": {"model": "m", "usage": {}}});
         let cases: Vec<(Vec<Value>, &str)> = vec![
-            (vec![json!({"type": "content_block_delta", "index": 0})], "UnexpectedEvent"),
-            (vec![start.clone(), json!({"type": "content_block_delta", "index": 3, "delta": {}})], "UnknownBlock"),
-            (vec![start.clone(), json!({"type": "content_block_stop"})], "UnexpectedEvent"),
+            (
+                vec![json!({"type": "content_block_delta", "index": 0})],
+                "UnexpectedEvent",
+            ),
+            (
+                vec![
+                    start.clone(),
+                    json!({"type": "content_block_delta", "index": 3, "delta": {}}),
+                ],
+                "UnknownBlock",
+            ),
+            (
+                vec![start.clone(), json!({"type": "content_block_stop"})],
+                "UnexpectedEvent",
+            ),
             (vec![start.clone(), start.clone()], "UnexpectedEvent"),
-            (vec![start.clone(), json!({"type": "message_stop"}), json!({"type": "message_stop"})], "UnexpectedEvent"),
+            (
+                vec![
+                    start.clone(),
+                    json!({"type": "message_stop"}),
+                    json!({"type": "message_stop"}),
+                ],
+                "UnexpectedEvent",
+            ),
             (vec![start.clone()], "Truncated"),
             (
                 vec![
@@ -597,7 +614,10 @@ mod tests {
                 "InvalidToolInput",
             ),
             (
-                vec![start, json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})],
+                vec![
+                    start,
+                    json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+                ],
                 "Api",
             ),
         ];
@@ -615,7 +635,10 @@ mod tests {
                 data: "{nope".into(),
             })
             .unwrap_err();
-        assert!(matches!(error, ModelError::InvalidEvent { .. }), "{error:?}");
+        assert!(
+            matches!(error, ModelError::InvalidEvent { .. }),
+            "{error:?}"
+        );
     }
 
     #[test]

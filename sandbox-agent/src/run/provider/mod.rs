@@ -25,7 +25,7 @@ pub mod openai;
 pub mod retry;
 pub mod sse;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -53,7 +53,9 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
     /// The model routes to the OpenAI-compatible endpoint, but none is configured.
-    #[error("model {model} needs an openai-compatible endpoint: set OPENAI_API_KEY or OPENAI_BASE_URL")]
+    #[error(
+        "model {model} needs an openai-compatible endpoint: set OPENAI_API_KEY or OPENAI_BASE_URL"
+    )]
     NotConfigured {
         /// Model id.
         model: String,
@@ -575,9 +577,12 @@ impl Providers {
     fn format_for(&self, model: &str) -> Result<&Arc<dyn WireFormat>, ModelError> {
         match route(model, self.openai_base_url_set) {
             Provider::Anthropic => Ok(&self.anthropic),
-            Provider::OpenAi => self.openai.as_ref().ok_or_else(|| ModelError::NotConfigured {
-                model: model.to_owned(),
-            }),
+            Provider::OpenAi => self
+                .openai
+                .as_ref()
+                .ok_or_else(|| ModelError::NotConfigured {
+                    model: model.to_owned(),
+                }),
         }
     }
 
@@ -872,7 +877,10 @@ impl ModelStream {
             match self.assembler.apply(event) {
                 Ok(items) => {
                     self.content_seen |= items.iter().any(|item| {
-                        matches!(item, StreamItem::TextDelta(_) | StreamItem::ThinkingDelta(_))
+                        matches!(
+                            item,
+                            StreamItem::TextDelta(_) | StreamItem::ThinkingDelta(_)
+                        )
                     });
                     self.pending.extend(items);
                 }

@@ -290,7 +290,8 @@ impl StreamAssembler for ChunkAssembler {
         let object = data.get("object").and_then(Value::as_str);
         let choices = data.get("choices").and_then(Value::as_array);
         let usage_chunk = data.get("usage").filter(|usage| usage.is_object());
-        if object.is_some_and(|object| object != CHUNK) || (choices.is_none() && usage_chunk.is_none())
+        if object.is_some_and(|object| object != CHUNK)
+            || (choices.is_none() && usage_chunk.is_none())
         {
             // E.g. a Responses API stream (`{"type": "response.created", …}`) at the wrong endpoint.
             let name = object
@@ -356,11 +357,12 @@ impl StreamAssembler for ChunkAssembler {
             let input = if call.arguments.trim().is_empty() {
                 json!({})
             } else {
-                serde_json::from_str(&call.arguments)
-                    .map_err(|source| ModelError::InvalidToolInput {
+                serde_json::from_str(&call.arguments).map_err(|source| {
+                    ModelError::InvalidToolInput {
                         id: id.clone(),
                         source,
-                    })?
+                    }
+                })?
             };
             content.push(ContentBlock::ToolUse {
                 id,
@@ -475,16 +477,31 @@ mod tests {
         let chunk = r#"{"object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"a"}}]}"#;
         let stop = r#"{"object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}"#;
         let cases: Vec<(Vec<&str>, &str)> = vec![
-            (vec![chunk, r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#], "Api"),
-            (vec![r#"{"error":{"message":"boom","type":null,"code":500}}"#], "Api"),
+            (
+                vec![
+                    chunk,
+                    r#"{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}"#,
+                ],
+                "Api",
+            ),
+            (
+                vec![r#"{"error":{"message":"boom","type":null,"code":500}}"#],
+                "Api",
+            ),
             (vec![chunk], "Truncated"),
             (vec![chunk, stop], "Truncated"),
             (vec![chunk, "[DONE]"], "Truncated"),
             (vec![], "Truncated"),
             (vec![chunk, "{not json"], "InvalidEvent"),
             (vec![chunk, stop, "[DONE]", chunk], "UnexpectedEvent"),
-            (vec![r#"{"type":"response.created","response":{"id":"resp_1"}}"#], "UnexpectedEvent"),
-            (vec![r#"{"object":"chat.completion","choices":[]}"#], "UnexpectedEvent"),
+            (
+                vec![r#"{"type":"response.created","response":{"id":"resp_1"}}"#],
+                "UnexpectedEvent",
+            ),
+            (
+                vec![r#"{"object":"chat.completion","choices":[]}"#],
+                "UnexpectedEvent",
+            ),
             (
                 vec![
                     r#"{"model":"m","choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"id":"c1","function":{"name":"f","arguments":"{\"a\":"}}]}}]}"#,
@@ -501,8 +518,12 @@ mod tests {
                 "{chunks:?}: expected {expected}, got {error:?}"
             );
         }
-        let error = play(&[r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#]).unwrap_err();
-        assert_eq!(error.to_string(), "model stream error requests: Rate limit reached");
+        let error =
+            play(&[r#"{"error":{"message":"Rate limit reached","type":"requests"}}"#]).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "model stream error requests: Rate limit reached"
+        );
     }
 
     #[test]

@@ -157,7 +157,11 @@ mod tests {
         assert_eq!(top.backoff(u32::MAX), Duration::from_secs(30));
         assert_eq!(policy(0.0).backoff(5), Duration::ZERO);
         assert_eq!(policy(0.5).backoff(2), Duration::from_millis(1000));
-        assert_eq!(policy(7.0).backoff(0), Duration::from_millis(500), "clamped");
+        assert_eq!(
+            policy(7.0).backoff(0),
+            Duration::from_millis(500),
+            "clamped"
+        );
         assert_eq!(policy(f64::NAN).backoff(0), Duration::ZERO);
         let random = RetryPolicy::default();
         for retry in 0..10 {
