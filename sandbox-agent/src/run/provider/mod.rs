@@ -503,7 +503,8 @@ impl ProviderConfig {
     }
 }
 
-/// The model client: routes, sends, retries, streams.
+/// The model client: routes, sends, retries, streams. Cheap to clone (one connection pool).
+#[derive(Clone)]
 pub struct Providers {
     http: reqwest::Client,
     anthropic: Arc<dyn WireFormat>,
