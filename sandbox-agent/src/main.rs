@@ -22,7 +22,7 @@ enum Command {
     Run(run::RunArgs),
     /// Serve the provider API, the local git store (smart HTTP) and, without a model key, the demo model.
     Host(host::HostArgs),
-    /// Serve only the scripted model (Anthropic Messages SSE) for tests and demos.
+    /// Serve only the scripted model (Anthropic Messages and OpenAI chat completions SSE) for tests and demos.
     ScriptedModel(scripted_model::ScriptedModelArgs),
     /// Create a repository in a local git store (an existing one is left as it is).
     Seed(seed::SeedArgs),

@@ -1,11 +1,18 @@
-//! `sandbox-agent scripted-model`: a clearly labelled demo and test model that speaks the Anthropic
-//! Messages streaming API (`POST /v1/messages` with `"stream": true`), event for event in the
-//! shapes of the recorded real streams in `shared/fixtures/anthropic-sse/`. It reports the model
-//! `nightshift-scripted-demo`.
+//! `sandbox-agent scripted-model`: a clearly labelled demo and test model that speaks two streaming
+//! APIs, event for event in the shapes of the recorded real streams in `shared/fixtures/`:
 //!
-//! The reply is a pure function of the request ([`plan`]): the number of `tool_result` blocks
-//! already in the conversation is the step, and a directive in the first user message picks the
-//! script:
+//! - the Anthropic Messages API, `POST /v1/messages` with `"stream": true` (`anthropic-sse/`);
+//! - OpenAI chat completions, `POST /v1/chat/completions` with `"stream": true` (`openai-sse/`):
+//!   `chat.completion.chunk`s, then a usage chunk (always, as if `stream_options.include_usage` were
+//!   set), then `data: [DONE]`.
+//!
+//! Both report the model `nightshift-scripted-demo`.
+//!
+//! The reply is a pure function of the request ([`plan`]). The current prompt is the last user text
+//! message (Anthropic: a `user` message that is not only `tool_result` blocks; OpenAI: the last
+//! `role: "user"` message), so a conversation that goes on across prompts follows the newest one. The
+//! step is the number of tool-result turns after it (Anthropic: `user` messages with `tool_result`
+//! blocks; OpenAI: runs of `role: "tool"` messages). A directive in the prompt picks the script:
 //!
 //! - no directive: the demo. Step 0: text, then `list_files {"path":"."}`; step 1: text, then
 //!   `write_file` of `NIGHTSHIFT_DEMO.md` with the prompt; step 2 and later: a final text,
@@ -17,11 +24,17 @@
 //! - `[script:write path=P content=C]`: step 0: `write_file {"path":P,"content":C}` (`C` is the
 //!   literal text up to `]`); then a final text, `end_turn`.
 //! - `[script:slow ms=M]`: a text streamed evenly over `M` ms, then `end_turn` (for stop tests).
-//! - `[script:error]`: a few text deltas, then an SSE `error` event (`overloaded_error`), and the
-//!   stream ends.
+//! - `[script:error]`: a few text deltas, then a stream error (Anthropic: an `error` event of type
+//!   `overloaded_error`; OpenAI: `data: {"error": {"type": "server_error", …}}`), and the stream ends.
+//! - `[script:plan]`: the non-empty lines after the directive are JSON, one per step: a tool call
+//!   `{"tool": NAME, "input": {…}}`, an array of them (several calls in one step), or `{"text": "…"}`.
+//!   Step `i` plays line `i`: a short text, then the tool call(s), `tool_use`; a text line is a final
+//!   text, `end_turn`. After the last line: a final text, `end_turn`.
 //!
-//! Malformed JSON, a request without `"stream": true` or a bad directive get `400` with the API's
-//! error shape, `{"type":"error","error":{"type":"invalid_request_error","message":…}}`.
+//! Malformed JSON (of the body or of a plan line), a request without `"stream": true` or a bad
+//! directive get `400` in the API's error shape: Anthropic
+//! `{"type":"error","error":{"type":"invalid_request_error","message":…}}`, OpenAI
+//! `{"error":{"message":…,"type":"invalid_request_error","param":null,"code":null}}`.
 //!
 //! Events are sent as they are produced, so the pacing is real on the wire.
 
@@ -36,7 +49,7 @@ use axum::routing::post;
 use axum::Router;
 use serde_json::{json, Value};
 
-/// The model name reported in `message_start`; the agent labels output from it as a demo.
+/// The model name reported in every stream; the agent labels output from it as a demo.
 pub const MODEL: &str = "nightshift-scripted-demo";
 
 /// Pause between the text deltas of the demo scenario, so a watcher sees it stream.
@@ -49,7 +62,8 @@ const MAX_TOKEN_DELTAS: u64 = 1_000_000;
 /// `sandbox-agent scripted-model`.
 #[derive(Debug, clap::Args)]
 pub struct ScriptedModelArgs {
-    /// Address to listen on; the API is then at `http://ADDR/v1/messages`.
+    /// Address to listen on; the APIs are then at `http://ADDR/v1/messages` and
+    /// `http://ADDR/v1/chat/completions`.
     #[arg(long, default_value = "127.0.0.1:8790")]
     pub listen: SocketAddr,
 }
@@ -77,9 +91,26 @@ pub enum ScriptError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// A line of a `[script:plan]` that is not a step.
+    #[error("bad [script:plan] line {line}: {reason}")]
+    Plan {
+        /// Line number among the plan's non-empty lines, from 1.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
-/// Why a message ended, as in `message_delta.delta.stop_reason`.
+/// Which API a request came through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Api {
+    /// `POST /v1/messages`.
+    Anthropic,
+    /// `POST /v1/chat/completions`.
+    OpenAi,
+}
+
+/// Why a message ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
     /// The turn is over.
@@ -89,10 +120,19 @@ pub enum StopReason {
 }
 
 impl StopReason {
-    fn as_str(self) -> &'static str {
+    /// As in Anthropic's `message_delta.delta.stop_reason`.
+    fn anthropic(self) -> &'static str {
         match self {
             StopReason::EndTurn => "end_turn",
             StopReason::ToolUse => "tool_use",
+        }
+    }
+
+    /// As in OpenAI's `finish_reason`.
+    fn openai(self) -> &'static str {
+        match self {
+            StopReason::EndTurn => "stop",
+            StopReason::ToolUse => "tool_calls",
         }
     }
 }
@@ -102,7 +142,7 @@ impl StopReason {
 pub enum Block {
     /// Text, already cut into the deltas it is streamed in.
     Text(Vec<String>),
-    /// A tool call; its input is streamed as several `input_json_delta` pieces.
+    /// A tool call; its input is streamed as several pieces.
     ToolUse {
         /// Tool name.
         name: String,
@@ -120,14 +160,21 @@ pub struct Reply {
     pub stop_reason: StopReason,
     /// Pause before each delta.
     pub delta_interval: Duration,
-    /// Send an `overloaded_error` instead of finishing the message, after the text deltas.
+    /// Send an overloaded error instead of finishing the message, after the first block's deltas.
     pub fail_mid_stream: bool,
     /// Stamp each text delta with the time it is sent (see [`Frame::stamp`]).
     pub stamp: bool,
 }
 
-/// Decide the reply to a request body (already parsed).
-pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
+/// The current prompt and how far into it the conversation is.
+#[derive(Debug, Clone, PartialEq)]
+struct Turn {
+    prompt: String,
+    step: usize,
+}
+
+/// Decide the reply to a request body (already parsed) that came through `api`.
+pub fn plan(request: &Value, api: Api) -> Result<Reply, ScriptError> {
     if request.get("stream").and_then(Value::as_bool) != Some(true) {
         return Err(ScriptError::NotStreaming);
     }
@@ -135,12 +182,11 @@ pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
         .get("messages")
         .and_then(Value::as_array)
         .ok_or(ScriptError::NoUserMessage)?;
-    let prompt = messages
-        .iter()
-        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
-        .map(message_text)
-        .ok_or(ScriptError::NoUserMessage)?;
-    let step = messages.iter().map(count_tool_results).sum::<usize>();
+    let Turn { prompt, step } = match api {
+        Api::Anthropic => anthropic_turn(messages),
+        Api::OpenAi => openai_turn(messages),
+    }
+    .ok_or(ScriptError::NoUserMessage)?;
     match Directive::find(&prompt)? {
         None => Ok(demo(step, &prompt)),
         Some(Directive::Tokens {
@@ -161,19 +207,13 @@ pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
             stamp,
         }),
         Some(Directive::Write { path, content }) => Ok(if step == 0 {
-            Reply {
-                blocks: vec![
-                    Block::Text(vec![format!("Writing {path}.")]),
-                    Block::ToolUse {
-                        name: "write_file".into(),
-                        input: json!({ "path": path, "content": content }),
-                    },
-                ],
-                stop_reason: StopReason::ToolUse,
-                delta_interval: Duration::ZERO,
-                fail_mid_stream: false,
-                stamp: false,
-            }
+            tool_step(
+                format!("Writing {path}."),
+                vec![(
+                    "write_file".into(),
+                    json!({ "path": path, "content": content }),
+                )],
+            )
         } else {
             end_turn(vec![format!("Wrote {path}.")], Duration::ZERO)
         }),
@@ -192,6 +232,74 @@ pub fn plan(request: &Value) -> Result<Reply, ScriptError> {
                 Duration::ZERO,
             )
         }),
+        Some(Directive::Plan { steps }) => Ok(match steps.get(step) {
+            Some(PlanStep::Tools(calls)) => {
+                let names: Vec<&str> = calls.iter().map(|(name, _)| name.as_str()).collect();
+                tool_step(
+                    format!("Step {}: calling {}.", step + 1, names.join(", ")),
+                    calls.clone(),
+                )
+            }
+            Some(PlanStep::Text(text)) => end_turn(split_words(text, 10), Duration::ZERO),
+            None => end_turn(
+                vec![format!("Done: followed the plan's {} steps.", steps.len())],
+                Duration::ZERO,
+            ),
+        }),
+    }
+}
+
+/// Anthropic: the last `user` message that is not only tool results, and the tool-result turns after it.
+fn anthropic_turn(messages: &[Value]) -> Option<Turn> {
+    let is_user = |m: &Value| m.get("role").and_then(Value::as_str) == Some("user");
+    let at = messages
+        .iter()
+        .rposition(|m| is_user(m) && count_tool_results(m) == 0)?;
+    let after = messages.get(at + 1..).unwrap_or_default();
+    Some(Turn {
+        prompt: message_text(messages.get(at)?),
+        step: after
+            .iter()
+            .filter(|m| is_user(m) && count_tool_results(m) > 0)
+            .count(),
+    })
+}
+
+/// OpenAI: the last `user` message, and the runs of `tool` messages after it.
+fn openai_turn(messages: &[Value]) -> Option<Turn> {
+    let role = |m: &Value| m.get("role").and_then(Value::as_str).map(str::to_owned);
+    let at = messages
+        .iter()
+        .rposition(|m| role(m).as_deref() == Some("user"))?;
+    let after = messages.get(at + 1..).unwrap_or_default();
+    let mut step = 0;
+    let mut previous_was_tool = false;
+    for message in after {
+        let is_tool = role(message).as_deref() == Some("tool");
+        if is_tool && !previous_was_tool {
+            step += 1;
+        }
+        previous_was_tool = is_tool;
+    }
+    Some(Turn {
+        prompt: message_text(messages.get(at)?),
+        step,
+    })
+}
+
+fn tool_step(text: String, calls: Vec<(String, Value)>) -> Reply {
+    let mut blocks = vec![Block::Text(split_words(&text, 3))];
+    blocks.extend(
+        calls
+            .into_iter()
+            .map(|(name, input)| Block::ToolUse { name, input }),
+    );
+    Reply {
+        blocks,
+        stop_reason: StopReason::ToolUse,
+        delta_interval: Duration::ZERO,
+        fail_mid_stream: false,
+        stamp: false,
     }
 }
 
@@ -247,7 +355,7 @@ fn demo(step: usize, prompt: &str) -> Reply {
     }
 }
 
-/// The text of a message: a string `content`, or its `text` blocks joined by newlines.
+/// The text of a message: a string `content`, or its `text` blocks (parts) joined by newlines.
 fn message_text(message: &Value) -> String {
     match message.get("content") {
         Some(Value::String(text)) => text.clone(),
@@ -271,6 +379,53 @@ fn count_tool_results(message: &Value) -> usize {
     }
 }
 
+/// One step of a `[script:plan]`.
+#[derive(Debug, Clone, PartialEq)]
+enum PlanStep {
+    /// Tool calls `(name, input)`, played as one turn.
+    Tools(Vec<(String, Value)>),
+    /// A final text.
+    Text(String),
+}
+
+impl PlanStep {
+    /// Parse plan line `line` (from 1).
+    fn parse(line: usize, text: &str) -> Result<PlanStep, ScriptError> {
+        let error = |reason: String| ScriptError::Plan { line, reason };
+        let value: Value = serde_json::from_str(text).map_err(|e| error(e.to_string()))?;
+        let call = |value: &Value| -> Result<(String, Value), ScriptError> {
+            let name = value
+                .get("tool")
+                .and_then(Value::as_str)
+                .filter(|name| !name.is_empty())
+                .ok_or_else(|| error("a tool call needs a \"tool\" name".into()))?;
+            let input = match value.get("input") {
+                None => json!({}),
+                Some(input) if input.is_object() => input.clone(),
+                Some(_) => return Err(error("\"input\" must be an object".into())),
+            };
+            Ok((name.to_owned(), input))
+        };
+        match &value {
+            Value::Array(calls) if !calls.is_empty() => Ok(PlanStep::Tools(
+                calls.iter().map(call).collect::<Result<_, _>>()?,
+            )),
+            Value::Object(object) if object.contains_key("tool") => {
+                Ok(PlanStep::Tools(vec![call(&value)?]))
+            }
+            Value::Object(object) => match object.get("text").and_then(Value::as_str) {
+                Some(text) => Ok(PlanStep::Text(text.to_owned())),
+                None => Err(error(
+                    "expected {\"tool\": …}, [{\"tool\": …}, …] or {\"text\": …}".into(),
+                )),
+            },
+            _ => Err(error(
+                "expected {\"tool\": …}, [{\"tool\": …}, …] or {\"text\": …}".into(),
+            )),
+        }
+    }
+}
+
 /// A `[script:…]` directive.
 #[derive(Debug, Clone, PartialEq)]
 enum Directive {
@@ -287,6 +442,9 @@ enum Directive {
         duration_ms: u64,
     },
     Error,
+    Plan {
+        steps: Vec<PlanStep>,
+    },
 }
 
 impl Directive {
@@ -296,8 +454,8 @@ impl Directive {
             return Ok(None);
         };
         let rest = &text[start + "[script:".len()..];
-        let inner = match rest.find(']') {
-            Some(end) => &rest[..end],
+        let (inner, after) = match rest.find(']') {
+            Some(end) => (&rest[..end], &rest[end + 1..]),
             None => return Err(directive_error(rest, "missing ']'")),
         };
         let (name, args) = inner.split_once(char::is_whitespace).unwrap_or((inner, ""));
@@ -342,10 +500,19 @@ impl Directive {
                 }
             }
             "error" => Directive::Error,
+            "plan" => Directive::Plan {
+                steps: after
+                    .lines()
+                    .map(str::trim)
+                    .filter(|line| !line.is_empty())
+                    .enumerate()
+                    .map(|(i, line)| PlanStep::parse(i + 1, line))
+                    .collect::<Result<_, _>>()?,
+            },
             _ => {
                 return Err(directive_error(
                     inner,
-                    "unknown directive; expected tokens, write, slow or error",
+                    "unknown directive; expected tokens, write, slow, error or plan",
                 ))
             }
         };
@@ -413,33 +580,63 @@ fn split_json(json: &str) -> Vec<String> {
     pieces
 }
 
+/// The `data:` of a server-sent event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FrameData {
+    /// JSON.
+    Json(Value),
+    /// OpenAI's end marker, `[DONE]`.
+    Done,
+}
+
 /// One server-sent event, with the pause before it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Frame {
     /// Pause before sending it.
     pub delay: Duration,
-    /// The SSE `event:` name.
-    pub event: &'static str,
-    /// The SSE `data:` JSON.
-    pub data: Value,
+    /// The SSE `event:` name (Anthropic names every event; OpenAI none).
+    pub event: Option<&'static str>,
+    /// The SSE `data:`.
+    pub data: FrameData,
     /// A text delta that gets the time it is sent appended to its word: `"tok3 "` sent at
     /// 1700000000.123456 s goes out as `"tok3@1700000000123456 "` ([`Frame::to_sse_at`]).
     pub stamp: bool,
 }
 
+/// Where a text delta's text is: Anthropic `content_block_delta`, OpenAI chunk.
+const DELTA_TEXT_POINTERS: [&str; 2] = ["/delta/text", "/choices/0/delta/content"];
+
 impl Frame {
+    /// A named Anthropic event, sent at once.
     fn now(event: &'static str, data: Value) -> Self {
         Frame {
             delay: Duration::ZERO,
-            event,
-            data,
+            event: Some(event),
+            data: FrameData::Json(data),
             stamp: false,
         }
     }
 
-    /// The frame on the wire: `event: X\ndata: {...}\n\n`.
+    /// An unnamed OpenAI chunk, sent at once.
+    fn chunk(data: Value) -> Self {
+        Frame {
+            delay: Duration::ZERO,
+            event: None,
+            data: FrameData::Json(data),
+            stamp: false,
+        }
+    }
+
+    /// The frame on the wire: `event: X\ndata: {...}\n\n` or `data: {...}\n\n`.
     pub fn to_sse(&self) -> String {
-        format!("event: {}\ndata: {}\n\n", self.event, self.data)
+        let data = match &self.data {
+            FrameData::Json(value) => value.to_string(),
+            FrameData::Done => "[DONE]".to_owned(),
+        };
+        match self.event {
+            Some(event) => format!("event: {event}\ndata: {data}\n\n"),
+            None => format!("data: {data}\n\n"),
+        }
     }
 
     /// The frame on the wire when sent at `sent_at`: as [`Frame::to_sse`], with a stamped text
@@ -449,12 +646,12 @@ impl Frame {
             return self.to_sse();
         }
         let mut stamped = self.clone();
-        if let Some(Value::String(text)) = stamped
-            .data
-            .get_mut("delta")
-            .and_then(|delta| delta.get_mut("text"))
-        {
-            *text = stamp_text(text, sent_at);
+        if let FrameData::Json(data) = &mut stamped.data {
+            for pointer in DELTA_TEXT_POINTERS {
+                if let Some(Value::String(text)) = data.pointer_mut(pointer) {
+                    *text = stamp_text(text, sent_at);
+                }
+            }
         }
         stamped.to_sse()
     }
@@ -474,23 +671,42 @@ fn stamp_text(text: &str, sent_at: SystemTime) -> String {
 /// tests).
 #[derive(Debug, Clone)]
 pub struct Ids {
-    /// `msg_…`.
+    /// `msg_…` (Anthropic) or `chatcmpl-…` (OpenAI).
     pub message_id: String,
-    /// Prefix of `toolu_…` ids; the block index is appended.
+    /// Prefix of `toolu_…` / `call_…` ids; the block index is appended.
     pub tool_use_prefix: String,
 }
 
 impl Ids {
-    fn random() -> Self {
+    fn random(api: Api) -> Self {
         let nonce = hex::encode(rand::random::<[u8; 12]>());
-        Ids {
-            message_id: format!("msg_scripted_{nonce}"),
-            tool_use_prefix: format!("toolu_scripted_{nonce}_"),
+        match api {
+            Api::Anthropic => Ids {
+                message_id: format!("msg_scripted_{nonce}"),
+                tool_use_prefix: format!("toolu_scripted_{nonce}_"),
+            },
+            Api::OpenAi => Ids {
+                message_id: format!("chatcmpl-scripted-{nonce}"),
+                tool_use_prefix: format!("call_scripted_{nonce}_"),
+            },
         }
     }
 }
 
-/// The whole stream of a reply, in the real API's event order.
+/// Output tokens of a reply, roughly: one per delta, plus one.
+fn output_tokens(reply: &Reply) -> u64 {
+    let deltas: usize = reply
+        .blocks
+        .iter()
+        .map(|block| match block {
+            Block::Text(deltas) => deltas.len(),
+            Block::ToolUse { input, .. } => split_json(&input.to_string()).len(),
+        })
+        .sum();
+    1 + deltas as u64
+}
+
+/// The whole Anthropic stream of a reply, in the real API's event order.
 pub fn frames(reply: &Reply, ids: &Ids, input_tokens: u64) -> Vec<Frame> {
     let mut out = vec![Frame::now(
         "message_start",
@@ -503,12 +719,13 @@ pub fn frames(reply: &Reply, ids: &Ids, input_tokens: u64) -> Vec<Frame> {
             },
         }}),
     )];
-    let mut output_tokens: u64 = 1;
     let delta = |index: usize, delta: Value| Frame {
         delay: reply.delta_interval,
-        event: "content_block_delta",
+        event: Some("content_block_delta"),
         stamp: reply.stamp && delta["type"] == "text_delta",
-        data: json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        data: FrameData::Json(
+            json!({"type": "content_block_delta", "index": index, "delta": delta}),
+        ),
     };
     for (index, block) in reply.blocks.iter().enumerate() {
         let start = match block {
@@ -528,13 +745,11 @@ pub fn frames(reply: &Reply, ids: &Ids, input_tokens: u64) -> Vec<Frame> {
         match block {
             Block::Text(deltas) => {
                 for text in deltas {
-                    output_tokens += 1;
                     out.push(delta(index, json!({"type": "text_delta", "text": text})));
                 }
             }
             Block::ToolUse { input, .. } => {
                 for piece in split_json(&input.to_string()) {
-                    output_tokens += 1;
                     out.push(delta(
                         index,
                         json!({"type": "input_json_delta", "partial_json": piece}),
@@ -558,35 +773,131 @@ pub fn frames(reply: &Reply, ids: &Ids, input_tokens: u64) -> Vec<Frame> {
     out.push(Frame::now(
         "message_delta",
         json!({"type": "message_delta",
-               "delta": {"stop_reason": reply.stop_reason.as_str(), "stop_sequence": null},
-               "usage": {"output_tokens": output_tokens}}),
+               "delta": {"stop_reason": reply.stop_reason.anthropic(), "stop_sequence": null},
+               "usage": {"output_tokens": output_tokens(reply)}}),
     ));
     out.push(Frame::now("message_stop", json!({"type": "message_stop"})));
     out
 }
 
-/// The API: `POST /v1/messages`. Mount it anywhere; the agent appends `/v1/messages` to its base
-/// URL.
-pub fn router() -> Router {
-    Router::new().route("/v1/messages", post(messages))
+/// The whole OpenAI chat completions stream of a reply: a role chunk, content and tool call chunks,
+/// the `finish_reason` chunk, the usage chunk, `[DONE]`. `created` is the Unix time in seconds.
+pub fn openai_frames(reply: &Reply, ids: &Ids, input_tokens: u64, created: u64) -> Vec<Frame> {
+    let chunk = |delta: Value, finish_reason: Option<&str>| {
+        json!({
+            "id": ids.message_id, "object": "chat.completion.chunk", "created": created,
+            "model": MODEL, "system_fingerprint": null,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish_reason}],
+        })
+    };
+    let delta = |data: Value, stamp: bool| Frame {
+        delay: reply.delta_interval,
+        event: None,
+        data: FrameData::Json(data),
+        stamp: stamp && reply.stamp,
+    };
+    let mut out = vec![Frame::chunk(chunk(
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        None,
+    ))];
+    let mut tool_index = 0;
+    for (index, block) in reply.blocks.iter().enumerate() {
+        match block {
+            Block::Text(deltas) => {
+                for text in deltas {
+                    out.push(delta(chunk(json!({"content": text}), None), true));
+                }
+            }
+            Block::ToolUse { name, input } => {
+                out.push(Frame::chunk(chunk(
+                    json!({"tool_calls": [{"index": tool_index,
+                        "id": format!("{}{index}", ids.tool_use_prefix), "type": "function",
+                        "function": {"name": name, "arguments": ""}}]}),
+                    None,
+                )));
+                for piece in split_json(&input.to_string()).into_iter().skip(1) {
+                    out.push(delta(
+                        chunk(
+                            json!({"tool_calls": [{"index": tool_index, "function": {"arguments": piece}}]}),
+                            None,
+                        ),
+                        false,
+                    ));
+                }
+                tool_index += 1;
+            }
+        }
+        if reply.fail_mid_stream {
+            out.push(Frame::chunk(json!({"error": {
+                "message": "Overloaded", "type": "server_error", "param": null, "code": null,
+            }})));
+            return out;
+        }
+    }
+    out.push(Frame::chunk(chunk(
+        json!({}),
+        Some(reply.stop_reason.openai()),
+    )));
+    let completion_tokens = output_tokens(reply);
+    out.push(Frame::chunk(json!({
+        "id": ids.message_id, "object": "chat.completion.chunk", "created": created,
+        "model": MODEL, "system_fingerprint": null, "choices": [],
+        "usage": {"prompt_tokens": input_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": input_tokens + completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": 0}},
+    })));
+    out.push(Frame {
+        delay: Duration::ZERO,
+        event: None,
+        data: FrameData::Done,
+        stamp: false,
+    });
+    out
 }
 
-async fn messages(body: Bytes) -> Response {
+/// The APIs: `POST /v1/messages` and `POST /v1/chat/completions`. Mount it anywhere; the agent appends
+/// `/v1/messages` to its Anthropic base URL and `/chat/completions` to its OpenAI base URL (which ends
+/// in `/v1`).
+pub fn router() -> Router {
+    Router::new()
+        .route("/v1/messages", post(|body| reply(Api::Anthropic, body)))
+        .route(
+            "/v1/chat/completions",
+            post(|body| reply(Api::OpenAi, body)),
+        )
+}
+
+async fn reply(api: Api, body: Bytes) -> Response {
     let request: Value = match serde_json::from_slice(&body) {
         Ok(request) => request,
         Err(err) => {
-            return invalid_request(ScriptError::InvalidJson {
-                reason: err.to_string(),
-            })
+            return invalid_request(
+                api,
+                ScriptError::InvalidJson {
+                    reason: err.to_string(),
+                },
+            )
         }
     };
-    let reply = match plan(&request) {
+    let reply = match plan(&request, api) {
         Ok(reply) => reply,
-        Err(err) => return invalid_request(err),
+        Err(err) => return invalid_request(api, err),
     };
     // A rough estimate, as a real tokenizer would give about a token per four bytes.
     let input_tokens = (body.len() as u64 / 4).max(1);
-    let frames = frames(&reply, &Ids::random(), input_tokens);
+    let ids = Ids::random(api);
+    let (frames, request_id_header) = match api {
+        Api::Anthropic => (frames(&reply, &ids, input_tokens), "request-id"),
+        Api::OpenAi => {
+            let created = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |since| since.as_secs());
+            (
+                openai_frames(&reply, &ids, input_tokens, created),
+                "x-request-id",
+            )
+        }
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {
         let mut next = tokio::time::Instant::now();
@@ -615,17 +926,24 @@ async fn messages(body: Bytes) -> Response {
                 "text/event-stream; charset=utf-8".to_owned(),
             ),
             (header::CACHE_CONTROL, "no-cache".to_owned()),
-            (header::HeaderName::from_static("request-id"), request_id),
+            (
+                header::HeaderName::from_static(request_id_header),
+                request_id,
+            ),
         ],
         Body::from_stream(stream),
     )
         .into_response()
 }
 
-/// The API's error shape: `{"type":"error","error":{"type":"invalid_request_error","message":…}}`.
-fn invalid_request(err: ScriptError) -> Response {
-    let body = json!({"type": "error",
-                      "error": {"type": "invalid_request_error", "message": err.to_string()}});
+/// `400` in the API's error shape.
+fn invalid_request(api: Api, err: ScriptError) -> Response {
+    let body = match api {
+        Api::Anthropic => json!({"type": "error",
+                      "error": {"type": "invalid_request_error", "message": err.to_string()}}),
+        Api::OpenAi => json!({"error": {"message": err.to_string(),
+                      "type": "invalid_request_error", "param": null, "code": null}}),
+    };
     (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
 }
 
@@ -1045,14 +1363,18 @@ mod tests {
     fn fixture_event_shapes_match() {
         // Same event sequence as the recorded tool_use stream: start, text block (with ping), tool
         // block, end.
-        let reply = plan(&request(json!([{"role": "user", "content": "hi"}]))).unwrap();
+        let reply = plan(
+            &request(json!([{"role": "user", "content": "hi"}])),
+            Api::Anthropic,
+        )
+        .unwrap();
         let ids = Ids {
             message_id: "msg_1".into(),
             tool_use_prefix: "toolu_1_".into(),
         };
         let names: Vec<&str> = frames(&reply, &ids, 10)
             .iter()
-            .map(|f| f.event)
+            .map(|f| f.event.unwrap_or_default())
             .collect::<Vec<_>>();
         let mut compact: Vec<&str> = names.clone();
         compact.dedup();
@@ -1071,19 +1393,345 @@ mod tests {
                 "message_stop"
             ]
         );
-        let fixture = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/fixtures/anthropic-sse/tool_use_response.txt"
-        ));
-        if let Ok(fixture) = fixture {
-            let recorded: Vec<String> = parse_sse(&format!("{}\n\n", fixture.trim_end()))
-                .into_iter()
-                .map(|e| e.name)
-                .collect();
-            let mut recorded: Vec<&str> = recorded.iter().map(String::as_str).collect();
-            recorded.dedup();
-            assert_eq!(compact, recorded);
+        let fixture = std::fs::read_to_string(
+            crate::run::provider::tests::fixtures("anthropic-sse").join("tool_use_response.txt"),
+        )
+        .unwrap();
+        let recorded: Vec<String> = parse_sse(&format!("{}\n\n", fixture.trim_end()))
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        let mut recorded: Vec<&str> = recorded.iter().map(String::as_str).collect();
+        recorded.dedup();
+        assert_eq!(compact, recorded);
+    }
+
+    fn user(text: &str) -> Value {
+        json!({"role": "user", "content": text})
+    }
+
+    fn tool_results() -> Value {
+        json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "ok"}]})
+    }
+
+    fn assistant() -> Value {
+        json!({"role": "assistant", "content": [{"type": "text", "text": "x"}]})
+    }
+
+    /// Text deltas joined, tool calls, stop reason of a reply.
+    fn outline(reply: &Reply) -> (String, Vec<(String, Value)>, StopReason) {
+        let mut text = String::new();
+        let mut tools = Vec::new();
+        for block in &reply.blocks {
+            match block {
+                Block::Text(deltas) => text.push_str(&deltas.concat()),
+                Block::ToolUse { name, input } => tools.push((name.clone(), input.clone())),
+            }
         }
+        (text, tools, reply.stop_reason)
+    }
+
+    #[test]
+    fn the_last_user_text_message_is_the_prompt_and_steps_count_from_it() {
+        // The first prompt's directive is over; the second prompt has none: the demo, at step 0.
+        let messages = json!([
+            user("[script:write path=a content=x]"),
+            assistant(),
+            tool_results(),
+            assistant(),
+            user("say hello"),
+        ]);
+        let (_, tools, stop) = outline(&plan(&request(messages.clone()), Api::Anthropic).unwrap());
+        assert_eq!(tools, vec![("list_files".to_owned(), json!({"path": "."}))]);
+        assert_eq!(stop, StopReason::ToolUse);
+
+        // One tool-result turn after the current prompt: step 1, whatever came before it.
+        let mut later = messages.as_array().unwrap().clone();
+        later.extend([assistant(), tool_results()]);
+        let (_, tools, _) = outline(&plan(&request(json!(later)), Api::Anthropic).unwrap());
+        assert_eq!(tools[0].0, "write_file");
+        assert_eq!(
+            tools[0].1["content"],
+            "# Notes from the demo model\n\nPrompt: say hello\n"
+        );
+
+        // A directive in the latest prompt wins over one in an earlier prompt.
+        let messages = json!([user("hi"), assistant(), user("[script:tokens count=2]")]);
+        let (text, tools, stop) = outline(&plan(&request(messages), Api::Anthropic).unwrap());
+        assert_eq!(
+            (text.as_str(), tools.len(), stop),
+            ("tok0 tok1 ", 0, StopReason::EndTurn)
+        );
+
+        // OpenAI: the last `user` message; a run of `tool` messages is one step.
+        let tool = |id: &str| json!({"role": "tool", "tool_call_id": id, "content": "ok"});
+        let call = json!({"role": "assistant", "content": null, "tool_calls": []});
+        let messages = json!([
+            {"role": "system", "content": "s"},
+            user("old [script:error]"),
+            {"role": "assistant", "content": "x"},
+            {"role": "user", "content": [{"type": "text", "text": "new prompt"}]},
+            call, tool("a"), tool("b"),
+        ]);
+        let (text, tools, _) = outline(&plan(&request(messages), Api::OpenAi).unwrap());
+        assert!(text.starts_with("Thanks"), "{text}");
+        assert_eq!(tools[0].0, "write_file");
+        assert_eq!(
+            tools[0].1["content"],
+            "# Notes from the demo model\n\nPrompt: new prompt\n"
+        );
+    }
+
+    const PLAN: &str = "Do it. [script:plan]\n\
+        {\"tool\": \"list_files\", \"input\": {\"path\": \".\"}}\n\
+        \n\
+        [{\"tool\": \"read_file\", \"input\": {\"path\": \"a\"}}, {\"tool\": \"read_file\"}]\n\
+        {\"text\": \"Finished early.\"}\n\
+        {\"tool\": \"never\"}";
+
+    #[test]
+    fn plan_plays_one_line_per_step() {
+        let mut messages = vec![user(PLAN)];
+        let mut replies = Vec::new();
+        for _ in 0..5 {
+            replies.push(outline(
+                &plan(&request(json!(messages)), Api::Anthropic).unwrap(),
+            ));
+            messages.extend([assistant(), tool_results()]);
+        }
+        assert_eq!(
+            replies,
+            vec![
+                (
+                    "Step 1: calling list_files.".to_owned(),
+                    vec![("list_files".to_owned(), json!({"path": "."}))],
+                    StopReason::ToolUse
+                ),
+                (
+                    "Step 2: calling read_file, read_file.".to_owned(),
+                    vec![
+                        ("read_file".to_owned(), json!({"path": "a"})),
+                        ("read_file".to_owned(), json!({}))
+                    ],
+                    StopReason::ToolUse
+                ),
+                ("Finished early.".to_owned(), vec![], StopReason::EndTurn),
+                (
+                    "Step 4: calling never.".to_owned(),
+                    vec![("never".to_owned(), json!({}))],
+                    StopReason::ToolUse
+                ),
+                (
+                    "Done: followed the plan's 4 steps.".to_owned(),
+                    vec![],
+                    StopReason::EndTurn
+                ),
+            ]
+        );
+        // Several calls in one step get distinct ids.
+        let reply = plan(
+            &request(json!([user(PLAN), assistant(), tool_results()])),
+            Api::Anthropic,
+        )
+        .unwrap();
+        let ids = Ids {
+            message_id: "msg_1".into(),
+            tool_use_prefix: "toolu_1_".into(),
+        };
+        let starts: Vec<String> = frames(&reply, &ids, 1)
+            .iter()
+            .filter_map(|frame| match &frame.data {
+                FrameData::Json(data) if data["content_block"]["type"] == "tool_use" => {
+                    Some(data["content_block"]["id"].as_str().unwrap().to_owned())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(starts, ["toolu_1_1", "toolu_1_2"]);
+    }
+
+    #[test]
+    fn bad_plans_are_refused_with_their_line() {
+        for (body, line) in [
+            ("{\"tool\": \"a\"}\n{not json", 2),
+            ("{\"tool\": \"\"}", 1),
+            ("{\"tool\": \"a\", \"input\": [1]}", 1),
+            ("[]", 1),
+            ("{\"say\": \"x\"}", 1),
+            ("{\"text\": \"fine\"}\n\n\"just a string\"", 2),
+        ] {
+            let prompt = format!("[script:plan]\n{body}");
+            let error = plan(&request(json!([user(&prompt)])), Api::Anthropic).unwrap_err();
+            assert!(
+                matches!(&error, ScriptError::Plan { line: l, .. } if *l == line),
+                "{body}: {error:?}"
+            );
+        }
+    }
+
+    /// The `data:` payloads of an OpenAI stream; asserts there are no `event:` lines.
+    fn parse_chunks(text: &str) -> Vec<String> {
+        assert!(text.ends_with("\n\n"), "{text:?}");
+        text.split("\n\n")
+            .filter(|chunk| !chunk.is_empty())
+            .map(|chunk| {
+                chunk
+                    .strip_prefix("data: ")
+                    .filter(|data| !data.contains('\n'))
+                    .unwrap_or_else(|| panic!("one data line per event: {chunk:?}"))
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn chat_url(url: &str) -> String {
+        url.replace("/v1/messages", "/v1/chat/completions")
+    }
+
+    #[tokio::test]
+    async fn chat_completions_stream_in_the_real_wire_shape() {
+        let url = chat_url(&start().await);
+        let body = json!({"model": "any", "stream": true, "stream_options": {"include_usage": true},
+                          "messages": [{"role": "user", "content": "Add a farewell function"}]});
+        let (status, content_type, text) = post(&url, &body).await;
+        assert_eq!(status, 200);
+        assert!(
+            content_type.starts_with("text/event-stream"),
+            "{content_type}"
+        );
+        let data = parse_chunks(&text);
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = data[..data.len() - 1]
+            .iter()
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        for chunk in &chunks {
+            assert_eq!(chunk["object"], "chat.completion.chunk");
+            assert_eq!(chunk["model"], MODEL);
+            assert!(chunk["id"].as_str().unwrap().starts_with("chatcmpl-"));
+            assert_eq!(chunk["id"], chunks[0]["id"]);
+        }
+        assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+        let content: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert!(content.starts_with("I'll take a look"), "{content}");
+        let calls: Vec<&Value> = chunks
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["tool_calls"].get(0))
+            .collect();
+        assert!(calls.len() >= 3, "arguments in pieces: {calls:?}");
+        assert_eq!(calls[0]["index"], 0);
+        assert_eq!(calls[0]["type"], "function");
+        assert_eq!(calls[0]["function"]["name"], "list_files");
+        assert_eq!(calls[0]["function"]["arguments"], "");
+        assert!(calls[0]["id"].as_str().unwrap().starts_with("call_"));
+        assert!(calls[1..].iter().all(|c| c.get("id").is_none()));
+        let arguments: String = calls
+            .iter()
+            .map(|c| c["function"]["arguments"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            serde_json::from_str::<Value>(&arguments).unwrap(),
+            json!({"path": "."})
+        );
+        let finish = &chunks[chunks.len() - 2];
+        assert_eq!(finish["choices"][0]["finish_reason"], "tool_calls");
+        assert_eq!(finish["choices"][0]["delta"], json!({}));
+        let usage = &chunks[chunks.len() - 1];
+        assert_eq!(usage["choices"], json!([]));
+        let (prompt, completion) = (
+            usage["usage"]["prompt_tokens"].as_u64().unwrap(),
+            usage["usage"]["completion_tokens"].as_u64().unwrap(),
+        );
+        assert!(prompt > 0 && completion > 0);
+        assert_eq!(usage["usage"]["total_tokens"], prompt + completion);
+
+        // Step 1: one run of tool messages.
+        let body = json!({"model": "any", "stream": true, "messages": [
+            {"role": "user", "content": "Add a farewell function"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                "function": {"name": "list_files", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "README.md"},
+        ]});
+        let (_, _, text) = post(&url, &body).await;
+        assert!(text.contains("NIGHTSHIFT_DEMO.md"), "{text}");
+        assert!(text.contains("\"finish_reason\":\"tool_calls\""), "{text}");
+
+        // Stamped tokens carry the time in the content too.
+        let body = json!({"stream": true, "messages": [user("[script:tokens count=2 stamp=1]")]});
+        let (_, _, text) = post(&url, &body).await;
+        let content: String = parse_chunks(&text)
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|c| {
+                c["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .collect();
+        assert!(
+            content.starts_with("tok0@") && content.contains(" tok1@"),
+            "{content}"
+        );
+        assert!(text.contains("\"finish_reason\":\"stop\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn chat_completions_errors_in_the_openai_shape() {
+        let url = chat_url(&start().await);
+        let (status, _, text) = post(
+            &url,
+            &json!({"stream": true, "messages": [user("[script:error]")]}),
+        )
+        .await;
+        assert_eq!(status, 200);
+        let data = parse_chunks(&text);
+        let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+        assert_eq!(last["error"]["type"], "server_error");
+        assert_eq!(last["error"]["message"], "Overloaded");
+        assert!(!text.contains("[DONE]"));
+        assert!(data.len() > 2, "some content before the error");
+
+        let client = reqwest::Client::new();
+        let bodies = [
+            "{not json".to_owned(),
+            json!({"messages": [user("hi")]}).to_string(),
+            json!({"stream": true, "messages": [{"role": "system", "content": "s"}]}).to_string(),
+            json!({"stream": true, "messages": [user("[script:nope]")]}).to_string(),
+            json!({"stream": true, "messages": [user("[script:plan]\n{bad")]}).to_string(),
+        ];
+        for body in bodies {
+            let response = client.post(&url).body(body.clone()).send().await.unwrap();
+            assert_eq!(response.status().as_u16(), 400, "{body}");
+            let error: Value = response.json().await.unwrap();
+            assert_eq!(error["error"]["type"], "invalid_request_error", "{body}");
+            assert!(error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()));
+            assert!(
+                error.get("type").is_none(),
+                "OpenAI shape, not Anthropic's: {error}"
+            );
+        }
+        // The Anthropic endpoint refuses a bad plan in its own shape.
+        let response = client
+            .post(url.replace("/v1/chat/completions", "/v1/messages"))
+            .json(&request(json!([user("[script:plan]\n{bad")])))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["type"], "error");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("line 1"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -297,6 +297,7 @@ pub struct Seeded {
 /// The repository is built under a temporary name next to its final place and renamed into place,
 /// so a concurrent reader never sees a half-made repository and two concurrent seeds do not
 /// collide.
+#[cfg(test)]
 pub fn seed_repo(store: &Path, repo: &str, branch: &str) -> Result<Seeded, SeedError> {
     seed_repo_with(store, repo, branch, 0)
 }

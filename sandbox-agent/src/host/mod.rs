@@ -3,7 +3,8 @@
 //! - `POST /v1/sandboxes`, `GET /v1/sandboxes`, `GET /v1/sandboxes/{id}`, `DELETE
 //!   /v1/sandboxes/{id}`: the provider API ([`api`]), behind the provider token.
 //! - `GET|POST /git/{owner}/{name}.git/…`: the git store over smart HTTP ([`git_http`]); no auth.
-//! - `POST /scripted-model/v1/messages`: the demo model ([`crate::scripted_model`]); no auth.
+//! - `POST /scripted-model/v1/messages` and `POST /scripted-model/v1/chat/completions`: the demo
+//!   model ([`crate::scripted_model`]) as Anthropic and as OpenAI-compatible API; no auth.
 //! - `GET /healthz`: liveness.
 //!
 //! A sandbox is, in this first cut, a clone of the repository (over smart HTTP, from this host

@@ -611,6 +611,17 @@ async fn sandbox_lifecycle_with_a_fake_agent() {
             .count(),
         3
     );
+    // And as an OpenAI-compatible API (base URL `…/scripted-model/v1`).
+    let response = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", env["ANTHROPIC_BASE_URL"]))
+        .json(&json!({"stream": true, "messages": [{"role": "user", "content": "[script:tokens count=3]"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let body = response.text().await.unwrap();
+    assert_eq!(body.matches("\"content\":\"tok").count(), 3, "{body}");
+    assert!(body.ends_with("data: [DONE]\n\n"), "{body}");
 
     // A second sandbox whose agent dies by SIGKILL: the host notices, and survives.
     let (_, second) = host

@@ -34,13 +34,6 @@ pub struct SyncGate {
 const SETTER_DROPPED: &str = "git sync ended without reporting a result";
 
 /// A new gate in [`SyncState::Pending`] and the setter that settles it.
-#[cfg_attr(
-    not(test),
-    expect(
-        dead_code,
-        reason = "settled by the git catch-up, wired in with the new agent loop"
-    )
-)]
 pub fn sync_gate() -> (SyncGateSetter, SyncGate) {
     let (state, receiver) = watch::channel(SyncState::Pending);
     (SyncGateSetter { state }, SyncGate { state: receiver })
@@ -48,13 +41,6 @@ pub fn sync_gate() -> (SyncGateSetter, SyncGate) {
 
 impl SyncGateSetter {
     /// Move the gate to `state`; every waiter sees it.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "settled by the git catch-up, wired in with the new agent loop"
-        )
-    )]
     pub fn set(&self, state: SyncState) {
         self.state.send_replace(state);
     }
@@ -62,6 +48,7 @@ impl SyncGateSetter {
 
 impl SyncGate {
     /// A gate that is already [`SyncState::Done`]: for tests and workspaces without git.
+    #[cfg(test)]
     pub fn done() -> SyncGate {
         let (_, receiver) = watch::channel(SyncState::Done);
         SyncGate { state: receiver }

@@ -1,7 +1,8 @@
 //! `sandbox-agent run`: the agent inside a sandbox. It dials its session ([`link`]), takes prompts one at
-//! a time ([`queue`]), works on each with the model ([`model`]) and the workspace tools ([`tools`],
-//! confined by [`workspace`], writes held back by the sync [`gate`]) in the [`agent_loop`], and streams
-//! every event back through the acknowledged, journaled [`outbox`].
+//! a time ([`queue`]), works on each with a model ([`provider`]) and the workspace tools ([`tools`],
+//! confined by [`workspace`], writes held back by the sync [`gate`], every step put to the [`hook`]s)
+//! in the [`agent_loop`], commits and pushes with [`git`], and streams every event back through the
+//! acknowledged, journaled [`outbox`].
 //!
 //! Task layout: the link task owns the socket and the outbox; the queue task owns the prompts; each
 //! prompt runs in its own task. Events flow prompt → queue-owned channel → link; commands flow
@@ -9,14 +10,13 @@
 
 pub mod agent_loop;
 pub mod gate;
-#[allow(dead_code)] // wired into the agent loop next
+pub mod conversation;
 pub mod git;
 pub mod hook;
 pub mod link;
-pub mod model;
 pub mod outbox;
+pub mod provider;
 pub mod queue;
-pub mod sse;
 pub mod tools;
 pub mod workspace;
 
@@ -27,10 +27,12 @@ use anyhow::Context as _;
 use tokio::sync::mpsc;
 
 use crate::env;
-use agent_loop::Agent;
+use agent_loop::{Agent, AgentConfig};
+use git::Git;
 use link::{LinkChannels, LinkConfig, SandboxToken};
-use model::{ApiKey, ModelClient};
 use outbox::Outbox;
+use provider::{ApiKey, ProviderConfig, Providers};
+use tools::ToolLimits;
 use workspace::Workspace;
 
 /// Events buffered between the prompt task and the link before the prompt waits.
@@ -57,6 +59,25 @@ pub struct RunArgs {
     /// Anthropic API key; without it no `x-api-key` is sent (fine for the local scripted model).
     #[arg(long, env = env::ANTHROPIC_API_KEY, hide_env_values = true)]
     pub anthropic_api_key: Option<String>,
+    /// Base URL of an OpenAI-compatible chat completions API, including `/v1` (e.g.
+    /// `http://localhost:11434/v1` for Ollama). With it, model ids that are neither Claude nor OpenAI
+    /// go there. Default with only `OPENAI_API_KEY`: `https://api.openai.com/v1`.
+    #[arg(long, env = env::OPENAI_BASE_URL)]
+    pub openai_base_url: Option<String>,
+    /// OpenAI API key, sent as `Authorization: Bearer …`; local servers need none.
+    #[arg(long, env = env::OPENAI_API_KEY, hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// The session this sandbox works for; names the branch `nightshift/<session-id>`. Without it the
+    /// agent neither catches up with git nor commits.
+    #[arg(long, env = env::SESSION_ID)]
+    pub session_id: Option<String>,
+    /// The branch the session starts from; default the branch checked out in the workspace.
+    #[arg(long, env = env::BASE_BRANCH)]
+    pub base_branch: Option<String>,
+    /// Use at most this many tokens of the model's context window (default: the whole window of the
+    /// model); older tool outputs are compacted near it.
+    #[arg(long, env = env::CONTEXT_WINDOW_TOKENS)]
+    pub context_window_tokens: Option<u64>,
     /// Where the agent keeps its state (the outbox journal); default `<workspace>/../.nightshift-agent`,
     /// never inside the workspace.
     #[arg(long)]
@@ -85,15 +106,18 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let outbox = Outbox::open(&state_dir.join("outbox.jsonl")).context("opening the outbox")?;
-    let api_key = args
-        .anthropic_api_key
-        .filter(|key| !key.trim().is_empty())
-        .map(ApiKey::new);
-    if api_key.is_none() {
-        tracing::info!("no ANTHROPIC_API_KEY: calling the model endpoint without a key");
+    let key = |key: Option<String>| key.filter(|key| !key.trim().is_empty()).map(ApiKey::new);
+    let config = ProviderConfig {
+        anthropic_api_key: key(args.anthropic_api_key),
+        openai_base_url: args.openai_base_url.filter(|url| !url.trim().is_empty()),
+        openai_api_key: key(args.openai_api_key),
+        ..ProviderConfig::new(args.anthropic_base_url.clone())
+    };
+    if config.anthropic_api_key.is_none() {
+        tracing::info!("no ANTHROPIC_API_KEY: calling the anthropic endpoint without a key");
     }
-    let client =
-        ModelClient::new(&args.anthropic_base_url, api_key).context("creating the model client")?;
+    let openai_url = config.openai_base_url.clone();
+    let providers = Providers::new(config).context("creating the model client")?;
     let config = LinkConfig::new(
         args.connect_url,
         SandboxToken::new(args.sandbox_token),
@@ -103,14 +127,30 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     tracing::info!(
         workspace = %workspace.root().display(),
         state_dir = %state_dir.display(),
-        model_url = %args.anthropic_base_url,
+        anthropic_url = %args.anthropic_base_url,
+        openai_url = ?openai_url,
         next_producer_seq = outbox.next_seq(),
         "sandbox agent starting"
     );
 
-    let agent = Arc::new(Agent::new(client, workspace));
+    let repository = Git::new(workspace.root());
+    let git = repository.is_repository().await.then_some(repository);
+    let (gate_setter, gate) = gate::sync_gate();
+    let agent_config = AgentConfig {
+        session_id: args.session_id.filter(|id| !id.trim().is_empty()),
+        base_branch: args.base_branch.filter(|b| !b.trim().is_empty()),
+        context_window_tokens: args.context_window_tokens,
+        limits: ToolLimits::default(),
+    };
+    let agent = Arc::new(Agent::new(providers, workspace, git, gate, agent_config));
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+    // The catch-up runs beside everything else: reads work at once, writes wait for the gate.
+    tokio::spawn({
+        let agent = Arc::clone(&agent);
+        let events = events_tx.clone();
+        async move { agent.catch_up(gate_setter, &events).await }
+    });
     let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
     let link = link::run(
         config,

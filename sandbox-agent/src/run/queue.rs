@@ -92,6 +92,14 @@ pub async fn run(
             },
             joined = join(&mut running), if running.is_some() => {
                 let finished = running.take();
+                if queue.is_empty() {
+                    // Nothing left to do: the `session.idle` hooks run beside the queue.
+                    tokio::spawn({
+                        let agent = Arc::clone(&agent);
+                        let events = events.clone();
+                        async move { agent.on_idle(&events).await }
+                    });
+                }
                 if let (Err(error), Some(finished)) = (joined, finished) {
                     tracing::error!(prompt_id = %finished.prompt_id, %error, "prompt task failed");
                     let _ = events

@@ -17,8 +17,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::agent_loop::{run_prompt, Agent, MAX_MODEL_CALLS};
-use super::model::{ApiKey, ModelClient};
+use super::agent_loop::{run_prompt, Agent, AgentConfig, MAX_MODEL_CALLS};
+use super::gate::SyncGate;
+use super::provider::{ApiKey, ProviderConfig, Providers, RetryPolicy};
 use super::queue::PromptRequest;
 use super::workspace::Workspace;
 
@@ -75,6 +76,30 @@ async fn messages(
 }
 
 use futures_util::StreamExt as _;
+
+/// A client of the fake model at `url`, without retries (the provider tests cover those).
+fn providers(url: &str, api_key: Option<&str>) -> Providers {
+    Providers::new(ProviderConfig {
+        anthropic_api_key: api_key.map(|key| ApiKey::new(key.to_owned())),
+        retry: RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        },
+        ..ProviderConfig::new(url)
+    })
+    .unwrap()
+}
+
+/// An agent on a workspace that is not a git repository: no catch-up, no commits.
+fn agent(url: &str, api_key: Option<&str>, workspace: Workspace) -> Agent {
+    Agent::new(
+        providers(url, api_key),
+        workspace,
+        None,
+        SyncGate::done(),
+        AgentConfig::default(),
+    )
+}
 
 async fn start_model(replies: Vec<Reply>, fallback: Option<Reply>) -> (String, ModelServer) {
     let server = ModelServer {
@@ -162,8 +187,7 @@ async fn run_one(url: &str, api_key: Option<&str>, cancel_after: Option<Duration
     std::fs::create_dir_all(root.join("src")).unwrap();
     std::fs::write(root.join("src/lib.rs"), "pub fn one() {}\n").unwrap();
     let workspace = Workspace::open(&root).unwrap();
-    let client = ModelClient::new(url, api_key.map(|key| ApiKey::new(key.to_owned()))).unwrap();
-    let agent = Agent::new(client, workspace);
+    let agent = agent(url, api_key, workspace);
     let request = PromptRequest {
         prompt_id: "p1".into(),
         text: "add a greeting".into(),
@@ -264,7 +288,7 @@ async fn tool_calls_round_trip_through_the_model() {
 
     let notice = Event::Notice {
         level: "warn".into(),
-        text: "Demo model: these responses are scripted, not from a real language model. Set ANTHROPIC_API_KEY to use Claude."
+        text: "Demo model: these responses are scripted, not from a real language model. Set ANTHROPIC_API_KEY (or OPENAI_API_KEY / OPENAI_BASE_URL) to use a real model."
             .into(),
     };
     // Durations vary; compare them as zero.
@@ -298,6 +322,7 @@ async fn tool_calls_round_trip_through_the_model() {
             role: "assistant".into(),
             text: "Let me look.".into(),
         },
+        usage(10, 20),
         Event::ToolCall {
             prompt_id: "p1".into(),
             call_id: "toolu_1".into(),
@@ -322,6 +347,7 @@ async fn tool_calls_round_trip_through_the_model() {
             output: "path `../etc/passwd` is outside the workspace".into(),
             duration_ms: 0,
         },
+        usage(30, 5),
         Event::ToolCall {
             prompt_id: "p1".into(),
             call_id: "toolu_3".into(),
@@ -347,7 +373,7 @@ async fn tool_calls_round_trip_through_the_model() {
             role: "assistant".into(),
             text: "Done.".into(),
         },
-        usage(80, 32),
+        usage(40, 7),
         finished(PromptStatus::Completed, None),
     ];
     assert_eq!(events, expected);
@@ -384,6 +410,8 @@ async fn tool_calls_round_trip_through_the_model() {
             "glob",
             "grep",
             "bash",
+            "git_status",
+            "git_diff",
             "tool_catalogue"
         ]
     );
@@ -456,7 +484,6 @@ async fn http_errors_fail_the_prompt_with_status_and_body() {
             Event::PromptStarted {
                 prompt_id: "p1".into()
             },
-            usage(0, 0),
             finished(
                 PromptStatus::Failed,
                 Some(r#"model api answered 529: {"error":"overloaded"}"#)
@@ -497,7 +524,6 @@ async fn stop_cancels_a_streaming_prompt() {
                 prompt_id: "p1".into()
             },
             token("one"),
-            usage(0, 0),
             finished(PromptStatus::Stopped, None),
         ]
     );
@@ -546,7 +572,7 @@ async fn queue_runs_prompts_in_order_and_routes_stops() {
     let (url, server) = start_model(replies, None).await;
     let dir = tempfile::tempdir().unwrap();
     let workspace = Workspace::open(dir.path()).unwrap();
-    let agent = Arc::new(Agent::new(ModelClient::new(&url, None).unwrap(), workspace));
+    let agent = Arc::new(agent(&url, None, workspace));
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
     let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
@@ -644,5 +670,9 @@ async fn queue_runs_prompts_in_order_and_routes_stops() {
     let requests = server.requests.lock().unwrap();
     assert_eq!(requests.len(), 2);
     assert_eq!(requests[1].1["model"], super::agent_loop::DEFAULT_MODEL);
-    assert_eq!(requests[1].1["messages"][0]["content"], "prompt p2");
+    // The conversation is kept: p1's turn (closed as stopped), then p2.
+    let messages = requests[1].1["messages"].as_array().unwrap();
+    assert_eq!(messages[0]["content"], "prompt p1");
+    assert_eq!(messages[1]["role"], "assistant");
+    assert_eq!(messages.last().unwrap()["content"], "prompt p2");
 }

@@ -120,11 +120,6 @@
 //! `session.idle` the same failures come back as [`HookFailure`]s. When a hook finishes, anything it
 //! left running in its process group is killed.
 
-#![allow(
-    dead_code,
-    reason = "the integrator wires the hooks into the agent loop and the bash tool"
-)]
-
 mod config;
 mod policy;
 mod process;
@@ -551,6 +546,7 @@ impl Hooks {
     }
 
     /// Parse a configuration (the text of a `hooks.toml`) for the workspace at `workspace_root`.
+    #[cfg(test)]
     pub fn from_toml(text: &str, workspace_root: &Path) -> Result<Hooks, HookError> {
         config::parse(text, CONFIG_PATH, workspace_root)
     }
@@ -561,6 +557,7 @@ impl Hooks {
     }
 
     /// Whether no hook is configured (the policy still applies).
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.hooks.is_empty()
     }

@@ -18,6 +18,7 @@
 pub mod bash;
 pub mod changes;
 pub mod file;
+pub mod git;
 pub mod search;
 
 use std::future::Future;
@@ -470,6 +471,29 @@ pub static TOOLS: &[ToolDef] = &[
         execute: |ctx, input| Box::pin(bash::bash(ctx, input)),
     },
     ToolDef {
+        name: "git_status",
+        description: "Show `git status --short --branch` of the workspace: the session branch and every \
+                      changed, added, deleted or untracked file.",
+        input_schema: || json!({"type": "object", "properties": {}}),
+        access: Access::Read,
+        execute: |ctx, input| Box::pin(git::status(ctx, input)),
+    },
+    ToolDef {
+        name: "git_diff",
+        description: "Show the diff of the working tree against HEAD (what you changed and is not yet \
+                      committed), optionally only for some paths; untracked files are listed after it.",
+        input_schema: || {
+            json!({
+                "type": "object",
+                "properties": {
+                    "paths": {"type": "array", "items": {"type": "string"}, "description": "Files or directories relative to the workspace root; default everything."}
+                }
+            })
+        },
+        access: Access::Read,
+        execute: |ctx, input| Box::pin(git::diff(ctx, input)),
+    },
+    ToolDef {
         name: "tool_catalogue",
         description: "Describe every tool available: name, access, description and input schema, as markdown.",
         input_schema: || json!({"type": "object", "properties": {}}),
@@ -556,7 +580,9 @@ pub fn system_prompt() -> String {
         "You are Nightshift, a coding agent working in a git repository checked out at the workspace root. \
          Make the change the user asks for with your tools, then say briefly what you did. All paths are \
          relative to the workspace root; `.git` is off limits, and some paths (such as `.nightshift`) are \
-         read-only. Writes wait until the workspace has caught up with git.\n\nTools:\n",
+         read-only. Writes wait until the workspace has caught up with git. Do not commit or push: when \
+         your turn ends, Nightshift commits your changes as the person who asked and pushes the session \
+         branch.\n\nTools:\n",
     );
     for tool in TOOLS {
         prompt.push_str(&format!("- {}: {}\n", tool.name, tool.description));

@@ -122,6 +122,8 @@ async fn catalogue_and_definitions_list_exactly_the_tools() {
             "glob",
             "grep",
             "bash",
+            "git_status",
+            "git_diff",
             "tool_catalogue"
         ]
     );
