@@ -635,7 +635,7 @@ async fn call_tool(
         read_only_paths: hooks.hooks().policy().read_only_paths.clone().into(),
         cancel: cancel.clone(),
         output: Some(output_tx),
-        limits: agent.config.limits.clone(),
+        limits: agent.config.limits,
     };
     let outcome = tools::execute(&context_for_tool, name, input.clone()).await;
     drop(context_for_tool);

@@ -151,28 +151,34 @@ async fn stop_kills_a_running_command_and_the_next_prompt_starts_cleanly() -> an
     let (mut a, _) = join(&ada, &session, None).await?;
     let mut seen = until_ready(&mut a).await?;
 
-    let command = json!({"tool": "bash", "input": {"command": "sleep 120 & echo child=$!; wait"}});
+    // A background child with a unique command line, so it can be found in the host's /proc (the
+    // command runs in its own pid namespace, so its own idea of pids means nothing here).
+    let marker = format!("{}.{}", 900 + std::process::id() % 100, std::process::id());
+    let command = json!({"tool": "bash", "input": {"command": format!("sleep {marker} & echo started; wait")}});
     let prompt_id = flow::prompt(&mut a, &format!("[script:plan]\n{command}\n"), &mut seen).await?;
-    let output = a
-        .wait_for_event(|e| matches!(e, Event::ToolOutput { text, .. } if text.contains("child=")), flow::WAIT)
+    a.wait_for_event(|e| matches!(e, Event::ToolOutput { text, .. } if text.contains("started")), flow::WAIT)
         .await?;
-    let Event::ToolOutput { text, .. } = output.event else { unreachable!() };
-    let pid: u32 = text
-        .split("child=")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|pid| pid.parse().ok())
-        .ok_or_else(|| anyhow::anyhow!("no pid in {text:?}"))?;
-    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the command runs");
+    assert!(running(&marker), "the command runs");
 
+    let stop_sent = std::time::Instant::now();
     a.send(&nightshift_protocol::ClientMessage::Stop { scope: nightshift_protocol::StopScope::Turn }).await?;
     let events = until_finished(&mut a, &prompt_id).await?;
+    eprintln!("stop -> prompt_finished at the client: {:?}", stop_sent.elapsed());
     assert_eq!(finished_status(&events, &prompt_id), Some(PromptStatus::Stopped));
-    assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "the command's process group was killed");
+    assert!(!running(&marker), "the command and its children were killed");
 
     let mut next = Vec::new();
     let again = flow::prompt(&mut a, "[script:tokens count=5 rate=0]", &mut next).await?;
     next.extend(until_finished(&mut a, &again).await?);
     assert_eq!(finished_status(&next, &again), Some(PromptStatus::Completed));
     Ok(())
+}
+
+/// Whether a process whose command line contains `sleep <marker>` exists on this machine.
+fn running(marker: &str) -> bool {
+    let needle = format!("sleep\0{marker}");
+    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|entry| {
+        std::fs::read(entry.path().join("cmdline"))
+            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+    })
 }
