@@ -122,11 +122,20 @@ impl Client {
 
     /// `POST /api/sessions {repo}` → the new session's id.
     pub async fn create_session(&self, repo: &str) -> anyhow::Result<String> {
+        self.create_session_with_model(repo, None).await
+    }
+
+    /// `POST /api/sessions {repo, model}` → the new session's id.
+    pub async fn create_session_with_model(
+        &self,
+        repo: &str,
+        model: Option<&str>,
+    ) -> anyhow::Result<String> {
         let body = CreateSessionRequest {
             repo: repo.to_owned(),
             base_branch: None,
             title: None,
-            model: None,
+            model: model.map(str::to_owned),
             parent_session_id: None,
         };
         let response = self

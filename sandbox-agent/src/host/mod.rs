@@ -92,6 +92,10 @@ pub struct ModelConfig {
     pub api_key: Option<String>,
     /// `ANTHROPIC_BASE_URL`, passed on only together with a key.
     pub base_url: Option<String>,
+    /// `OPENAI_API_KEY`, passed on when set. Never logged.
+    pub openai_api_key: Option<String>,
+    /// `OPENAI_BASE_URL` of an OpenAI-compatible server (Ollama, vLLM, llama.cpp), passed on when set.
+    pub openai_base_url: Option<String>,
 }
 
 impl fmt::Debug for HostConfig {
@@ -112,6 +116,8 @@ impl fmt::Debug for ModelConfig {
         f.debug_struct("ModelConfig")
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("base_url", &self.base_url)
+            .field("openai_api_key", &self.openai_api_key.as_ref().map(|_| "<redacted>"))
+            .field("openai_base_url", &self.openai_base_url)
             .finish()
     }
 }
@@ -354,6 +360,8 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
     let model = ModelConfig {
         api_key: non_empty_env(env::ANTHROPIC_API_KEY),
         base_url: non_empty_env(env::ANTHROPIC_BASE_URL),
+        openai_api_key: non_empty_env(env::OPENAI_API_KEY),
+        openai_base_url: non_empty_env(env::OPENAI_BASE_URL),
     };
     if !args.listen.ip().is_loopback() {
         tracing::warn!(

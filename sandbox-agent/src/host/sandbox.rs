@@ -181,6 +181,12 @@ pub(super) fn agent_env(
             format!("{base_url}/scripted-model").into(),
         )),
     }
+    if let Some(key) = &config.model.openai_api_key {
+        vars.push((env::OPENAI_API_KEY, key.clone().into()));
+    }
+    if let Some(url) = &config.model.openai_base_url {
+        vars.push((env::OPENAI_BASE_URL, url.clone().into()));
+    }
     vars
 }
 
@@ -514,14 +520,28 @@ mod tests {
         let vars = env_of(ModelConfig {
             api_key: Some("sk-test".into()),
             base_url: Some("https://llm.example".into()),
+            ..ModelConfig::default()
         });
         assert_eq!(vars["ANTHROPIC_API_KEY"], "sk-test");
         assert_eq!(vars["ANTHROPIC_BASE_URL"], "https://llm.example");
         let vars = env_of(ModelConfig {
             api_key: Some("sk-test".into()),
             base_url: None,
+            ..ModelConfig::default()
         });
         assert!(!vars.contains_key("ANTHROPIC_BASE_URL"));
+    }
+
+    #[test]
+    fn agent_env_passes_an_openai_compatible_server() {
+        let vars = env_of(ModelConfig {
+            openai_base_url: Some("http://127.0.0.1:11434/v1".into()),
+            openai_api_key: Some("sk-openai".into()),
+            ..ModelConfig::default()
+        });
+        assert_eq!(vars["OPENAI_BASE_URL"], "http://127.0.0.1:11434/v1");
+        assert_eq!(vars["OPENAI_API_KEY"], "sk-openai");
+        assert_eq!(vars["ANTHROPIC_BASE_URL"], "http://127.0.0.1:9/scripted-model");
     }
 
     #[test]

@@ -182,3 +182,45 @@ fn running(marker: &str) -> bool {
             .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
     })
 }
+
+/// Kills the child on drop.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn a_model_on_an_openai_compatible_server_does_the_same_work() -> anyhow::Result<()> {
+    // A local OpenAI-compatible server (as Ollama or vLLM would be): the scripted model's chat completions.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let tools = nightshift_tests::system::Tools::from_env()?;
+    let _server = Child(
+        Command::new(&tools.agent_bin)
+            .args(["scripted-model", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::null())
+            .spawn()?,
+    );
+    let system = System::start_with(nightshift_tests::StartOptions {
+        host_env: vec![("OPENAI_BASE_URL".to_owned(), format!("http://127.0.0.1:{port}/v1"))],
+        ..Default::default()
+    })
+    .await?;
+    let mut ada = nightshift_tests::Client::new(&system);
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
+    let session = ada.create_session_with_model(nightshift_tests::DEMO_REPO, Some("qwen2.5-coder:7b")).await?;
+    let (mut a, _) = join(&ada, &session, None).await?;
+    let mut seen = until_ready(&mut a).await?;
+    let step = json!({"tool": "write_file", "input": {"path": "LOCAL.md", "content": "written through chat completions\n"}});
+    let prompt_id = flow::prompt(&mut a, &format!("[script:plan]\n{step}\n"), &mut seen).await?;
+    seen.extend(until_finished(&mut a, &prompt_id).await?);
+    assert_eq!(finished_status(&seen, &prompt_id), Some(PromptStatus::Completed), "{seen:#?}");
+    assert!(seen.iter().any(|e| matches!(&e.event, Event::Token { .. })), "text streamed");
+    assert!(seen.iter().any(|e| matches!(&e.event, Event::FileChanged { path, .. } if path == "LOCAL.md")));
+    assert!(seen.iter().any(|e| matches!(&e.event, Event::Usage { cost_usd: None, input_tokens, .. } if *input_tokens > 0)), "usage counted, no price for a local model");
+    assert_eq!(pushes(&seen).len(), 1);
+    Ok(())
+}
