@@ -101,15 +101,14 @@ impl Conversation {
         self.estimate_at_last_call = self.estimated_bytes() / BYTES_PER_TOKEN;
     }
 
-    /// The best guess of the conversation's size in tokens: the provider's last count plus an estimate
-    /// of what was added since, or an estimate from bytes when there is no count yet.
+    /// The conversation's size in tokens, on the safe side: the larger of the provider's last count
+    /// plus an estimate of what was added since, and an estimate of the whole from its bytes.
     pub fn tokens(&self) -> u64 {
         let estimate = self.estimated_bytes() / BYTES_PER_TOKEN;
-        if self.last_input_tokens == 0 {
-            return estimate;
-        }
-        self.last_input_tokens
-            .saturating_add(estimate.saturating_sub(self.estimate_at_last_call))
+        let counted = self
+            .last_input_tokens
+            .saturating_add(estimate.saturating_sub(self.estimate_at_last_call));
+        counted.max(estimate)
     }
 
     fn estimated_bytes(&self) -> u64 {

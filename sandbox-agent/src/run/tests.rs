@@ -676,3 +676,318 @@ async fn queue_runs_prompts_in_order_and_routes_stops() {
     assert_eq!(messages[1]["role"], "assistant");
     assert_eq!(messages.last().unwrap()["content"], "prompt p2");
 }
+
+// ---- The engine on a real git working copy: catch-up, hooks, read-only paths, compaction, commits ----
+
+mod engine {
+    use std::os::unix::fs::PermissionsExt as _;
+    use std::path::{Path, PathBuf};
+
+    use super::*;
+    use crate::run::gate::{sync_gate, SyncState};
+    use crate::run::git::Git;
+
+    fn git(dir: &Path, args: &[&str]) -> String {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "Seed")
+            .env("GIT_AUTHOR_EMAIL", "seed@example.com")
+            .env("GIT_COMMITTER_NAME", "Seed")
+            .env("GIT_COMMITTER_EMAIL", "seed@example.com")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// A bare remote with `files` committed on `main`, and a clone of it (the sandbox's workspace).
+    struct Repo {
+        _dir: tempfile::TempDir,
+        remote: PathBuf,
+        clone: PathBuf,
+    }
+
+    fn repo(files: &[(&str, &str)]) -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        let remote = dir.path().join("remote.git");
+        let seed = dir.path().join("seed");
+        std::fs::create_dir_all(&seed).unwrap();
+        git(dir.path(), &["init", "-q", "--bare", "-b", "main", "remote.git"]);
+        git(&seed, &["init", "-q", "-b", "main"]);
+        for (path, content) in files {
+            let path = seed.join(path);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, content).unwrap();
+            if path.extension().is_some_and(|e| e == "sh") {
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
+        git(&seed, &["add", "."]);
+        git(&seed, &["commit", "-q", "-m", "seed"]);
+        git(&seed, &["push", "-q", remote.to_str().unwrap(), "main"]);
+        git(dir.path(), &["clone", "-q", remote.to_str().unwrap(), "clone"]);
+        let clone = dir.path().join("clone");
+        Repo { _dir: dir, remote, clone }
+    }
+
+    struct Engine {
+        agent: Arc<Agent>,
+        events: mpsc::Receiver<Event>,
+        events_tx: mpsc::Sender<Event>,
+    }
+
+    /// An agent for session `s1` on `repo`, caught up (its catch-up events are in `events`).
+    async fn engine(url: &str, repo: &Repo, config: AgentConfig) -> Engine {
+        let workspace = Workspace::open(&repo.clone).unwrap();
+        let (setter, gate) = sync_gate();
+        let agent = Arc::new(Agent::new(
+            providers(url, None),
+            workspace,
+            Some(Git::new(&repo.clone)),
+            gate,
+            AgentConfig { session_id: Some("s1".into()), ..config },
+        ));
+        let (events_tx, events) = mpsc::channel(4096);
+        agent.catch_up(setter, &events_tx).await;
+        Engine { agent, events, events_tx }
+    }
+
+    impl Engine {
+        fn drain(&mut self) -> Vec<Event> {
+            let mut out = Vec::new();
+            while let Ok(event) = self.events.try_recv() {
+                out.push(event);
+            }
+            out
+        }
+
+        async fn prompt(&mut self, id: &str, text: &str) -> Vec<Event> {
+            let request = PromptRequest {
+                prompt_id: id.into(),
+                text: text.into(),
+                author: Author { login: "ada".into(), name: "Ada Lovelace".into(), email: "ada@example.com".into() },
+                model: "claude-test".into(),
+            };
+            let cancel = CancellationToken::new();
+            tokio::time::timeout(Duration::from_secs(30), run_prompt(&self.agent, &request, &self.events_tx, &cancel))
+                .await
+                .expect("prompt finishes");
+            self.drain()
+        }
+    }
+
+    fn tool_step(calls: &[(&str, &str, Value)]) -> Reply {
+        let blocks = calls
+            .iter()
+            .enumerate()
+            .map(|(i, (id, name, input))| tool_block(i, id, name, input))
+            .collect();
+        reply("claude-test", 100, blocks, "tool_use", 10)
+    }
+
+    fn done_step() -> Reply {
+        reply("claude-test", 100, vec![text_block(0, &["Done."])], "end_turn", 3)
+    }
+
+    fn results(events: &[Event]) -> Vec<(bool, String)> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::ToolResult { ok, output, .. } => Some((*ok, output.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn notices(events: &[Event]) -> Vec<String> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Notice { level, text } => Some(format!("{level}: {text}")),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn catch_up_opens_the_gate_and_a_prompt_is_committed_as_its_author_and_pushed() {
+        let repo = repo(&[("README.md", "hello\n")]);
+        let (url, _server) = start_model(
+            vec![tool_step(&[("t1", "write_file", json!({"path": "NOTES.md", "content": "notes\n"}))]), done_step(), done_step()],
+            None,
+        )
+        .await;
+        let mut engine = engine(&url, &repo, AgentConfig::default()).await;
+        let head = git(&repo.clone, &["rev-parse", "HEAD"]);
+        assert_eq!(
+            engine.drain(),
+            [
+                Event::GitSync { state: "started".into(), commit: None },
+                Event::GitSync { state: "done".into(), commit: Some(head.trim().to_owned()) },
+            ]
+        );
+        assert_eq!(engine.agent.gate.state(), SyncState::Done);
+        assert_eq!(git(&repo.clone, &["branch", "--show-current"]).trim(), "nightshift/s1");
+
+        let events = engine.prompt("p1", "Write notes").await;
+        let push = events.iter().find_map(|e| match e {
+            Event::Push { branch, commit } => Some((branch.clone(), commit.clone())),
+            _ => None,
+        });
+        let (branch, commit) = push.expect("a push event");
+        assert_eq!(branch, "nightshift/s1");
+        assert!(matches!(events.last(), Some(Event::PromptFinished { status: PromptStatus::Completed, .. })));
+        let log = git(&repo.remote, &["log", "-1", "--format=%H|%an <%ae>|%cn <%ce>|%s", "nightshift/s1"]);
+        assert_eq!(
+            log.trim(),
+            format!("{commit}|Ada Lovelace <ada@example.com>|Nightshift <agent@nightshift.dev>|Write notes")
+        );
+        // A prompt that changes nothing makes no commit and no push.
+        let events = engine.prompt("p2", "Just look").await;
+        assert!(!events.iter().any(|e| matches!(e, Event::Push { .. })), "{events:?}");
+        assert_eq!(git(&repo.remote, &["rev-parse", "nightshift/s1"]).trim(), commit);
+    }
+
+    #[tokio::test]
+    async fn a_failed_catch_up_keeps_the_workspace_read_only() {
+        let repo = repo(&[("README.md", "hello\n")]);
+        let (url, _server) = start_model(
+            vec![
+                tool_step(&[
+                    ("t1", "read_file", json!({"path": "README.md"})),
+                    ("t2", "write_file", json!({"path": "README.md", "content": "changed\n"})),
+                    ("t3", "bash", json!({"command": "echo changed > README.md"})),
+                ]),
+                done_step(),
+            ],
+            None,
+        )
+        .await;
+        let mut engine = engine(&url, &repo, AgentConfig { base_branch: Some("no-such-branch".into()), ..AgentConfig::default() }).await;
+        let sync = engine.drain();
+        assert_eq!(sync[1], Event::GitSync { state: "failed".into(), commit: None });
+        assert!(notices(&sync).iter().any(|n| n.starts_with("error: Git catch-up failed")), "{sync:?}");
+        assert!(matches!(engine.agent.gate.state(), SyncState::Failed(_)));
+
+        let events = engine.prompt("p1", "try").await;
+        let results = results(&events);
+        assert!(results[0].0 && results[0].1.contains("hello"), "reads work: {results:?}");
+        assert!(!results[1].0 && results[1].1.contains("git sync failed"), "writes refused: {results:?}");
+        assert!(results[2].1.contains("Read-only file system"), "bash cannot write either: {results:?}");
+        assert_eq!(std::fs::read_to_string(repo.clone.join("README.md")).unwrap(), "hello\n");
+        assert!(!events.iter().any(|e| matches!(e, Event::Push { .. })));
+    }
+
+    const GUARD: &str = "#!/bin/sh\n\
+        input=$(cat)\n\
+        case \"$input\" in\n\
+          *SECRET*) echo '{\"decision\": \"block\", \"reason\": \"no secrets in files\"}' ;;\n\
+          *'\"rewrite-me\"'*) echo '{\"decision\": \"rewrite\", \"input\": {\"path\": \"rewritten.txt\", \"content\": \"by the hook\"}}' ;;\n\
+          *) echo '{\"decision\": \"allow\"}' ;;\n\
+        esac\n";
+
+    #[tokio::test]
+    async fn hooks_block_and_rewrite_tool_calls_and_clients_see_it() {
+        let hooks = "[[hooks]]\nname = \"guard\"\nevent = \"tool.before\"\ntools = [\"write_file\"]\ncommand = [\".nightshift/guard.sh\"]\n";
+        let repo = repo(&[("README.md", "hello\n"), (".nightshift/hooks.toml", hooks), (".nightshift/guard.sh", GUARD)]);
+        let (url, server) = start_model(
+            vec![
+                tool_step(&[
+                    ("t1", "write_file", json!({"path": "a.txt", "content": "SECRET=1\n"})),
+                    ("t2", "write_file", json!({"path": "rewrite-me", "content": "x"})),
+                    ("t3", "write_file", json!({"path": ".nightshift/hooks.toml", "content": ""})),
+                    ("t4", "bash", json!({"command": "git push --force origin HEAD"})),
+                ]),
+                done_step(),
+            ],
+            None,
+        )
+        .await;
+        let mut engine = engine(&url, &repo, AgentConfig::default()).await;
+        engine.drain();
+        let events = engine.prompt("p1", "go").await;
+        let results = results(&events);
+        assert_eq!(results[0], (false, "blocked by guard: no secrets in files".to_owned()));
+        assert!(results[1].0, "{results:?}");
+        assert!(!repo.clone.join("a.txt").exists());
+        assert!(!repo.clone.join("rewrite-me").exists());
+        assert_eq!(std::fs::read_to_string(repo.clone.join("rewritten.txt")).unwrap(), "by the hook");
+        assert!(!results[2].0 && results[2].1.starts_with("blocked by policy:read_only_paths"), "{results:?}");
+        assert!(!results[3].0 && results[3].1.starts_with("blocked by policy:blocked_commands"), "{results:?}");
+        let notices = notices(&events);
+        assert!(notices.iter().any(|n| n == "warn: A `write_file` call was blocked by guard: no secrets in files"), "{notices:?}");
+        assert!(notices.iter().any(|n| n.starts_with("info: guard rewrote the arguments of `write_file`")), "{notices:?}");
+        // The model saw the block as an error result.
+        let requests = server.requests.lock().unwrap();
+        let results_sent = &requests[1].1["messages"][2]["content"];
+        assert_eq!(results_sent[0]["is_error"], true);
+    }
+
+    #[tokio::test]
+    async fn an_invalid_hook_config_blocks_every_tool_call() {
+        let repo = repo(&[("README.md", "hello\n"), (".nightshift/hooks.toml", "[[hooks]]\nevent = \"tool.whenever\"\ncommand = [\"true\"]\n")]);
+        let (url, _server) = start_model(
+            vec![tool_step(&[("t1", "read_file", json!({"path": "README.md"}))]), done_step()],
+            None,
+        )
+        .await;
+        let mut engine = engine(&url, &repo, AgentConfig::default()).await;
+        let sync = engine.drain();
+        assert!(notices(&sync).iter().any(|n| n.starts_with("error: .nightshift/hooks.toml cannot be used")), "{sync:?}");
+        let events = engine.prompt("p1", "go").await;
+        let results = results(&events);
+        assert!(!results[0].0 && results[0].1.starts_with("blocked by .nightshift/hooks.toml"), "{results:?}");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_creates_a_read_only_path_is_undone() {
+        let repo = repo(&[("README.md", "hello\n")]);
+        let (url, _server) = start_model(
+            vec![
+                tool_step(&[("t1", "bash", json!({"command": "mkdir -p .nightshift && echo '[[hooks]]' > .nightshift/hooks.toml && echo ok > fine.txt"}))]),
+                done_step(),
+            ],
+            None,
+        )
+        .await;
+        let mut engine = engine(&url, &repo, AgentConfig::default()).await;
+        engine.drain();
+        let events = engine.prompt("p1", "go").await;
+        let results = results(&events);
+        assert!(!results[0].0 && results[0].1.contains("blocked by policy:read_only_paths"), "{results:?}");
+        assert!(!repo.clone.join(".nightshift/hooks.toml").exists(), "the write was undone");
+        assert!(repo.clone.join("fine.txt").exists(), "other writes stay");
+        let changed: Vec<&str> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::FileChanged { path, .. } => Some(path.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(changed, ["fine.txt"]);
+    }
+
+    #[tokio::test]
+    async fn older_tool_outputs_are_compacted_near_the_window_with_a_notice() {
+        let big = "line of a big file\n".repeat(1500); // ~28 kB
+        let repo = repo(&[("big.txt", &big)]);
+        let read = |id: &str| tool_step(&[(id, "read_file", json!({"path": "big.txt"}))]);
+        let (url, server) = start_model(
+            vec![read("t1"), read("t2"), read("t3"), read("t4"), read("t5"), read("t6"), read("t7"), read("t8"), read("t9"), done_step()],
+            None,
+        )
+        .await;
+        let limits = crate::run::tools::ToolLimits { output_cap_bytes: 64 * 1024, ..Default::default() };
+        let mut engine = engine(&url, &repo, AgentConfig { context_window_tokens: Some(100_000), limits, ..AgentConfig::default() }).await;
+        engine.drain();
+        let events = engine.prompt("p1", "read it again and again").await;
+        assert!(matches!(events.last(), Some(Event::PromptFinished { status: PromptStatus::Completed, .. })));
+        let notices = notices(&events);
+        assert!(notices.iter().any(|n| n.starts_with("info: Context compacted:")), "{notices:?}");
+        let requests = server.requests.lock().unwrap();
+        let last = requests.last().unwrap().1["messages"].to_string();
+        assert!(last.contains("[output compacted to save context"), "older outputs were compacted");
+        assert!(last.contains("line of a big file"), "the newest outputs are whole");
+    }
+}
