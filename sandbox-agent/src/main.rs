@@ -1,5 +1,6 @@
 //! `sandbox-agent`: `run` is the agent inside a sandbox; `host` is the local sandbox provider;
-//! `scripted-model` serves the demo/test model; `seed` creates a repository in the host's git store.
+//! `scripted-model` serves the demo/test model; `seed` creates a repository in the host's git store;
+//! `tools` prints the agent's tool catalogue.
 
 mod env;
 mod host;
@@ -26,6 +27,8 @@ enum Command {
     ScriptedModel(scripted_model::ScriptedModelArgs),
     /// Create a repository in a local git store (an existing one is left as it is).
     Seed(seed::SeedArgs),
+    /// Print the agent's tool catalogue (markdown), generated from the table the agent runs its tools from.
+    Tools,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +47,10 @@ fn main() -> anyhow::Result<()> {
             Command::Host(args) => host::main(args).await,
             Command::ScriptedModel(args) => scripted_model::main(args).await,
             Command::Seed(args) => seed::main(args).await,
+            Command::Tools => {
+                print!("{}", run::tools::catalogue());
+                Ok(())
+            }
         }
     })
 }

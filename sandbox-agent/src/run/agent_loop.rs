@@ -797,22 +797,54 @@ fn status_word(status: PromptStatus) -> &'static str {
     }
 }
 
-/// The git author of a prompt: the person's name and email, with fallbacks that stay valid.
+/// The git author of a prompt: the person's name and email, cleaned of what git's ident format cannot
+/// hold (`<`, `>`, control characters), with fallbacks that stay valid.
 fn author_identity(author: &nightshift_protocol::Author) -> Identity {
-    let login = if author.login.trim().is_empty() {
-        "unknown"
-    } else {
-        author.login.trim()
+    let clean = |text: &str| -> String {
+        text.chars()
+            .filter(|c| !c.is_control() && *c != '<' && *c != '>')
+            .collect::<String>()
+            .trim()
+            .to_owned()
     };
-    let name = if author.name.trim().is_empty() {
-        login.to_owned()
-    } else {
-        author.name.trim().to_owned()
+    let login = match clean(&author.login) {
+        login if login.is_empty() => "unknown".to_owned(),
+        login => login,
     };
-    let email = if author.email.trim().is_empty() || !author.email.contains('@') {
-        format!("{login}@users.noreply.nightshift.dev")
-    } else {
-        author.email.trim().to_owned()
+    let name = match clean(&author.name) {
+        name if name.is_empty() => login.clone(),
+        name => name,
+    };
+    let email = match clean(&author.email) {
+        email if email.contains('@') && !email.contains(char::is_whitespace) => email,
+        _ => format!("{}@users.noreply.nightshift.dev", login.replace(char::is_whitespace, "-")),
     };
     Identity { name, email }
+}
+
+#[cfg(test)]
+mod tests {
+    use nightshift_protocol::Author;
+
+    use super::*;
+
+    fn author(login: &str, name: &str, email: &str) -> Author {
+        Author {
+            login: login.to_owned(),
+            name: name.to_owned(),
+            email: email.to_owned(),
+        }
+    }
+
+    #[test]
+    fn authors_become_valid_git_identities() {
+        let check = |a: Author, name: &str, email: &str| {
+            let id = author_identity(&a);
+            assert_eq!((id.name.as_str(), id.email.as_str()), (name, email), "{a:?}");
+        };
+        check(author("ada", "Ada Lovelace", "ada@example.com"), "Ada Lovelace", "ada@example.com");
+        check(author("ada", "", ""), "ada", "ada@users.noreply.nightshift.dev");
+        check(author("ada", "Ada <x@evil>\n", "a@b <c>"), "Ada x@evil", "ada@users.noreply.nightshift.dev");
+        check(author("", " ", "not-an-email"), "unknown", "unknown@users.noreply.nightshift.dev");
+    }
 }
