@@ -94,10 +94,14 @@ pub fn run(workspace: &Workspace) -> anyhow::Result<()> {
         return Err(error);
     }
 
-    let model = if std::env::var_os(env::ANTHROPIC_API_KEY).is_some() {
-        "Anthropic (ANTHROPIC_API_KEY is set)"
-    } else {
-        "scripted demo model (set ANTHROPIC_API_KEY for a real one)"
+    let model = match (
+        std::env::var(env::NIGHTSHIFT_MODEL).ok().filter(|m| !m.trim().is_empty()),
+        std::env::var_os(env::OPENAI_BASE_URL).is_some(),
+        std::env::var_os(env::ANTHROPIC_API_KEY).is_some(),
+    ) {
+        (Some(model), true, _) => format!("{model} on the OpenAI-compatible server at OPENAI_BASE_URL"),
+        (_, _, true) => "Anthropic (ANTHROPIC_API_KEY is set)".to_owned(),
+        _ => "scripted demo model (set ANTHROPIC_API_KEY, or OPENAI_BASE_URL and NIGHTSHIFT_MODEL, for a real one)".to_owned(),
     };
     println!();
     println!("Nightshift is running: http://{WORKER_ADDR}");
@@ -143,6 +147,14 @@ fn wrangler_command(workspace: &Workspace, secrets: &Secrets) -> Command {
         .arg(workspace.dev_dir().join("wrangler"))
         .arg("--show-interactive-dev-session=false")
         .args(["--var", "DEV_MODE:1"])
+        .args(
+            std::env::var(env::NIGHTSHIFT_MODEL)
+                .ok()
+                .filter(|model| !model.trim().is_empty())
+                .map(|model| ["--var".to_owned(), format!("DEFAULT_MODEL:{model}")])
+                .into_iter()
+                .flatten(),
+        )
         .args(["--var", &format!("AUTH_SECRET:{}", secrets.auth_secret)])
         .args([
             "--var",

@@ -18,6 +18,12 @@ pub const PATH: &str = "PATH";
 /// A real model for `dev`: with it the host's agents call Anthropic; without it they use the labelled demo
 /// model. xtask never reads or prints it; children inherit it.
 pub const ANTHROPIC_API_KEY: &str = "ANTHROPIC_API_KEY";
+/// An OpenAI-compatible server for `dev` (e.g. `http://127.0.0.1:11434/v1` for Ollama); children inherit
+/// it, together with `OPENAI_API_KEY` when the server needs one.
+pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
+/// `dev`: the model new sessions use (the Worker's `DEFAULT_MODEL`), e.g. `qwen2.5-coder:7b` for a local
+/// server; default `claude-sonnet-4-5`.
+pub const NIGHTSHIFT_MODEL: &str = "NIGHTSHIFT_MODEL";
 
 // ---- set by xtask for its children ----
 

@@ -13,6 +13,7 @@ mod prompt_start;
 mod report;
 mod round_trip;
 mod session;
+mod stop;
 mod stream;
 mod tool;
 
@@ -106,6 +107,9 @@ async fn measure(system: &System) -> anyhow::Result<Vec<Row>> {
             .await
             .context("agent_token_overhead")?,
     );
+    done(at);
+    let at = step("stop_to_stopped");
+    rows.push(stop::run(system).await.context("stop_to_stopped")?);
     done(at);
     let at = step("tool_read_30k, tool_grep_30k");
     rows.extend(tool::run(system).await.context("tool_read_30k")?);

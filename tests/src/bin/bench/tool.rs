@@ -44,9 +44,12 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
     for call in 0..CALLS + WARM_UP_CALLS {
         let i = call * stride + 7;
         let dir = i / 100;
-        plan.push_str(&json!({"tool": "read_file", "input": {"path": format!("generated/d{dir}/item_{i}.rs")}}).to_string());
-        plan.push('\n');
-        plan.push_str(&json!({"tool": "grep", "input": {"pattern": format!("fn item_{i}\\("), "max_results": 20}}).to_string());
+        // One model step with both calls: the agent allows 50 model calls per prompt.
+        let step = json!([
+            {"tool": "read_file", "input": {"path": format!("generated/d{dir}/item_{i}.rs")}},
+            {"tool": "grep", "input": {"pattern": format!("fn item_{i}\\("), "max_results": 20}},
+        ]);
+        plan.push_str(&step.to_string());
         plan.push('\n');
     }
     let prompt_id = session::post_prompt(&ada, &session_id, &plan).await?;
