@@ -40,6 +40,9 @@ use crate::run::workspace::Workspace;
 
 /// Most chunks streamed to [`ToolContext::output`] per second.
 pub const STREAM_SENDS_PER_S: u32 = 20;
+/// Most bytes of one command's output streamed live; past it a notice ends the stream (the result still
+/// keeps the head and tail). Bounds what a chatty command puts in the session's log.
+pub const STREAM_LIMIT_BYTES: usize = 256 * 1024;
 /// Environment variables whose name ends like this never reach a command (compared uppercased).
 pub const SECRET_NAME_SUFFIXES: &[&str] = &["_API_KEY", "_TOKEN", "_SECRET"];
 /// How long output is still read after the command exited or was killed, for what is in the pipe.
@@ -330,6 +333,8 @@ async fn sleep_until_some(at: Option<Instant>) {
 struct Stream {
     sender: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     pending: String,
+    /// Bytes streamed or pending so far.
+    streamed_bytes: usize,
     last_send: Option<Instant>,
     flush_at: Option<Instant>,
 }
@@ -341,6 +346,7 @@ impl Stream {
         Self {
             sender,
             pending: String::new(),
+            streamed_bytes: 0,
             last_send: None,
             flush_at: None,
         }
@@ -350,6 +356,19 @@ impl Stream {
         if self.sender.is_none() || text.is_empty() {
             return;
         }
+        let room = STREAM_LIMIT_BYTES.saturating_sub(self.streamed_bytes);
+        if text.len() > room {
+            let end = super::floor_char_boundary(text, room);
+            self.pending.push_str(text.get(..end).unwrap_or_default());
+            self.pending.push_str(&format!(
+                "\n[… live output stops here after {} KiB; the result keeps the head and tail of the rest]\n",
+                STREAM_LIMIT_BYTES / 1024
+            ));
+            self.flush();
+            self.sender = None;
+            return;
+        }
+        self.streamed_bytes += text.len();
         self.pending.push_str(text);
         if self.flush_at.is_none() {
             let now = Instant::now();

@@ -908,6 +908,24 @@ async fn bash_coalesces_chunks() {
     assert!(received.len() > 1, "streamed, not sent at the end");
 }
 
+#[tokio::test]
+async fn live_output_stops_at_its_limit_with_a_notice() {
+    let f = repo();
+    let mut ctx = ctx(&f);
+    let (sender, mut chunks) = mpsc::unbounded_channel();
+    ctx.output = Some(sender);
+    // ~1 MiB of output, four times the live limit.
+    let out = ok(&ctx, "bash", json!({"command": "yes 0123456789abcdef | head -c 1048576"})).await;
+    drop(ctx);
+    let mut streamed = String::new();
+    while let Some(chunk) = chunks.recv().await {
+        streamed.push_str(&chunk);
+    }
+    assert!(streamed.len() < super::bash::STREAM_LIMIT_BYTES + 1024, "{} bytes streamed", streamed.len());
+    assert!(streamed.ends_with("KiB; the result keeps the head and tail of the rest]\n"), "{}", &streamed[streamed.len() - 200..]);
+    assert!(out.output.ends_with("exit code 0"), "the command ran to its end");
+}
+
 /// A `sleep` argument no other process has: seconds with a unique fraction.
 fn sleep_marker() -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
