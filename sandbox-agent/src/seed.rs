@@ -466,6 +466,14 @@ const DEMO_FILES: &[(&str, &str)] = &[
          if __name__ == \"__main__\":\n\
          \x20   main()\n",
     ),
+    (
+        ".nightshift/setup.sh",
+        "#!/bin/sh\n\
+         # Run once per image build, so that sessions start with warm caches.\n\
+         set -e\n\
+         python3 -m compileall -q hello tests\n\
+         python3 -m unittest -q\n",
+    ),
     ("tests/__init__.py", ""),
     (
         "tests/test_greet.py",
@@ -502,9 +510,19 @@ fn write_demo_project(root: &Path) -> Result<(), SeedError> {
         }
         std::fs::write(&path, contents).map_err(|source| SeedError::Io {
             action: "write",
-            path,
+            path: path.clone(),
             source,
         })?;
+        if relative.ends_with(".sh") {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(
+                |source| SeedError::Io {
+                    action: "make executable",
+                    path,
+                    source,
+                },
+            )?;
+        }
     }
     Ok(())
 }
@@ -706,6 +724,9 @@ mod tests {
         assert!(files.contains(&"README.md"), "{files:?}");
         assert!(files.contains(&"hello/greet.py"), "{files:?}");
         assert!(files.contains(&"tests/test_greet.py"), "{files:?}");
+        assert!(files.contains(&".nightshift/setup.sh"), "{files:?}");
+        let mode = git_in(&first.git_dir, &["ls-tree", "main", ".nightshift/setup.sh"]);
+        assert!(mode.starts_with("100755"), "the setup script is executable: {mode}");
         assert_eq!(
             git_in(&first.git_dir, &["log", "--format=%an <%ae>", "main"]),
             "Nightshift Seed <seed@nightshift.invalid>"
