@@ -74,26 +74,115 @@ fn files_under(
     tool: &'static str,
     cancel: &CancellationToken,
 ) -> Result<(Vec<(String, std::path::PathBuf)>, bool), ToolError> {
-    let mut files = Vec::new();
-    let mut stopped = false;
-    for (visited, entry) in walk(&base.absolute, None).enumerate() {
-        if cancel.is_cancelled() {
-            return Err(ToolError::Cancelled { tool });
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    // A parallel walk (the result is sorted afterwards, so visiting order does not matter).
+    let files = std::sync::Mutex::new(Vec::new());
+    let visited = AtomicUsize::new(0);
+    let stopped = AtomicBool::new(false);
+    let mut builder = WalkBuilder::new(&base.absolute);
+    builder
+        .hidden(false)
+        .follow_links(false)
+        .threads(search_threads())
+        .filter_entry(|entry| entry.file_name() != ".git");
+    builder.build_parallel().run(|| {
+        Box::new(|entry| {
+            if cancel.is_cancelled() {
+                return ignore::WalkState::Quit;
+            }
+            if visited.fetch_add(1, Ordering::Relaxed) >= WALK_MAX_ENTRIES {
+                stopped.store(true, Ordering::Relaxed);
+                return ignore::WalkState::Quit;
+            }
+            let Ok(entry) = entry else {
+                return ignore::WalkState::Continue;
+            };
+            if entry.file_type().is_some_and(|t| t.is_file()) {
+                if let Some(relative) = relative_to(&base.absolute, entry.path()) {
+                    if let Ok(mut files) = files.lock() {
+                        files.push((relative, entry.into_path()));
+                    }
+                }
+            }
+            ignore::WalkState::Continue
+        })
+    });
+    if cancel.is_cancelled() {
+        return Err(ToolError::Cancelled { tool });
+    }
+    let mut files = files.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    files.sort();
+    Ok((files, stopped.into_inner()))
+}
+
+/// Threads for walking and searching: the machine's parallelism, at most 8.
+fn search_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().min(8))
+}
+
+/// Files searched per unit of work in [`search_in_order`].
+const SEARCH_CHUNK_FILES: usize = 128;
+
+/// Search `files` (sorted) on [`search_threads`] threads and return the matching lines in file order,
+/// at most `limit` of them: chunks of files are taken in order, and no new chunk is started once the
+/// finished ones hold more than `limit` lines, so the result is exactly the first `limit` matches.
+fn search_in_order(
+    files: &[(String, std::path::PathBuf)],
+    matcher: &grep_regex::RegexMatcher,
+    limit: usize,
+    cancel: &CancellationToken,
+) -> Vec<String> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let chunks: Vec<&[(String, std::path::PathBuf)]> = files.chunks(SEARCH_CHUNK_FILES).collect();
+    let results: Vec<std::sync::Mutex<Vec<String>>> =
+        chunks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+    let next = AtomicUsize::new(0);
+    let found = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..search_threads().min(chunks.len()) {
+            scope.spawn(|| {
+                let mut searcher = SearcherBuilder::new()
+                    .binary_detection(BinaryDetection::quit(0))
+                    .line_number(true)
+                    .build();
+                loop {
+                    if cancel.is_cancelled() || found.load(Ordering::Relaxed) > limit {
+                        return;
+                    }
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    let (Some(chunk), Some(slot)) = (chunks.get(index), results.get(index)) else {
+                        return;
+                    };
+                    let mut lines = Vec::new();
+                    for (relative, absolute) in *chunk {
+                        if lines.len() > limit {
+                            break;
+                        }
+                        let sink = Lossy(|line_number, line| {
+                            lines.push(format!("{relative}:{line_number}:{}", cut_line(line)));
+                            Ok(lines.len() <= limit)
+                        });
+                        // An unreadable file is skipped, as ripgrep does.
+                        if let Err(error) = searcher.search_path(matcher, absolute, sink) {
+                            tracing::debug!(path = %relative, %error, "grep skipped a file");
+                        }
+                    }
+                    found.fetch_add(lines.len(), Ordering::Relaxed);
+                    if let Ok(mut slot) = slot.lock() {
+                        *slot = lines;
+                    }
+                }
+            });
         }
-        if visited >= WALK_MAX_ENTRIES {
-            stopped = true;
+    });
+    let mut merged = Vec::new();
+    for slot in results {
+        if merged.len() > limit {
             break;
         }
-        let Ok(entry) = entry else { continue };
-        if !entry.file_type().is_some_and(|t| t.is_file()) {
-            continue;
-        }
-        if let Some(relative) = relative_to(&base.absolute, entry.path()) {
-            files.push((relative, entry.into_path()));
-        }
+        merged.extend(slot.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()));
     }
-    files.sort();
-    Ok((files, stopped))
+    merged
 }
 
 fn walk_stopped_notice() -> String {
@@ -271,27 +360,10 @@ pub(super) async fn grep(ctx: &ToolContext, input: Value) -> Result<ToolOutput, 
             (vec![(resolved.relative.clone(), resolved.absolute.clone())], false)
         };
 
-        let mut searcher = SearcherBuilder::new()
-            .binary_detection(BinaryDetection::quit(0))
-            .line_number(true)
-            .build();
-        let mut results: Vec<String> = Vec::new();
-        for (relative, absolute) in &files {
-            if cancel.is_cancelled() {
-                return Err(ToolError::Cancelled { tool: "grep" });
-            }
-            // One match more than asked for tells whether there are more.
-            if results.len() > max_results {
-                break;
-            }
-            let sink = Lossy(|line_number, line| {
-                results.push(format!("{relative}:{line_number}:{}", cut_line(line)));
-                Ok(results.len() <= max_results)
-            });
-            // An unreadable file is skipped, as ripgrep does.
-            if let Err(error) = searcher.search_path(&matcher, absolute, sink) {
-                tracing::debug!(path = %relative, %error, "grep skipped a file");
-            }
+        // One match more than asked for tells whether there are more.
+        let mut results = search_in_order(&files, &matcher, max_results, &cancel);
+        if cancel.is_cancelled() {
+            return Err(ToolError::Cancelled { tool: "grep" });
         }
         let more = results.len() > max_results;
         results.truncate(max_results);

@@ -1200,3 +1200,27 @@ fn missing_programs_are_not_found() {
     assert!(bash::find_program("bwrap").is_some());
     assert!(bash::find_program("nightshift-no-such-program").is_none());
 }
+
+#[tokio::test]
+async fn grep_in_parallel_returns_the_first_matches_in_path_order() {
+    let f = repo();
+    for i in 0..700 {
+        write(&f.root, &format!("many/f{i:04}.txt"), "a needle\nno\nanother needle\n");
+    }
+    let ctx = ctx(&f);
+    let out = ok(&ctx, "grep", json!({"pattern": "needle", "path": "many", "max_results": 301})).await;
+    let lines: Vec<&str> = out.output.lines().collect();
+    let expected: Vec<String> = (0..151)
+        .flat_map(|i| [format!("many/f{i:04}.txt:1:a needle"), format!("many/f{i:04}.txt:3:another needle")])
+        .take(301)
+        .collect();
+    assert_eq!(&lines[..301], expected.as_slice());
+    assert!(lines[301].starts_with("[more matches: stopped at max_results=301"), "{}", lines[301]);
+    // Without a limit in sight every file is searched, still in order.
+    let all = ok(&ctx, "grep", json!({"pattern": "another", "path": "many", "max_results": 5000})).await;
+    let files: Vec<&str> = all.output.lines().map(|l| l.split(':').next().unwrap()).collect();
+    let mut sorted = files.clone();
+    sorted.sort_unstable();
+    assert_eq!(files.len(), 700);
+    assert_eq!(files, sorted);
+}
