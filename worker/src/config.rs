@@ -4,6 +4,12 @@ use worker::Env;
 
 /// Durable Object namespace of the session objects.
 pub const SESSION_BINDING: &str = "SESSION";
+/// Durable Object namespace of the repository objects (and of their registry, named [`REPO_REGISTRY`]).
+pub const REPO_BINDING: &str = "REPO";
+/// Name of the repository object that lists every repository (a valid repository name has a `/`).
+pub const REPO_REGISTRY: &str = "_registry";
+/// How often repositories without their own cadence get a new image, in ms (default 30 min).
+pub const IMAGE_CADENCE_MS: &str = "IMAGE_CADENCE_MS";
 /// `"1"` enables dev sign-in (`POST /auth/dev`); anything else disables it.
 pub const DEV_MODE: &str = "DEV_MODE";
 /// Key that signs session cookies and bearer tokens (secret).
@@ -24,6 +30,20 @@ pub fn get(env: &Env, name: &str) -> Option<String> {
         None
     } else {
         Some(value)
+    }
+}
+
+/// The deployment's image cadence: `IMAGE_CADENCE_MS` when it is a whole number of ms (at least one
+/// second), else [`nightshift_session::repo::DEFAULT_CADENCE_MS`].
+pub fn image_cadence_ms(env: &Env) -> u64 {
+    const MIN_MS: u64 = 1_000;
+    match get(env, IMAGE_CADENCE_MS).map(|v| v.trim().parse::<u64>()) {
+        None => nightshift_session::repo::DEFAULT_CADENCE_MS,
+        Some(Ok(ms)) => ms.max(MIN_MS),
+        Some(Err(_)) => {
+            worker::console_error!("{IMAGE_CADENCE_MS} is not a whole number of milliseconds; using the default");
+            nightshift_session::repo::DEFAULT_CADENCE_MS
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use nightshift_protocol::http::ErrorBody;
 use nightshift_protocol::ErrorCode;
-use nightshift_session::SessionError;
+use nightshift_session::{SessionError, StoreError};
 
 /// A failure while serving a request.
 #[derive(Debug)]
@@ -60,6 +60,12 @@ impl From<SessionError> for AppError {
             SessionError::Store(store) => AppError::Internal(store.to_string()),
             other => AppError::client(other.code(), other.to_string()),
         }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        AppError::Internal(e.to_string())
     }
 }
 

@@ -7,11 +7,14 @@
 mod auth;
 mod config;
 mod error;
+mod provider;
+mod repo_object;
 mod route;
 mod secret;
 mod session_object;
 mod sql_store;
 
+pub use repo_object::RepoObject;
 pub use session_object::SessionObject;
 
 #[worker::event(fetch)]

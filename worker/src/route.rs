@@ -3,7 +3,7 @@
 
 use nightshift_protocol::http::{
     CreateSessionRequest, CreateSessionResponse, DevLoginRequest, InviteResponse, JoinResponse, MeResponse,
-    TokenResponse,
+    RepoSettingsRequest, RepoSummary, ReposResponse, TokenResponse, WarmRequest,
 };
 use nightshift_protocol::{Author, ErrorCode};
 use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
@@ -11,6 +11,7 @@ use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
 use crate::auth::{self, Claims, COOKIE_NAME, COOKIE_TTL_MS, TOKEN_TTL_MS};
 use crate::config;
 use crate::error::{json_response, parse_body, AppError};
+use crate::repo_object::{self, RepoCall};
 use crate::secret::{is_session_id, random_hex};
 use crate::session_object::{CreateSessionInternal, USER_HEADER};
 
@@ -96,6 +97,36 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             let body = if matches!(req.method(), Method::Post) { Some(req.text().await?) } else { None };
             forward(env, &id, &req, &format!("{internal}{query}"), Some(&user), body).await
         }
+        (Method::Get, ["api", "repos"]) => {
+            auth::user(&req, env, now_ms())?;
+            list_repos(env).await
+        }
+        (Method::Post, ["api", "repos", "warm"]) => {
+            let user = auth::user(&req, env, now_ms())?;
+            let body: WarmRequest = parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
+            let repo = checked_repo(&body.repo)?;
+            warm(env, &repo, &user).await
+        }
+        (_, ["api", "repos", owner, name, rest @ ..]) => {
+            let user = auth::user(&req, env, now_ms())?;
+            let repo = checked_repo(&format!("{owner}/{name}"))?;
+            match (method, rest) {
+                (Method::Get, []) => repo_call(env, &repo, Method::Get, "/summary", None).await,
+                (Method::Patch, []) => {
+                    let settings: RepoSettingsRequest = parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
+                    if settings.base_branch.as_deref().is_some_and(|b| !valid_branch(b)) {
+                        return Err(AppError::client(ErrorCode::BadRequest, "base_branch is not a valid branch name"));
+                    }
+                    let call = RepoCall { repo: repo.clone(), caller: None, settings: Some(settings) };
+                    repo_call(env, &repo, Method::Post, "/settings", Some(&call)).await
+                }
+                (Method::Post, ["images"]) => {
+                    repo_call(env, &repo, Method::Post, "/build", Some(&RepoCall::plain(&repo))).await
+                }
+                (Method::Post, ["warm"]) => warm(env, &repo, &user).await,
+                _ => Err(AppError::client(ErrorCode::NotFound, "no such route")),
+            }
+        }
         (Method::Post, ["api", "join", token]) => {
             let user = auth::user(&req, env, now_ms())?;
             let (id, secret) = token.split_once('.').ok_or_else(AppError::session_not_found)?;
@@ -148,6 +179,15 @@ fn valid_repo(repo: &str) -> bool {
             && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
     matches!(repo.split_once('/'), Some((owner, name)) if part_ok(owner) && part_ok(name) && !name.contains('/'))
+}
+
+/// `repo` if it is a valid `owner/name`, else a typed 400.
+fn checked_repo(repo: &str) -> Result<String, AppError> {
+    if valid_repo(repo) {
+        Ok(repo.to_owned())
+    } else {
+        Err(AppError::client(ErrorCode::BadRequest, "repo must be `owner/name` (letters, digits, `-`, `_`, `.`)"))
+    }
 }
 
 fn valid_branch(branch: &str) -> bool {
@@ -233,4 +273,49 @@ async fn forward(
     let request = Request::new_with_init(&format!("https://session{internal_path}"), &init)?;
     let stub = env.durable_object(config::SESSION_BINDING)?.id_from_name(id)?.get_stub()?;
     Ok(stub.fetch_with_request(request).await?)
+}
+
+/// Call repository `repo`'s object at `internal_path`; its answer is passed through.
+async fn repo_call(
+    env: &Env,
+    repo: &str,
+    method: Method,
+    internal_path: &str,
+    body: Option<&RepoCall>,
+) -> Result<Response, AppError> {
+    let request = repo_object::internal_request(method, internal_path, body)?;
+    Ok(repo_object::stub(env, repo)?.fetch_with_request(request).await?)
+}
+
+/// `POST /api/repos/warm` and `POST /api/repos/{owner}/{name}/warm`: one warm-up per person per interval.
+async fn warm(env: &Env, repo: &str, user: &Author) -> Result<Response, AppError> {
+    let call = RepoCall { repo: repo.to_owned(), caller: Some(format!("user:{}", user.login)), settings: None };
+    repo_call(env, repo, Method::Post, "/warm", Some(&call)).await
+}
+
+/// `GET /api/repos`: the registry's repositories, each asked for its summary (all at once).
+async fn list_repos(env: &Env) -> Result<Response, AppError> {
+    let request = repo_object::internal_request(Method::Get, "/registry/list", None::<&()>)?;
+    let mut listed = repo_object::stub(env, config::REPO_REGISTRY)?.fetch_with_request(request).await?;
+    if listed.status_code() != 200 {
+        return Err(AppError::Internal(format!("repository registry answered {}", listed.status_code())));
+    }
+    let names: Vec<String> = listed.json().await?;
+    let summaries = futures_util::future::join_all(names.iter().map(|name| async move {
+        let mut response = repo_call(env, name, Method::Get, "/summary", None).await?;
+        if response.status_code() != 200 {
+            return Err(AppError::Internal(format!("summary of {name} answered {}", response.status_code())));
+        }
+        Ok::<RepoSummary, AppError>(response.json().await?)
+    }))
+    .await;
+    let mut repos = Vec::with_capacity(summaries.len());
+    for (name, summary) in names.iter().zip(summaries) {
+        match summary {
+            Ok(summary) => repos.push(summary),
+            // One broken repository does not hide the others.
+            Err(e) => worker::console_error!("listing {name}: {e:?}"),
+        }
+    }
+    Ok(json_response(&ReposResponse { repos }, 200))
 }

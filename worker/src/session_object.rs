@@ -1,6 +1,8 @@
 //! `SessionObject`: one Durable Object per session. It persists through [`SqlStore`] and delivers what
 //! `nightshift_session` decides; every socket is accepted with the hibernation API and carries its identity
-//! as an attachment, so nothing lives only in memory.
+//! as an attachment, so nothing lives only in memory. It registers the session's repository with that
+//! repository's `RepoObject` on create (logging its warning as a `notice`), and turns `typing` into a
+//! background warm-up request there.
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -12,14 +14,16 @@ use nightshift_protocol::{
     ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use nightshift_session::presence::{online_logins, ClientIdentity};
+use nightshift_session::repo::warm_allowed;
 use nightshift_session::{Effects, Session, SessionError};
 use worker::{
-    durable_object, Date, DurableObject, Env, Fetch, Headers, Method, Request, RequestInit, Response, State, WebSocket,
-    WebSocketIncomingMessage, WebSocketPair,
+    durable_object, Date, DurableObject, Env, Method, Request, Response, State, WebSocket, WebSocketIncomingMessage,
+    WebSocketPair,
 };
 
-use crate::config;
 use crate::error::{json_response, parse_body, AppError};
+use crate::provider::{Provider, ProviderError};
+use crate::repo_object::{self, RepoCall, Registered};
 use crate::secret::{constant_time_eq, random_hex, sha256_hex};
 use crate::sql_store::{migrate, SqlStore};
 
@@ -382,6 +386,11 @@ impl SessionObject {
         let mut store = self.store();
         let effects = Session::new(&mut store, now_ms()).create(info, sha256_hex(&token))?;
         self.deliver(effects);
+        if let Some(text) = self.register_repo(&body.repo).await {
+            let mut store = self.store();
+            let effects = Session::new(&mut store, now_ms()).notice("warn", &text)?;
+            self.deliver(effects);
+        }
         let request = CreateSandboxRequest {
             repo: Some(body.repo.clone()),
             snapshot: None,
@@ -406,25 +415,53 @@ impl SessionObject {
     }
 
     /// Ask the provider for a sandbox. The error text never contains the tokens.
-    async fn request_sandbox(&self, request: &CreateSandboxRequest) -> Result<SandboxInfo, String> {
-        let base = config::get(&self.env, config::PROVIDER_URL).ok_or("PROVIDER_URL is not configured")?;
-        let token = config::get(&self.env, config::PROVIDER_TOKEN).ok_or("PROVIDER_TOKEN is not configured")?;
-        let body = serde_json::to_string(request).map_err(|e| e.to_string())?;
-        let headers = Headers::new();
-        headers.set("authorization", &format!("Bearer {token}")).map_err(|e| e.to_string())?;
-        headers.set("content-type", "application/json").map_err(|e| e.to_string())?;
-        let mut init = RequestInit::new();
-        init.with_method(Method::Post).with_headers(headers).with_body(Some(body.into()));
-        let url = format!("{}/v1/sandboxes", base.trim_end_matches('/'));
-        let outbound = Request::new_with_init(&url, &init).map_err(|e| e.to_string())?;
-        let mut response = Fetch::Request(outbound).send().await.map_err(|e| format!("provider unreachable: {e}"))?;
-        let status = response.status_code();
-        let text = response.text().await.map_err(|e| e.to_string())?;
-        if !(200..300).contains(&status) {
-            let shown: String = text.chars().take(500).collect();
-            return Err(format!("provider answered {status}: {shown}"));
+    async fn request_sandbox(&self, request: &CreateSandboxRequest) -> Result<SandboxInfo, ProviderError> {
+        Provider::from_env(&self.env)?.create_sandbox(request).await
+    }
+
+    /// Tell the repository's object about this session's repository (registering it on first use) and
+    /// return the `warn` notice the session should log (stale image, failed build). Bookkeeping only:
+    /// a failure is logged and never fails the session.
+    async fn register_repo(&self, repo: &str) -> Option<String> {
+        let result = async {
+            let request = repo_object::internal_request(Method::Post, "/register", Some(&RepoCall::plain(repo)))?;
+            let mut response = repo_object::stub(&self.env, repo)?.fetch_with_request(request).await?;
+            if response.status_code() != 200 {
+                return Err(AppError::Internal(format!("repository object answered {}", response.status_code())));
+            }
+            Ok::<Registered, AppError>(response.json().await?)
         }
-        serde_json::from_str(&text).map_err(|e| format!("provider answer is not a sandbox: {e}"))
+        .await;
+        match result {
+            Ok(registered) => registered.session_notice,
+            Err(e) => {
+                worker::console_error!("registering repository {repo} failed: {e:?}");
+                None
+            }
+        }
+    }
+
+    /// Ask the repository's object for a warm-up, in the background: typing never waits for it and never
+    /// sees its errors (they are logged). The object applies the per-session rate limit.
+    fn warm_in_background(&self, repo: &str, session_id: &str) {
+        let call = RepoCall { repo: repo.to_owned(), caller: Some(format!("session:{session_id}")), settings: None };
+        let prepared = repo_object::internal_request(Method::Post, "/warm", Some(&call))
+            .and_then(|request| Ok((repo_object::stub(&self.env, repo)?, request)));
+        let (stub, request) = match prepared {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                worker::console_error!("warm-up of {repo} not sent: {e:?}");
+                return;
+            }
+        };
+        let repo = repo.to_owned();
+        worker::wasm_bindgen_futures::spawn_local(async move {
+            match stub.fetch_with_request(request).await {
+                Ok(response) if response.status_code() == 202 => {}
+                Ok(response) => worker::console_error!("warm-up of {repo} answered {}", response.status_code()),
+                Err(e) => worker::console_error!("warm-up of {repo} failed: {e}"),
+            }
+        });
     }
 
     fn join(&self, user: Author, secret: &str) -> Result<Response, AppError> {
@@ -443,7 +480,7 @@ impl SessionObject {
         let pair = WebSocketPair::new()?;
         let login_tag = format!("user:{}", user.login);
         self.state.accept_websocket_with_tags(&pair.server, &[CLIENT_TAG, login_tag.as_str()]);
-        pair.server.serialize_attachment(ClientIdentity { author: user, role, greeted: false, client: None })?;
+        pair.server.serialize_attachment(ClientIdentity { author: user, role, greeted: false, client: None, warm_requested_ms: None })?;
         Ok(Response::from_websocket(pair.client)?)
     }
 
@@ -546,8 +583,19 @@ impl SessionObject {
                 self.deliver(effects);
                 Ok(())
             }
-            // Warm pools come with the sandbox host; until then typing is only a hint with nothing to prepare.
-            ClientMessage::Typing {} => Ok(()),
+            // A hint to prepare a sandbox: the first `typing` of this socket (and then at most one per warm-up
+            // interval) asks the repository's object for a warm-up, in the background. Nothing is
+            // broadcast and nothing is answered.
+            ClientMessage::Typing {} => {
+                let now = now_ms();
+                if warm_allowed(identity.warm_requested_ms, now) {
+                    identity.warm_requested_ms = Some(now);
+                    ws.serialize_attachment(&identity)?;
+                    let info = Session::new(&mut store, now).info()?;
+                    self.warm_in_background(&info.repo, &info.id);
+                }
+                Ok(())
+            }
             ClientMessage::Ping {} => {
                 send(ws, &ServerMessage::Pong {});
                 Ok(())

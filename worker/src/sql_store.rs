@@ -61,13 +61,18 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// Bring the schema to the newest version. Cheap when it already is: one read.
+/// Bring the session schema to the newest version. Cheap when it already is: one read.
 pub fn migrate(sql: &SqlStorage) -> Result<(), StoreError> {
+    migrate_with(sql, MIGRATIONS)
+}
+
+/// Apply the `migrations` (one entry per version, in order) not applied yet to this object's SQLite.
+pub(crate) fn migrate_with(sql: &SqlStorage, migrations: &[&str]) -> Result<(), StoreError> {
     exec(sql, "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)", vec![])?;
     let applied: Vec<VersionRow> =
         rows(sql, "SELECT COALESCE(MAX(version), 0) AS version FROM schema_migrations", vec![])?;
     let current = applied.first().map_or(0, |r| r.version);
-    for (index, migration) in MIGRATIONS.iter().enumerate() {
+    for (index, migration) in migrations.iter().enumerate() {
         let version = index as i64 + 1;
         if version > current {
             exec(sql, migration, vec![])?;
@@ -82,7 +87,7 @@ struct VersionRow {
     version: i64,
 }
 
-fn exec(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>) -> Result<(), StoreError> {
+pub(crate) fn exec(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>) -> Result<(), StoreError> {
     let cursor = sql.exec(query, bindings).map_err(|e| StoreError(format!("{e}")))?;
     // Drain the cursor so the statement runs to completion.
     for row in cursor {
@@ -91,13 +96,13 @@ fn exec(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>) -> Result
     Ok(())
 }
 
-fn rows<T: DeserializeOwned>(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>) -> Result<Vec<T>, StoreError> {
+pub(crate) fn rows<T: DeserializeOwned>(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>) -> Result<Vec<T>, StoreError> {
     sql.exec(query, bindings)
         .and_then(|cursor| cursor.to_array::<T>())
         .map_err(|e| StoreError(format!("{e}")))
 }
 
-fn int(value: u64) -> Result<SqlStorageValue, StoreError> {
+pub(crate) fn int(value: u64) -> Result<SqlStorageValue, StoreError> {
     i64::try_from(value)
         .map_err(|_| StoreError(format!("{value} does not fit")))
         .and_then(|v| SqlStorageValue::try_from_i64(v).map_err(|e| StoreError(format!("{e}"))))
@@ -111,14 +116,14 @@ fn from_json<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
     serde_json::from_str(text).map_err(|e| StoreError(format!("stored json: {e}")))
 }
 
-fn enum_name<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+pub(crate) fn enum_name<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     match serde_json::to_value(value) {
         Ok(serde_json::Value::String(s)) => Ok(s),
         _ => Err(StoreError("enum did not serialize to a string".to_owned())),
     }
 }
 
-fn enum_from<T: DeserializeOwned>(name: &str) -> Result<T, StoreError> {
+pub(crate) fn enum_from<T: DeserializeOwned>(name: &str) -> Result<T, StoreError> {
     serde_json::from_value(serde_json::Value::String(name.to_owned()))
         .map_err(|e| StoreError(format!("stored enum `{name}`: {e}")))
 }

@@ -267,6 +267,22 @@ pub fn app(state: AppState) -> Router {
         )
         .nest_service("/scripted-model", crate::scripted_model::router())
         .with_state(state)
+        .layer(axum::middleware::from_fn(log_provider_request))
+}
+
+/// One log line per provider API request, answered or not (`POST /v1/pools/demo/hello -> 404`): method,
+/// path and status only (never headers, query or body, so no token). Git and model traffic is not logged.
+async fn log_provider_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let response = next.run(request).await;
+    if path.starts_with("/v1/") {
+        tracing::info!("{method} {path} -> {}", response.status().as_u16());
+    }
+    response
 }
 
 /// Serve the host on `listener` until `shutdown` completes; then stop every sandbox, give in-flight

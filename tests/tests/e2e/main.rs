@@ -8,4 +8,5 @@ mod fanout;
 mod link;
 mod flow;
 mod multiplayer;
+mod repo;
 mod smoke;

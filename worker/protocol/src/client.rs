@@ -37,7 +37,9 @@ pub enum ClientMessage {
         /// What to stop.
         scope: StopScope,
     },
-    /// Someone is typing: a hint to prepare a sandbox.
+    /// Someone is typing: a hint to prepare a sandbox. The session asks its repository for a warm-up (at
+    /// most one per socket per minute, one per session per minute at the provider); nothing is answered or
+    /// broadcast, and it never fails.
     Typing {},
     /// Keep-alive; answered with `pong`.
     Ping {},

@@ -174,3 +174,156 @@ impl ErrorBody {
         ErrorBody { error: ErrorDetail { code, message: message.into() } }
     }
 }
+
+/// `GET /api/repos`: every repository the Worker keeps images for, sorted by name.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ReposResponse {
+    /// The repositories.
+    pub repos: Vec<RepoSummary>,
+}
+
+/// One repository as `GET /api/repos` shows it: its image, its build and whatever people should know.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RepoSummary {
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Branch the images are built from.
+    pub base_branch: String,
+    /// The newest image the provider has, if any.
+    pub image: Option<RepoImage>,
+    /// Whether an image build is running now.
+    pub building: bool,
+    /// What is wrong, if anything (stale image, failed build, no image).
+    pub warning: Option<RepoWarning>,
+    /// How often a new image is built.
+    pub cadence_ms: u64,
+    /// The last image build, if one was attempted.
+    #[serde(default)]
+    pub last_build: Option<RepoBuild>,
+    /// When the next build is due (Unix ms); `null` while one runs.
+    #[serde(default)]
+    pub next_build_ms: Option<u64>,
+    /// The last warm-up asked of the provider, if any.
+    #[serde(default)]
+    pub warm: Option<RepoWarm>,
+}
+
+/// An image of a repository.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoImage {
+    /// Provider's image id.
+    pub id: String,
+    /// Commit the image was built from, when the provider says.
+    pub commit: Option<String>,
+    /// How old the image is.
+    pub age_ms: u64,
+}
+
+/// Something about a repository that makes sessions on it slower or less fresh.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoWarning {
+    /// What kind of problem.
+    pub kind: RepoWarningKind,
+    /// Human text, also logged as a `notice` in sessions created while it holds.
+    pub message: String,
+}
+
+/// Kind of a [`RepoWarning`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RepoWarningKind {
+    /// The newest image is older than twice the cadence.
+    Stale,
+    /// The last image build failed.
+    BuildFailed,
+    /// There is no image (none built yet, or the provider cannot build images).
+    NoImage,
+}
+
+/// An image build the Worker asked for.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoBuild {
+    /// Provider's build id, once it answered.
+    pub id: Option<String>,
+    /// Where the build is.
+    pub status: BuildStatus,
+    /// When it was asked for (Unix ms).
+    pub started_ms: u64,
+    /// When it ended (Unix ms); `null` while it runs.
+    pub finished_ms: Option<u64>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// Status of a [`RepoBuild`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    /// Asked for and not finished.
+    Building,
+    /// Produced an image.
+    Succeeded,
+    /// Failed; retried with backoff.
+    Failed,
+    /// The provider does not build images (it answered `404` to `POST /v1/images`); asked again a cadence later.
+    Unsupported,
+}
+
+/// The last warm-up the Worker asked of the provider for a repository.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoWarm {
+    /// Ready sandboxes asked for (`POST /v1/pools/{repo} {target}`).
+    pub target: u32,
+    /// When it was asked (Unix ms).
+    pub requested_ms: u64,
+    /// How the provider answered.
+    pub outcome: WarmOutcome,
+    /// Human detail of a failure.
+    pub detail: Option<String>,
+}
+
+/// How the provider answered a warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarmOutcome {
+    /// Sent; no answer yet.
+    Pending,
+    /// The provider accepted the target.
+    Accepted,
+    /// The provider has no warm pools (it answered `404`).
+    Unsupported,
+    /// The provider refused or could not be reached.
+    Failed,
+}
+
+/// `POST /api/repos/warm`: predictive warm-up of a repository (the same as a `typing` in a session on it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WarmRequest {
+    /// Repository, `owner/name`.
+    pub repo: String,
+}
+
+/// `202` answer to a warm-up (`POST /api/repos/warm`, `POST /api/repos/{owner}/{name}/warm`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WarmResponse {
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Whether a pool target is being sent to the provider now; `false` when the same caller asked less than
+    /// the warm-up interval ago (the earlier request still stands).
+    pub requested: bool,
+    /// The target sent, when `requested`.
+    pub target: Option<u32>,
+    /// When not `requested`: how long until this caller may ask again.
+    pub retry_after_ms: Option<u64>,
+}
+
+/// `PATCH /api/repos/{owner}/{name}`: per-repository settings; absent fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoSettingsRequest {
+    /// How often to build a new image.
+    #[serde(default)]
+    pub cadence_ms: Option<u64>,
+    /// Branch to build images from.
+    #[serde(default)]
+    pub base_branch: Option<String>,
+}

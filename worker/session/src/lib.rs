@@ -1,9 +1,12 @@
-//! The session state machine as plain Rust: prompt queue, event log, replay, agent event dedupe, presence.
+//! The session state machine as plain Rust: prompt queue, event log, replay, agent event dedupe, presence;
+//! and the rules of a repository ([`repo`]: image cadence, build backoff, staleness, warm-up limits).
 //!
-//! Time comes in as `now_ms` and storage through the [`Store`] port, so everything here is tested natively
-//! without the Worker runtime. The Durable Object (`worker/`) only persists and delivers.
+//! Time comes in as `now_ms` and storage through the [`Store`] port (or, for a repository, as plain
+//! data), so everything here is tested natively without the Worker runtime. The Durable Objects
+//! (`worker/`) only persist and deliver.
 
 pub mod presence;
+pub mod repo;
 pub mod session;
 pub mod store;
 

@@ -16,6 +16,9 @@ pub struct ClientIdentity {
     /// Client name from `hello`.
     #[serde(default)]
     pub client: Option<String>,
+    /// When this socket's `typing` last asked for a warm-up (see [`crate::repo::warm_allowed`]).
+    #[serde(default)]
+    pub warm_requested_ms: Option<u64>,
 }
 
 /// Members in joining order, each marked online when one of their sockets is in `online_logins`.

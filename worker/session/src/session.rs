@@ -262,6 +262,14 @@ impl<'s, S: Store> Session<'s, S> {
         Ok(effects)
     }
 
+    /// Log a `notice` that everyone in the session sees (`level`: `info`, `warn` or `error`).
+    pub fn notice(&mut self, level: &str, text: &str) -> Result<Effects, SessionError> {
+        self.info()?;
+        let mut effects = Effects::default();
+        self.log(&mut effects, Event::Notice { level: level.to_owned(), text: text.to_owned() })?;
+        Ok(effects)
+    }
+
     /// The agent authenticated and said `hello`: welcome it, mark the sandbox ready, resume or start work.
     pub fn agent_connected(&mut self) -> Result<Effects, SessionError> {
         let info = self.info()?;

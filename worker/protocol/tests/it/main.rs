@@ -129,3 +129,39 @@ fn http_bodies_round_trip() {
         "connect_url": "ws://127.0.0.1:8787/sandbox/s1/ws", "sandbox_token": "t", "timeout_ms": 14400000u64}));
     check::<SandboxInfo>(json!({"id": "sb1", "session_id": "s1", "repo": "demo/hello", "status": "running", "created_ms": 1, "detail": ""}));
 }
+
+#[test]
+fn repository_bodies_round_trip() {
+    use nightshift_protocol::http::*;
+    use nightshift_protocol::provider::*;
+    let summary = json!({
+        "repo": "demo/hello", "base_branch": "main",
+        "image": {"id": "img-1", "commit": "abc123", "age_ms": 4500000u64},
+        "building": false,
+        "warning": {"kind": "stale", "message": "The image of demo/hello is 75 min old (cadence 30 min): the first sync may take longer."},
+        "cadence_ms": 1800000u64,
+        "last_build": {"id": "img-1", "status": "succeeded", "started_ms": 1, "finished_ms": 2, "error": null},
+        "next_build_ms": 1800001u64,
+        "warm": {"target": 2, "requested_ms": 3, "outcome": "unsupported", "detail": null}
+    });
+    check::<ReposResponse>(json!({"repos": [summary]}));
+    for kind in ["stale", "build_failed", "no_image"] {
+        check::<RepoWarning>(json!({"kind": kind, "message": "m"}));
+    }
+    check::<RepoSummary>(json!({"repo": "a/b", "base_branch": "main", "image": null, "building": true, "warning": null,
+        "cadence_ms": 60000, "last_build": null, "next_build_ms": null, "warm": null}));
+    check::<WarmRequest>(json!({"repo": "demo/hello"}));
+    check::<WarmResponse>(json!({"repo": "demo/hello", "requested": false, "target": null, "retry_after_ms": 30000}));
+    check::<RepoSettingsRequest>(json!({"cadence_ms": 600000, "base_branch": "trunk"}));
+    // The provider side: `ref` on the wire, a build answer, a listing with its latest failure.
+    check::<CreateImageRequest>(json!({"repo": "demo/hello", "ref": "main", "setup": null}));
+    check::<ImageBuildAccepted>(json!({"id": "img-2", "status": "building"}));
+    check::<PoolTargetRequest>(json!({"target": 1}));
+    check::<ImageList>(json!({"images": [{"id": "img-1", "commit": "abc", "age_ms": 5}],
+        "latest_failure": {"id": "img-0", "error": "setup exited with 1", "age_ms": 9}}));
+    // Tolerant of what it does not need: missing commit or failure, another name for the failure.
+    let list: ImageList = serde_json::from_value(json!({"images": [{"id": "i", "age_ms": 1, "size_bytes": 3}],
+        "last_failure": {"error": "x"}})).unwrap();
+    assert_eq!(list.images[0].commit, None);
+    assert_eq!(list.latest_failure.map(|f| f.error), Some("x".to_owned()));
+}

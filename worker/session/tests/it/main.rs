@@ -2,6 +2,7 @@
 
 mod agent;
 mod prompt;
+mod repo;
 
 use nightshift_protocol::{Author, PromptStatus, SessionInfo};
 use nightshift_session::{Effects, MemoryStore, Session};
