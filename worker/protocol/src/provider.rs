@@ -39,3 +39,116 @@ pub struct SandboxInfo {
     #[serde(default)]
     pub detail: String,
 }
+
+/// `POST /v1/images`: build an image of a repository (a full-history clone at a commit of `ref`, after
+/// the repository's setup ran in it). Answered `202` with the build's [`ImageInfo`] (`status:
+/// building`); while a build of the repository runs, the answer is that build.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageRequest {
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Branch whose tip is built (default `main`).
+    #[serde(default, rename = "ref")]
+    pub git_ref: Option<String>,
+    /// Shell command line run in the tree when the repository has no `.nightshift/setup.sh`.
+    #[serde(default)]
+    pub setup: Option<String>,
+}
+
+/// Where an image is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatus {
+    /// Cloning or running the setup; `GET /v1/images/{id}/log` follows it.
+    Building,
+    /// Published: sandboxes can start from it.
+    Ready,
+    /// A step failed (`error` says which); nothing was published. Never used as an image.
+    Failed,
+    /// Published once, but its tree is gone (the host's runtime directory did not survive a reboot);
+    /// a new build replaces it.
+    Missing,
+}
+
+/// An image (or a failed build) as the provider describes it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageInfo {
+    /// Provider's id.
+    pub id: String,
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Branch it was built from.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// Commit checked out in the tree (empty until the clone is done).
+    #[serde(default)]
+    pub commit: String,
+    /// When the build started.
+    pub created_ms: u64,
+    /// When the build ended (published or failed); `None` while building.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Time since `created_ms` when this answer was made.
+    #[serde(default)]
+    pub age_ms: u64,
+    /// Where it is in its life.
+    pub status: ImageStatus,
+    /// The setup command line given in the request (the repository's `.nightshift/setup.sh` wins).
+    #[serde(default)]
+    pub setup: Option<String>,
+    /// The end of the build log (clone, setup output), capped; the whole log is at
+    /// `GET /v1/images/{id}/log`.
+    #[serde(default)]
+    pub setup_log: String,
+    /// Bytes of the tree's files (apparent sizes), working tree and `.git` together.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Files, symlinks and other non-directories in the tree.
+    #[serde(default)]
+    pub file_count: u64,
+    /// Why the build failed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// `GET /v1/images?repo=owner/name`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageList {
+    /// Published images (`ready`, or `missing` after a reboot), newest first.
+    pub images: Vec<ImageInfo>,
+    /// The build running now, if any.
+    #[serde(default)]
+    pub building: Option<ImageInfo>,
+    /// The newest failed build, when it is newer than the newest published image (the image is
+    /// stale: show a warning).
+    #[serde(default)]
+    pub latest_failure: Option<ImageInfo>,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRequest {
+    /// Why the snapshot is taken (e.g. `prompt_finished`, `timeout`); recorded, at most 200 characters.
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// A snapshot of a sandbox: its changes against the image it started from, content-addressed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    /// SHA-256 of the archive (hex); the same changes on the same image give the same id.
+    pub id: String,
+    /// The image the changes apply to; restoring needs it to still exist.
+    pub image_id: String,
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Session of the sandbox it was taken from.
+    pub session_id: String,
+    /// When it was taken (the first time, for identical snapshots).
+    pub created_ms: u64,
+    /// Size of the compressed archive.
+    pub size_bytes: u64,
+    /// Why it was taken.
+    #[serde(default)]
+    pub reason: String,
+}

@@ -128,4 +128,13 @@ fn http_bodies_round_trip() {
     check::<CreateSandboxRequest>(json!({"repo": "demo/hello", "snapshot": null, "base_branch": "main", "session_id": "s1",
         "connect_url": "ws://127.0.0.1:8787/sandbox/s1/ws", "sandbox_token": "t", "timeout_ms": 14400000u64}));
     check::<SandboxInfo>(json!({"id": "sb1", "session_id": "s1", "repo": "demo/hello", "status": "running", "created_ms": 1, "detail": ""}));
+    check::<ImageRequest>(json!({"repo": "demo/hello", "ref": "main", "setup": "make deps"}));
+    let image = json!({"id": "i1", "repo": "demo/hello", "ref": "main", "commit": "abc", "created_ms": 1,
+        "finished_ms": 2, "age_ms": 5, "status": "ready", "setup": null, "setup_log": "ok\n", "size_bytes": 10,
+        "file_count": 3, "error": null});
+    check::<ImageInfo>(image.clone());
+    check::<ImageList>(json!({"images": [image], "building": null, "latest_failure": null}));
+    check::<SnapshotRequest>(json!({"reason": "prompt_finished"}));
+    check::<SnapshotInfo>(json!({"id": "ab12", "image_id": "i1", "repo": "demo/hello",
+        "session_id": "s1", "created_ms": 1, "size_bytes": 99, "reason": "prompt_finished"}));
 }
