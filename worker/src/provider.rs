@@ -7,7 +7,7 @@
 
 use nightshift_protocol::http::ErrorBody;
 use nightshift_protocol::provider::{
-    CreateImageRequest, CreateSandboxRequest, ImageBuildAccepted, ImageList, PoolTargetRequest, SandboxInfo,
+    CreateSandboxRequest, ImageInfo, ImageList, ImageRequest, PoolTargetRequest, SandboxInfo,
 };
 use serde::de::DeserializeOwned;
 use worker::{Env, Fetch, Headers, Method, Request, RequestInit};
@@ -77,7 +77,7 @@ impl Provider {
     }
 
     /// `POST /v1/images`: start a build (`202 {id, status}`).
-    pub async fn create_image(&self, request: &CreateImageRequest) -> Result<ImageBuildAccepted, ProviderError> {
+    pub async fn create_image(&self, request: &ImageRequest) -> Result<ImageInfo, ProviderError> {
         self.call(Method::Post, "/v1/images", Some(request)).await
     }
 

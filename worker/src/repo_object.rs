@@ -12,7 +12,7 @@
 //! another, and a build is claimed ([`RepoState::start_build`]) before it is asked for, so there is at most one.
 
 use nightshift_protocol::http::{BuildStatus, RepoSettingsRequest, RepoSummary, WarmOutcome, WarmResponse};
-use nightshift_protocol::provider::CreateImageRequest;
+use nightshift_protocol::provider::ImageRequest;
 use nightshift_protocol::ErrorCode;
 use nightshift_session::repo::{BuildRecord, ImageRecord, RepoState, WarmDecision, WarmLedger, WarmRecord};
 use nightshift_session::StoreError;
@@ -293,7 +293,7 @@ impl RepoObject {
         let now = now_ms();
         let claimed = self.update(|state| (force || state.build_due(now)) && state.start_build(now))?;
         let Some((true, state)) = claimed else { return Ok(()) };
-        let request = CreateImageRequest { repo: state.repo.clone(), git_ref: state.base_branch.clone(), setup: None };
+        let request = ImageRequest { repo: state.repo.clone(), git_ref: Some(state.base_branch.clone()), setup: None };
         let outcome = match Provider::from_env(&self.env) {
             Ok(provider) => provider.create_image(&request).await,
             Err(e) => Err(e),
@@ -305,7 +305,7 @@ impl RepoObject {
             Err(e) => state.build_failed(now, e.to_string().chars().take(MAX_ERROR_CHARS).collect()),
         })?;
         match outcome {
-            Ok(answer) => worker::console_log!("image build {} of {} accepted ({})", answer.id, state.repo, answer.status),
+            Ok(answer) => worker::console_log!("image build {} of {} accepted ({:?})", answer.id, state.repo, answer.status),
             Err(ProviderError::Unsupported { .. }) => {
                 worker::console_log!("the provider does not build images yet; {} has none", state.repo);
             }

@@ -1,27 +1,37 @@
-//! The provider API on `/v1`: bearer-token auth and the sandbox routes. Errors answer
-//! `{error: {code, message}}` ([`ApiError`]); internal details are logged, not returned.
+//! The provider API on `/v1`: bearer-token auth, the sandbox routes, snapshots and images. Errors
+//! answer `{error: {code, message}}` ([`ApiError`]); internal details are logged, not returned.
 
-use axum::body::Bytes;
-use axum::extract::{Request, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures_util::StreamExt as _;
 use nightshift_protocol::http::ErrorBody;
-use nightshift_protocol::provider::{CreateSandboxRequest, SandboxInfo};
+use nightshift_protocol::provider::{
+    CreateSandboxRequest, ImageInfo, ImageList, ImageRequest, SandboxInfo, SnapshotInfo,
+    SnapshotRequest,
+};
 use nightshift_protocol::ErrorCode;
 use sha2::{Digest, Sha256};
 
+use super::image::ImageError;
+use super::snapshot::{SnapshotError, SnapshotMeta};
 use super::{sandbox, AppState, HostError};
-use crate::seed::SeedError;
+use crate::seed::{RepoName, SeedError};
 
-/// `/v1/sandboxes…`, every route behind the provider token. Other paths under `/v1` (images, pools)
-/// are not served by this host yet and answer a plain 404.
+/// `/v1/sandboxes…` and `/v1/images…`, every route behind the provider token. Other paths under
+/// `/v1` (pools) are not served by this host yet and answer a plain 404.
 pub(super) fn router(state: AppState) -> Router<AppState> {
     Router::new()
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
+        .route("/sandboxes/{id}/snapshot", post(snapshot_sandbox))
+        .route("/images", post(build_image).get(list_images))
+        .route("/images/{id}", get(get_image))
+        .route("/images/{id}/log", get(image_log))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
@@ -72,6 +82,11 @@ impl IntoResponse for ApiError {
 
 impl From<HostError> for ApiError {
     fn from(err: HostError) -> Self {
+        let err = match err {
+            HostError::Image(err) => return err.into(),
+            HostError::Snapshot(err) => return err.into(),
+            other => other,
+        };
         match &err {
             HostError::Name(SeedError::InvalidRepo { .. } | SeedError::InvalidBranch { .. })
             | HostError::InvalidField { .. } => {
@@ -82,15 +97,66 @@ impl From<HostError> for ApiError {
             | HostError::SandboxNotFound { .. } => {
                 ApiError::new(ErrorCode::NotFound, err.to_string())
             }
+            HostError::NotAnOverlay { .. } => {
+                ApiError::new(ErrorCode::NotAnOverlay, err.to_string())
+            }
             HostError::GitCommand { .. } => {
                 tracing::warn!(error = %err, "git failed");
                 ApiError::new(ErrorCode::Upstream, err.to_string())
             }
             HostError::Name(_)
+            | HostError::Image(_)
+            | HostError::Snapshot(_)
             | HostError::Spawn { .. }
             | HostError::Io { .. }
             | HostError::Serve { .. } => {
                 tracing::error!(error = %err, "internal error");
+                ApiError::new(ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+}
+
+impl From<ImageError> for ApiError {
+    fn from(err: ImageError) -> Self {
+        match &err {
+            ImageError::Name(SeedError::InvalidRepo { .. } | SeedError::InvalidBranch { .. })
+            | ImageError::InvalidField { .. } => {
+                ApiError::new(ErrorCode::BadRequest, err.to_string())
+            }
+            ImageError::RepoNotFound { .. }
+            | ImageError::BranchNotFound { .. }
+            | ImageError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, err.to_string()),
+            ImageError::NotReady { .. } => ApiError::new(ErrorCode::Conflict, err.to_string()),
+            ImageError::Name(_)
+            | ImageError::GitCommand { .. }
+            | ImageError::SetupFailed { .. }
+            | ImageError::SetupTimedOut { .. }
+            | ImageError::Spawn { .. }
+            | ImageError::Io { .. } => {
+                tracing::error!(error = %err, "image error");
+                ApiError::new(ErrorCode::Internal, "internal error")
+            }
+        }
+    }
+}
+
+impl From<SnapshotError> for ApiError {
+    fn from(err: SnapshotError) -> Self {
+        match &err {
+            SnapshotError::NotFound { .. } => ApiError::new(ErrorCode::NotFound, err.to_string()),
+            SnapshotError::ImageGone { .. } => {
+                ApiError::new(ErrorCode::SnapshotImageGone, err.to_string())
+            }
+            SnapshotError::InvalidField { .. } => {
+                ApiError::new(ErrorCode::BadRequest, err.to_string())
+            }
+            SnapshotError::PrivatePathInUpper { .. }
+            | SnapshotError::Unsupported { .. }
+            | SnapshotError::TargetNotEmpty { .. }
+            | SnapshotError::Corrupt { .. }
+            | SnapshotError::Io { .. } => {
+                tracing::error!(error = %err, "snapshot error");
                 ApiError::new(ErrorCode::Internal, "internal error")
             }
         }
@@ -163,4 +229,124 @@ async fn delete_sandbox(
     Ok(Json(
         sandbox::stop(&state, &id, "stopped by request").await?,
     ))
+}
+
+/// `POST /v1/sandboxes/{id}/snapshot` → `201` [`SnapshotInfo`]: archive the sandbox's overlay upper
+/// directory; `409 not_an_overlay` for a sandbox that is a plain clone.
+async fn snapshot_sandbox(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<SnapshotInfo>), ApiError> {
+    let request: SnapshotRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        SnapshotRequest {
+            reason: String::new(),
+        }
+    } else {
+        serde_json::from_slice(&body).map_err(ApiError::from_json)?
+    };
+    let (info, overlay) = state.inner.sandboxes.overlay(&id)?;
+    let overlay = overlay.ok_or(HostError::NotAnOverlay {
+        id: info.id.clone(),
+    })?;
+    // The sandbox's HOME, which holds the agent's state directory (beside the workspace), must
+    // never be archived.
+    let home = state.inner.sandboxes_root.join(&info.id);
+    let meta = SnapshotMeta {
+        image_id: overlay.image_id,
+        repo: info.repo.clone(),
+        session_id: info.session_id.clone(),
+        reason: request.reason,
+        private_paths: vec![home],
+    };
+    let worker = state.clone();
+    let snapshot =
+        tokio::task::spawn_blocking(move || worker.inner.snapshots.snapshot(&overlay.upper, meta))
+            .await
+            .map_err(|err| {
+                tracing::error!(error = %err, "snapshot task failed");
+                ApiError::new(ErrorCode::Internal, "internal error")
+            })?
+            .map_err(HostError::from)?;
+    tracing::info!(sandbox_id = %info.id, snapshot_id = %snapshot.id, size_bytes = snapshot.size_bytes, "snapshot taken");
+    Ok((StatusCode::CREATED, Json(snapshot)))
+}
+
+/// `POST /v1/images` → `202` [`ImageInfo`] of the build (the running one, if the repository has one).
+async fn build_image(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<ImageInfo>), ApiError> {
+    let request: ImageRequest = serde_json::from_slice(&body).map_err(ApiError::from_json)?;
+    let build = state
+        .inner
+        .images
+        .build(
+            &request.repo,
+            request.git_ref.as_deref(),
+            request.setup.as_deref(),
+        )
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(build.info().clone())))
+}
+
+/// `?repo=owner/name`.
+#[derive(Debug, serde::Deserialize)]
+struct RepoQuery {
+    repo: Option<String>,
+}
+
+/// `GET /v1/images?repo=owner/name` → [`ImageList`]: images newest first, the running build, the
+/// latest failure.
+async fn list_images(
+    State(state): State<AppState>,
+    Query(query): Query<RepoQuery>,
+) -> Result<Json<ImageList>, ApiError> {
+    let repo = query.repo.ok_or(HostError::InvalidField {
+        field: "repo",
+        reason: "required (?repo=owner/name)",
+    })?;
+    let repo = RepoName::parse(&repo).map_err(HostError::Name)?;
+    if !repo.git_dir(&state.inner.git_root).is_dir() {
+        return Err(HostError::RepoNotFound {
+            repo: repo.to_string(),
+        }
+        .into());
+    }
+    Ok(Json(state.inner.images.list(&repo.to_string())))
+}
+
+/// `GET /v1/images/{id}` → [`ImageInfo`] (an image, a failed build or the running build).
+async fn get_image(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<ImageInfo>, ApiError> {
+    state.inner.images.get(&id).map(Json).ok_or_else(|| {
+        ImageError::NotFound {
+            id: crate::seed::truncate(&id, 80),
+        }
+        .into()
+    })
+}
+
+/// `GET /v1/images/{id}/log` → the build log as chunked `text/plain`, following a running build
+/// until it ends.
+async fn image_log(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    let stream = state.inner.images.follow_log(&id)?;
+    let body = Body::from_stream(stream.map(|chunk| chunk.map(Bytes::from)));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+            (
+                header::HeaderName::from_static("x-content-type-options"),
+                "nosniff",
+            ),
+        ],
+        body,
+    )
+        .into_response())
 }

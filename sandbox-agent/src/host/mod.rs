@@ -1,7 +1,9 @@
 //! `sandbox-agent host`: the local sandbox provider. One process serves, on one loopback address:
 //!
 //! - `POST /v1/sandboxes`, `GET /v1/sandboxes`, `GET /v1/sandboxes/{id}`, `DELETE
-//!   /v1/sandboxes/{id}`: the provider API ([`api`]), behind the provider token.
+//!   /v1/sandboxes/{id}`, `POST /v1/sandboxes/{id}/snapshot`, `POST /v1/images`, `GET
+//!   /v1/images?repo=`, `GET /v1/images/{id}`, `GET /v1/images/{id}/log`: the provider API
+//!   ([`api`]), behind the provider token.
 //! - `GET|POST /git/{owner}/{name}.git/…`: the git store over smart HTTP ([`git_http`]); no auth.
 //! - `POST /scripted-model/v1/messages` and `POST /scripted-model/v1/chat/completions`: the demo
 //!   model ([`crate::scripted_model`]) as Anthropic and as OpenAI-compatible API; no auth.
@@ -10,7 +12,11 @@
 //! A sandbox is, in this first cut, a clone of the repository (over smart HTTP, from this host
 //! itself, so the agent's `origin` is the host and it pushes back the same way) and a
 //! `sandbox-agent run` child process with a cleared environment in its own process group
-//! ([`sandbox`]). Isolation, images and warm pools come later behind the same API.
+//! ([`sandbox`]). Isolation and warm pools come later behind the same API.
+//!
+//! Images ([`image`]) are full-history clones after the repository's setup, published on tmpfs
+//! under the runtime directory; snapshots ([`snapshot`]) are a sandbox's overlay upper directory as
+//! a content-addressed `tar.zst`, restorable only onto the image they name.
 //!
 //! The data directory:
 //! ```text
@@ -18,6 +24,17 @@
 //! <data-dir>/sandboxes/<id>/               the sandbox's HOME
 //! <data-dir>/sandboxes/<id>/workspace/     its clone (NIGHTSHIFT_WORKSPACE)
 //! <data-dir>/sandboxes/<id>/agent.log      the agent's stdout and stderr
+//! <data-dir>/images/<owner>/<name>/<id>.json   an image's record (also failed builds)
+//! <data-dir>/images/<owner>/<name>/<id>.log    its build log
+//! <data-dir>/snapshots/<sha256>.tar.zst    a snapshot (the id is the archive's SHA-256)
+//! <data-dir>/snapshots/<sha256>.json       its record
+//! ```
+//!
+//! The runtime directory (tmpfs, 0700; default `/dev/shm/nightshift-host-<8 hex of the data dir>`):
+//! ```text
+//! <runtime>/images/<owner>/<name>/<id>/tree        a published image (lower of sandboxes)
+//! <runtime>/images/<owner>/<name>/<id>/meta.json   its record
+//! <runtime>/images/<owner>/<name>/.staging-<id>/   a build in progress
 //! ```
 //!
 //! Invariant: every repository name from a request passes [`crate::seed::RepoName`] before it
@@ -27,7 +44,20 @@
 
 mod api;
 mod git_http;
+#[cfg_attr(
+    not(test),
+    expect(
+        dead_code,
+        reason = "leases, restore and subscriptions are for the overlay launcher and the pools"
+    )
+)]
+mod image;
 mod sandbox;
+#[cfg_attr(
+    not(test),
+    expect(dead_code, reason = "restore is for the overlay launcher")
+)]
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -65,13 +95,19 @@ pub struct HostArgs {
     /// Program started as `AGENT_BIN run` in each sandbox. Default: this executable.
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,
+    /// Directory for images and sandbox overlays; should be tmpfs, made 0700. Default:
+    /// `/dev/shm/nightshift-host-<8 hex digits of a hash of the data dir>`.
+    #[arg(long)]
+    pub runtime_dir: Option<PathBuf>,
 }
 
 /// Everything the host needs, resolved (no environment lookups after this).
 #[derive(Clone)]
 pub struct HostConfig {
-    /// Root of `git/` and `sandboxes/`.
+    /// Root of `git/`, `sandboxes/`, `images/` (records) and `snapshots/`.
     pub data_dir: PathBuf,
+    /// Root of what lives on tmpfs: `images/` (trees).
+    pub runtime_dir: PathBuf,
     /// URL at which sandboxes reach this host; `None`: `http://` + the listener's address.
     pub public_url: Option<String>,
     /// Program started as `<agent_bin> run`.
@@ -102,6 +138,7 @@ impl fmt::Debug for HostConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HostConfig")
             .field("data_dir", &self.data_dir)
+            .field("runtime_dir", &self.runtime_dir)
             .field("public_url", &self.public_url)
             .field("agent_bin", &self.agent_bin)
             .field("provider_token", &"<redacted>")
@@ -156,6 +193,18 @@ pub enum HostError {
         /// The id asked for.
         id: String,
     },
+    /// The sandbox has no overlay upper directory over an image, so it has no delta to snapshot.
+    #[error("sandbox {id} is not an overlay over an image")]
+    NotAnOverlay {
+        /// The sandbox.
+        id: String,
+    },
+    /// An image operation failed.
+    #[error(transparent)]
+    Image(#[from] image::ImageError),
+    /// A snapshot operation failed.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
     /// A git command ran and failed.
     #[error("`{command}` failed ({status}): {stderr}")]
     GitCommand {
@@ -192,6 +241,43 @@ pub enum HostError {
     },
 }
 
+/// Write `value` as pretty JSON to `path` through a temporary file beside it and a rename, so a
+/// reader never sees half a record.
+fn write_json_atomically<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let bytes = serde_json::to_vec_pretty(value).map_err(std::io::Error::other)?;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".tmp-{}", hex::encode(rand::random::<[u8; 4]>())));
+    let temporary = PathBuf::from(temporary);
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&temporary);
+    })
+}
+
+/// The default runtime directory of a data directory: `/dev/shm/nightshift-host-<8 hex digits of
+/// the SHA-256 of its canonical path>`, so hosts with different data directories never share one.
+pub fn default_runtime_dir(data_dir: &Path) -> Result<PathBuf, HostError> {
+    use sha2::Digest as _;
+    let canonical = data_dir
+        .canonicalize()
+        .map_err(io_error("resolve", data_dir))?;
+    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
+    let short = hex::encode(digest.get(..4).unwrap_or_default());
+    Ok(PathBuf::from(format!("/dev/shm/nightshift-host-{short}")))
+}
+
+/// Create `dir` (and its parents) and make it 0700.
+fn create_private_dir(dir: &Path) -> Result<(), HostError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_error("create directory", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(io_error("restrict", dir))
+}
+
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {
     let path = path.to_owned();
     move |source| HostError::Io {
@@ -216,11 +302,14 @@ struct Shared {
     /// `<data-dir>/sandboxes`, absolute.
     sandboxes_root: PathBuf,
     sandboxes: sandbox::Sandboxes,
+    images: image::Images,
+    snapshots: snapshot::Snapshots,
 }
 
 impl AppState {
-    /// Create the data directory layout and the (empty) sandbox table. `base_url` is where
-    /// sandboxes reach this host, e.g. `http://127.0.0.1:8788`.
+    /// Create the data and runtime directory layout, the (empty) sandbox table, and read back the
+    /// images and snapshots. `base_url` is where sandboxes reach this host, e.g.
+    /// `http://127.0.0.1:8788`. Image setups run as plain processes ([`image::ProcessRunner`]).
     pub fn new(config: HostConfig, base_url: &str) -> Result<Self, HostError> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(io_error("create directory", &config.data_dir))?;
@@ -233,7 +322,24 @@ impl AppState {
         for dir in [&git_root, &sandboxes_root] {
             std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
         }
+        create_private_dir(&config.runtime_dir)?;
+        let runtime_dir = config
+            .runtime_dir
+            .canonicalize()
+            .map_err(io_error("resolve", &config.runtime_dir))?;
         let base_url = base_url.trim_end_matches('/').to_owned();
+        let images = image::Images::open(
+            image::ImagesConfig {
+                git_root: git_root.clone(),
+                trees_root: runtime_dir.join("images"),
+                records_root: data_dir.join("images"),
+                base_url: base_url.clone(),
+                settings: image::ImageSettings::default(),
+            },
+            Arc::new(image::ProcessRunner),
+        )?;
+        // Before any build: the images snapshots name are pinned, so retirement never takes them.
+        let snapshots = snapshot::Snapshots::open(&data_dir.join("snapshots"), images.clone())?;
         Ok(AppState {
             inner: Arc::new(Shared {
                 config,
@@ -241,8 +347,25 @@ impl AppState {
                 git_root,
                 sandboxes_root,
                 sandboxes: Default::default(),
+                images,
+                snapshots,
             }),
         })
+    }
+
+    /// The images of this host.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "for the overlay launcher and the pools")
+    )]
+    pub fn images(&self) -> &image::Images {
+        &self.inner.images
+    }
+
+    /// The snapshots of this host.
+    #[cfg_attr(not(test), expect(dead_code, reason = "for the overlay launcher"))]
+    pub fn snapshots(&self) -> &snapshot::Snapshots {
+        &self.inner.snapshots
     }
 
     /// The git store, `<data-dir>/git`.
@@ -385,8 +508,15 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
             "listening beyond loopback: /git and /scripted-model have no authentication"
         );
     }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("could not create {}", args.data_dir.display()))?;
+    let runtime_dir = match args.runtime_dir {
+        Some(dir) => dir,
+        None => default_runtime_dir(&args.data_dir)?,
+    };
     let config = HostConfig {
         data_dir: args.data_dir,
+        runtime_dir,
         public_url,
         agent_bin,
         provider_token,
@@ -399,6 +529,7 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
     tracing::info!(
         address = %listener.local_addr()?,
         data_dir = %config.data_dir.display(),
+        runtime_dir = %config.runtime_dir.display(),
         model = if config.model.api_key.is_some() { "anthropic" } else { "scripted demo" },
         "host listening"
     );

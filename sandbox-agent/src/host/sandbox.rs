@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +42,18 @@ struct Entry {
     process_group: Option<libc::pid_t>,
     /// Becomes `true` once the agent has exited and been reaped.
     exited: watch::Receiver<bool>,
+    /// The overlay upper directory (the workspace's delta) and the image under it, when the sandbox
+    /// is an overlay over an image; `None` for a plain clone, which cannot be snapshotted.
+    overlay: Option<Overlay>,
+}
+
+/// Where a sandbox's changes are: its overlay upper directory over an image's tree.
+#[derive(Debug, Clone)]
+pub(super) struct Overlay {
+    /// The upper directory: only the workspace's delta (never HOME or the agent's state).
+    pub(super) upper: PathBuf,
+    /// The image whose tree is the lower directory.
+    pub(super) image_id: String,
 }
 
 impl Sandboxes {
@@ -70,6 +82,41 @@ impl Sandboxes {
             .collect();
         all.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
         all
+    }
+
+    /// The overlay of sandbox `id` (see [`Overlay`]) and the session it serves.
+    pub(super) fn overlay(&self, id: &str) -> Result<(SandboxInfo, Option<Overlay>), HostError> {
+        self.lock()
+            .get(id)
+            .map(|entry| (entry.info.clone(), entry.overlay.clone()))
+            .ok_or_else(|| not_found(id))
+    }
+
+    /// Record that sandbox `id` runs on an overlay (for the isolation layer, which mounts it).
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "the overlay launcher fills it in")
+    )]
+    pub(super) fn set_overlay(&self, id: &str, overlay: Overlay) -> Result<(), HostError> {
+        let mut entries = self.lock();
+        let entry = entries.get_mut(id).ok_or_else(|| not_found(id))?;
+        entry.overlay = Some(overlay);
+        Ok(())
+    }
+
+    /// A sandbox entry without a process (tests of the routes).
+    #[cfg(test)]
+    pub(super) fn insert_for_test(&self, info: SandboxInfo) {
+        let (_, exited) = watch::channel(true);
+        self.lock().insert(
+            info.id.clone(),
+            Entry {
+                info,
+                process_group: None,
+                exited,
+                overlay: None,
+            },
+        );
     }
 
     /// Record that the agent of `id` exited.
@@ -264,6 +311,7 @@ pub(super) async fn create(
             info: info.clone(),
             process_group,
             exited: done_rx,
+            overlay: None,
         },
     );
 
@@ -477,6 +525,7 @@ mod tests {
     fn config(model: ModelConfig) -> HostConfig {
         HostConfig {
             data_dir: "/data".into(),
+            runtime_dir: "/dev/shm/nightshift-host-test".into(),
             public_url: None,
             agent_bin: "/bin/true".into(),
             provider_token: "provider-secret".into(),

@@ -18,6 +18,7 @@ const TOKEN: &str = "test-provider-token";
 fn config(data_dir: &Path, agent_bin: &Path) -> HostConfig {
     HostConfig {
         data_dir: data_dir.to_owned(),
+        runtime_dir: data_dir.join("runtime"),
         public_url: None,
         agent_bin: agent_bin.to_owned(),
         provider_token: TOKEN.to_owned(),
@@ -96,6 +97,23 @@ async fn provider_api_requires_the_bearer_token() {
         assert_eq!(status, StatusCode::UNAUTHORIZED);
         let (status, _) = call(&app, "DELETE", "/v1/sandboxes/abc", token, None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
+        for (method, uri) in [
+            ("POST", "/v1/sandboxes/abc/snapshot"),
+            ("POST", "/v1/images"),
+            ("GET", "/v1/images?repo=demo/hello"),
+            ("GET", "/v1/images/0123456789abcdef"),
+            ("GET", "/v1/images/0123456789abcdef/log"),
+        ] {
+            let (status, _) = call(
+                &app,
+                method,
+                uri,
+                token,
+                Some(json!({"repo": "demo/hello"})),
+            )
+            .await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {uri}");
+        }
     }
     // Another scheme with the right secret is not a bearer token.
     let request = Request::get("/v1/sandboxes").header("authorization", format!("Basic {TOKEN}"));
@@ -112,8 +130,8 @@ async fn provider_api_requires_the_bearer_token() {
     assert_eq!(body, json!({"sandboxes": []}));
     let (status, body) = call(&app, "GET", "/healthz", None, None).await;
     assert_eq!((status, body), (StatusCode::OK, json!("ok")));
-    // Images and pools are not served by this host yet: plain 404, not a fake answer.
-    let (status, _) = call(&app, "GET", "/v1/images?repo=demo/hello", Some(TOKEN), None).await;
+    // Pools are not served by this host yet: plain 404, not a fake answer.
+    let (status, _) = call(&app, "GET", "/v1/pools", Some(TOKEN), None).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
@@ -770,4 +788,311 @@ async fn stubborn_agents_are_killed_and_timeouts_and_shutdown_stop_agents() {
     host.stop().await;
     assert_gone_soon(&last_pid).await;
     assert_gone_soon(&last_grandchild).await;
+}
+
+/// `(status, error code)` of an answer.
+fn code(answer: &(StatusCode, Value)) -> (StatusCode, &str) {
+    (answer.0, answer.1["error"]["code"].as_str().unwrap_or(""))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_routes_build_list_and_stream_the_log() {
+    let data = tempfile::tempdir().unwrap();
+    seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    let app = app_in(data.path());
+    let post = |body: Value| call(&app, "POST", "/v1/images", Some(TOKEN), Some(body));
+
+    // Typed refusals, before anything runs.
+    let request = Request::post("/v1/images").header("authorization", format!("Bearer {TOKEN}"));
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from("{not json")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+    for (body, expected) in [
+        (
+            json!({"ref": "main"}),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+        ),
+        (
+            json!({"repo": "../x"}),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+        ),
+        (
+            json!({"repo": "demo/hello", "ref": "-x"}),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+        ),
+        (
+            json!({"repo": "demo/hello", "setup": "a\u{0}b"}),
+            (StatusCode::BAD_REQUEST, "bad_request"),
+        ),
+        (
+            json!({"repo": "demo/nothing"}),
+            (StatusCode::NOT_FOUND, "not_found"),
+        ),
+        (
+            json!({"repo": "demo/hello", "ref": "nope"}),
+            (StatusCode::NOT_FOUND, "not_found"),
+        ),
+    ] {
+        assert_eq!(code(&post(body.clone()).await), expected, "{body}");
+    }
+    for (uri, expected) in [
+        ("/v1/images", (StatusCode::BAD_REQUEST, "bad_request")),
+        (
+            "/v1/images?repo=..%2Fx",
+            (StatusCode::BAD_REQUEST, "bad_request"),
+        ),
+        (
+            "/v1/images?repo=demo/nothing",
+            (StatusCode::NOT_FOUND, "not_found"),
+        ),
+        (
+            "/v1/images/0123456789abcdef",
+            (StatusCode::NOT_FOUND, "not_found"),
+        ),
+        (
+            "/v1/images/..%2F..%2Fetc/log",
+            (StatusCode::NOT_FOUND, "not_found"),
+        ),
+    ] {
+        assert_eq!(
+            code(&call(&app, "GET", uri, Some(TOKEN), None).await),
+            expected,
+            "{uri}"
+        );
+    }
+    let (status, empty) = call(&app, "GET", "/v1/images?repo=demo/hello", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        empty,
+        json!({"images": [], "building": null, "latest_failure": null})
+    );
+
+    // A build whose setup waits for a gate, so it is observably running.
+    let gate = data.path().join("gate");
+    let setup = format!(
+        "x=line; echo first-$x; while [ ! -e {} ]; do sleep 0.02; done; echo last-$x",
+        gate.display()
+    );
+    let (status, started) = post(json!({"repo": "demo/hello", "setup": setup})).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{started}");
+    assert_eq!(started["status"], "building");
+    assert_eq!(started["ref"], "main");
+    let id = started["id"].as_str().unwrap().to_owned();
+    let (status, again) = post(json!({"repo": "demo/hello", "setup": "true"})).await;
+    assert_eq!(
+        (status, again["id"].as_str()),
+        (StatusCode::ACCEPTED, Some(id.as_str()))
+    );
+
+    let request = Request::get(format!("/v1/images/{id}/log"))
+        .header("authorization", format!("Bearer {TOKEN}"));
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/plain; charset=utf-8"
+    );
+    let mut chunks = response.into_body().into_data_stream();
+    let mut log = String::new();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !log.contains("first-line") {
+            let chunk = futures_util::StreamExt::next(&mut chunks)
+                .await
+                .unwrap()
+                .unwrap();
+            log.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    })
+    .await
+    .expect("the first line arrives while the build runs");
+    let (_, building) = call(&app, "GET", &format!("/v1/images/{id}"), Some(TOKEN), None).await;
+    assert_eq!(building["status"], "building");
+    assert_eq!(building["commit"].as_str().unwrap().len(), 40, "{building}");
+    let (_, list) = call(&app, "GET", "/v1/images?repo=demo/hello", Some(TOKEN), None).await;
+    assert_eq!(list["building"]["id"], json!(id));
+    std::fs::write(&gate, "").unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while let Some(chunk) = futures_util::StreamExt::next(&mut chunks).await {
+            log.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+        }
+    })
+    .await
+    .expect("the log ends with the build");
+    assert!(
+        log.contains("last-line\n") && log.contains("build succeeded"),
+        "{log}"
+    );
+
+    let (status, list) = call(&app, "GET", "/v1/images?repo=demo/hello", Some(TOKEN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let list: nightshift_protocol::provider::ImageList = serde_json::from_value(list).unwrap();
+    assert!(list.building.is_none() && list.latest_failure.is_none());
+    assert_eq!(list.images.len(), 1);
+    let image = &list.images[0];
+    assert_eq!(image.id, id);
+    assert_eq!(
+        image.status,
+        nightshift_protocol::provider::ImageStatus::Ready
+    );
+    assert!(image.file_count > 0 && image.setup_log.contains("last-line"));
+    assert!(image.age_ms < 60_000);
+
+    // A failing build shows up as the latest failure, beside the image it leaves in place.
+    let (_, failing) = post(json!({"repo": "demo/hello", "setup": "exit 7"})).await;
+    let failing_id = failing["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let list = loop {
+        let (_, list) = call(&app, "GET", "/v1/images?repo=demo/hello", Some(TOKEN), None).await;
+        if list["building"].is_null() {
+            break list;
+        }
+        assert!(Instant::now() < deadline, "{list}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(list["latest_failure"]["id"], json!(failing_id));
+    assert_eq!(list["latest_failure"]["status"], "failed");
+    assert!(list["latest_failure"]["error"]
+        .as_str()
+        .unwrap()
+        .contains("exit code 7"));
+    assert_eq!(list["images"][0]["id"], json!(id));
+}
+
+#[tokio::test]
+async fn snapshot_route_archives_an_overlay_sandbox_and_refuses_others() {
+    let data = tempfile::tempdir().unwrap();
+    let state = AppState::new(
+        config(data.path(), Path::new("/bin/true")),
+        "http://127.0.0.1:9",
+    )
+    .unwrap();
+    let app = app(state.clone());
+    state
+        .inner
+        .sandboxes
+        .insert_for_test(nightshift_protocol::provider::SandboxInfo {
+            id: "sb1".to_owned(),
+            session_id: "session-1".to_owned(),
+            repo: "demo/hello".to_owned(),
+            status: "running".to_owned(),
+            created_ms: 1,
+            detail: String::new(),
+        });
+    let snapshot = |id: &str, body: Option<Value>| {
+        let uri = format!("/v1/sandboxes/{id}/snapshot");
+        let app = app.clone();
+        async move { call(&app, "POST", &uri, Some(TOKEN), body).await }
+    };
+    assert_eq!(
+        code(&snapshot("nope", Some(json!({"reason": "x"}))).await),
+        (StatusCode::NOT_FOUND, "not_found")
+    );
+    // A plain clone has no delta against an image.
+    assert_eq!(
+        code(&snapshot("sb1", Some(json!({"reason": "x"}))).await),
+        (StatusCode::CONFLICT, "not_an_overlay")
+    );
+
+    let upper = tempfile::tempdir().unwrap();
+    std::fs::create_dir(upper.path().join("src")).unwrap();
+    std::fs::write(upper.path().join("src/lib.rs"), "pub fn changed() {}\n").unwrap();
+    state
+        .inner
+        .sandboxes
+        .set_overlay(
+            "sb1",
+            sandbox::Overlay {
+                upper: upper.path().to_owned(),
+                image_id: "00000000000000aa".to_owned(),
+            },
+        )
+        .unwrap();
+    let (status, taken) = snapshot("sb1", Some(json!({"reason": "prompt_finished"}))).await;
+    assert_eq!(status, StatusCode::CREATED, "{taken}");
+    let taken: nightshift_protocol::provider::SnapshotInfo = serde_json::from_value(taken).unwrap();
+    assert!(snapshot::is_snapshot_id(&taken.id), "{taken:?}");
+    assert_eq!(
+        (
+            taken.image_id.as_str(),
+            taken.session_id.as_str(),
+            taken.repo.as_str(),
+            taken.reason.as_str()
+        ),
+        (
+            "00000000000000aa",
+            "session-1",
+            "demo/hello",
+            "prompt_finished"
+        )
+    );
+    let archive = data
+        .path()
+        .canonicalize()
+        .unwrap()
+        .join(format!("snapshots/{}.tar.zst", taken.id));
+    assert_eq!(std::fs::metadata(archive).unwrap().len(), taken.size_bytes);
+    // Content-addressed: the same changes are the same snapshot; an empty body is allowed.
+    let (status, same) = snapshot("sb1", None).await;
+    assert_eq!(
+        (status, same["id"].as_str()),
+        (StatusCode::CREATED, Some(taken.id.as_str()))
+    );
+    assert_eq!(state.snapshots().get(&taken.id).unwrap(), taken);
+    assert_eq!(
+        code(&snapshot("sb1", Some(json!({"reason": "a\nb"}))).await),
+        (StatusCode::BAD_REQUEST, "bad_request")
+    );
+    let request = Request::post("/v1/sandboxes/sb1/snapshot")
+        .header("authorization", format!("Bearer {TOKEN}"));
+    let response = app
+        .clone()
+        .oneshot(request.body(Body::from("{not json")).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_REQUEST);
+
+    // Its image is gone (never built here): restoring is refused with the typed error.
+    let err = state
+        .snapshots()
+        .restore(&taken.id, &data.path().join("restored"))
+        .unwrap_err();
+    let answer =
+        axum::response::IntoResponse::into_response(api::ApiError::from(HostError::from(err)));
+    assert_eq!(answer.status(), StatusCode::CONFLICT);
+    let body: Value = serde_json::from_slice(
+        &axum::body::to_bytes(answer.into_body(), usize::MAX)
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(body["error"]["code"], "snapshot_image_gone");
+
+    // An upper directory that holds the sandbox's HOME is never archived.
+    let sandboxes = data.path().canonicalize().unwrap().join("sandboxes");
+    std::fs::create_dir_all(sandboxes.join("sb1")).unwrap();
+    std::fs::write(sandboxes.join("sb1/secret"), "token").unwrap();
+    state
+        .inner
+        .sandboxes
+        .set_overlay(
+            "sb1",
+            sandbox::Overlay {
+                upper: sandboxes,
+                image_id: "00000000000000aa".to_owned(),
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        code(&snapshot("sb1", Some(json!({"reason": "x"}))).await),
+        (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+    );
+    assert_eq!(state.snapshots().list().len(), 1);
+    assert!(state.images().latest("demo/hello").is_none());
 }

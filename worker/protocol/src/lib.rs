@@ -88,6 +88,10 @@ pub enum ErrorCode {
     Conflict,
     /// A dependency (the sandbox provider, storage) failed.
     Upstream,
+    /// The sandbox has no overlay upper directory (no image under it), so there is no delta to snapshot.
+    NotAnOverlay,
+    /// The image a snapshot was taken on has been retired or lost; the snapshot cannot be restored.
+    SnapshotImageGone,
     /// Something failed inside; details are not exposed.
     Internal,
 }
@@ -105,7 +109,7 @@ impl ErrorCode {
             | ErrorCode::BadRequest => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound => 404,
-            ErrorCode::Conflict => 409,
+            ErrorCode::Conflict | ErrorCode::NotAnOverlay | ErrorCode::SnapshotImageGone => 409,
             ErrorCode::FrameTooLarge => 413,
             ErrorCode::QueueFull => 429,
             ErrorCode::Upstream => 502,
@@ -129,6 +133,8 @@ impl ErrorCode {
             ErrorCode::QueueFull => "queue_full",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Upstream => "upstream",
+            ErrorCode::NotAnOverlay => "not_an_overlay",
+            ErrorCode::SnapshotImageGone => "snapshot_image_gone",
             ErrorCode::Internal => "internal",
         }
     }
@@ -250,6 +256,8 @@ mod tests {
             ErrorCode::QueueFull,
             ErrorCode::Conflict,
             ErrorCode::Upstream,
+            ErrorCode::NotAnOverlay,
+            ErrorCode::SnapshotImageGone,
             ErrorCode::Internal,
         ];
         for code in all {

@@ -40,65 +40,117 @@ pub struct SandboxInfo {
     pub detail: String,
 }
 
-/// `POST /v1/images`: build an image of a repository (clone at `ref`, then `setup`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CreateImageRequest {
+/// `POST /v1/images`: build an image of a repository (a full-history clone at a commit of `ref`, after
+/// the repository's setup ran in it). Answered `202` with the build's [`ImageInfo`] (`status:
+/// building`); while a build of the repository runs, the answer is that build.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageRequest {
     /// Repository, `owner/name`.
     pub repo: String,
-    /// Branch or commit to build from.
-    #[serde(rename = "ref")]
-    pub git_ref: String,
-    /// Setup command to run in the checkout; `null` for the provider's default.
+    /// Branch whose tip is built (default `main`).
+    #[serde(default, rename = "ref")]
+    pub git_ref: Option<String>,
+    /// Shell command line run in the tree when the repository has no `.nightshift/setup.sh`.
+    #[serde(default)]
     pub setup: Option<String>,
 }
 
-/// `202` answer to `POST /v1/images`: the build was accepted and runs in the background.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ImageBuildAccepted {
-    /// Provider's build (and image) id.
-    pub id: String,
-    /// Where the build is (`building`, `ready`, `failed`).
-    pub status: String,
+/// Where an image is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStatus {
+    /// Cloning or running the setup; `GET /v1/images/{id}/log` follows it.
+    Building,
+    /// Published: sandboxes can start from it.
+    Ready,
+    /// A step failed (`error` says which); nothing was published. Never used as an image.
+    Failed,
+    /// Published once, but its tree is gone (the host's runtime directory did not survive a reboot);
+    /// a new build replaces it.
+    Missing,
 }
 
-/// `GET /v1/images?repo=owner/name`: the images of a repository, newest first, and its latest failed build.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ImageList {
-    /// Images, newest first.
-    #[serde(default)]
-    pub images: Vec<ImageInfo>,
-    /// The latest failed build, if any.
-    #[serde(default, alias = "last_failure", alias = "failure")]
-    pub latest_failure: Option<ImageFailure>,
-}
-
-/// An image as the provider lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// An image (or a failed build) as the provider describes it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ImageInfo {
-    /// Provider's image id.
+    /// Provider's id.
     pub id: String,
-    /// Commit it was built from.
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Branch it was built from.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// Commit checked out in the tree (empty until the clone is done).
     #[serde(default)]
-    pub commit: Option<String>,
-    /// How old it is.
+    pub commit: String,
+    /// When the build started.
+    pub created_ms: u64,
+    /// When the build ended (published or failed); `None` while building.
+    #[serde(default)]
+    pub finished_ms: Option<u64>,
+    /// Time since `created_ms` when this answer was made.
+    #[serde(default)]
     pub age_ms: u64,
-    /// Build status when the provider lists unfinished builds too (`building`, `ready`…).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status: Option<String>,
+    /// Where it is in its life.
+    pub status: ImageStatus,
+    /// The setup command line given in the request (the repository's `.nightshift/setup.sh` wins).
+    #[serde(default)]
+    pub setup: Option<String>,
+    /// The end of the build log (clone, setup output), capped; the whole log is at
+    /// `GET /v1/images/{id}/log`.
+    #[serde(default)]
+    pub setup_log: String,
+    /// Bytes of the tree's files (apparent sizes), working tree and `.git` together.
+    #[serde(default)]
+    pub size_bytes: u64,
+    /// Files, symlinks and other non-directories in the tree.
+    #[serde(default)]
+    pub file_count: u64,
+    /// Why the build failed.
+    #[serde(default)]
+    pub error: Option<String>,
 }
 
-/// A failed image build as the provider lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct ImageFailure {
-    /// Provider's build id.
+/// `GET /v1/images?repo=owner/name`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageList {
+    /// Published images (`ready`, or `missing` after a reboot), newest first.
+    pub images: Vec<ImageInfo>,
+    /// The build running now, if any.
     #[serde(default)]
-    pub id: Option<String>,
-    /// Why it failed.
+    pub building: Option<ImageInfo>,
+    /// The newest failed build, when it is newer than the newest published image (the image is
+    /// stale: show a warning).
     #[serde(default)]
-    pub error: String,
-    /// How long ago it failed.
+    pub latest_failure: Option<ImageInfo>,
+}
+
+/// `POST /v1/sandboxes/{id}/snapshot`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotRequest {
+    /// Why the snapshot is taken (e.g. `prompt_finished`, `timeout`); recorded, at most 200 characters.
     #[serde(default)]
-    pub age_ms: Option<u64>,
+    pub reason: String,
+}
+
+/// A snapshot of a sandbox: its changes against the image it started from, content-addressed.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct SnapshotInfo {
+    /// SHA-256 of the archive (hex); the same changes on the same image give the same id.
+    pub id: String,
+    /// The image the changes apply to; restoring needs it to still exist.
+    pub image_id: String,
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Session of the sandbox it was taken from.
+    pub session_id: String,
+    /// When it was taken (the first time, for identical snapshots).
+    pub created_ms: u64,
+    /// Size of the compressed archive.
+    pub size_bytes: u64,
+    /// Why it was taken.
+    #[serde(default)]
+    pub reason: String,
 }
 
 /// `POST /v1/pools/{repo}`: keep this many sandboxes of the repository ready to claim.

@@ -8,7 +8,7 @@
 use nightshift_protocol::http::{
     BuildStatus, RepoBuild, RepoImage, RepoSummary, RepoWarm, RepoWarning, RepoWarningKind, WarmOutcome,
 };
-use nightshift_protocol::provider::{ImageBuildAccepted, ImageInfo, ImageList};
+use nightshift_protocol::provider::{ImageInfo, ImageList, ImageStatus};
 
 const SECOND_MS: u64 = 1_000;
 const MINUTE_MS: u64 = 60 * SECOND_MS;
@@ -200,17 +200,20 @@ impl RepoState {
     }
 
     /// The provider accepted the build; it may already say how it ended.
-    pub fn build_accepted(&mut self, now_ms: u64, answer: &ImageBuildAccepted) {
+    pub fn build_accepted(&mut self, now_ms: u64, answer: &ImageInfo) {
         let Some(build) = self.build.as_mut() else { return };
         build.id = Some(answer.id.clone());
-        match answer.status.as_str() {
-            "ready" | "succeeded" | "done" => {
+        match answer.status {
+            ImageStatus::Ready => {
                 build.status = BuildStatus::Succeeded;
                 build.finished_ms = Some(now_ms);
                 self.failures = 0;
             }
-            "failed" | "error" => self.build_failed(now_ms, "the provider reported the build as failed".to_owned()),
-            _ => {}
+            ImageStatus::Failed => {
+                let error = answer.error.clone().unwrap_or_else(|| "the provider reported the build as failed".to_owned());
+                self.build_failed(now_ms, error);
+            }
+            ImageStatus::Building | ImageStatus::Missing => {}
         }
     }
 
@@ -239,14 +242,14 @@ impl RepoState {
     /// Take in the provider's list of images: the newest ready one becomes the image, and a running build
     /// ends when its image appears (success) or the provider's latest failure is it (failure).
     pub fn observe(&mut self, now_ms: u64, list: &ImageList) {
-        let ready: Vec<&ImageInfo> = list.images.iter().filter(|i| is_ready(i.status.as_deref())).collect();
+        let ready: Vec<&ImageInfo> = list.images.iter().filter(|i| i.status == ImageStatus::Ready).collect();
         match ready.iter().min_by_key(|i| i.age_ms) {
             Some(newest) => {
                 let known = self.image.as_ref().is_some_and(|i| i.id == newest.id);
                 if !known {
                     self.image = Some(ImageRecord {
                         id: newest.id.clone(),
-                        commit: newest.commit.clone(),
+                        commit: Some(newest.commit.clone()).filter(|c| !c.is_empty()),
                         created_ms: now_ms.saturating_sub(newest.age_ms),
                     });
                 }
@@ -268,11 +271,10 @@ impl RepoState {
             build.finished_ms = Some(now_ms);
             build.error = None;
             self.failures = 0;
-        } else if let Some(failure) = list.latest_failure.as_ref().filter(|f| ours(f.id.as_deref(), f.age_ms)) {
-            let error = if failure.error.trim().is_empty() {
-                "the provider reported the build as failed".to_owned()
-            } else {
-                failure.error.clone()
+        } else if let Some(failure) = list.latest_failure.as_ref().filter(|f| ours(Some(&f.id), Some(f.age_ms))) {
+            let error = match failure.error.as_deref().map(str::trim) {
+                Some(error) if !error.is_empty() => error.to_owned(),
+                _ => "the provider reported the build as failed".to_owned(),
             };
             self.build_failed(now_ms, error);
         }
@@ -369,9 +371,6 @@ impl RepoState {
 }
 
 /// Whether a listed image is usable (providers that list unfinished builds mark them).
-fn is_ready(status: Option<&str>) -> bool {
-    !matches!(status, Some("building" | "pending" | "queued" | "failed" | "error"))
-}
 
 /// How long to wait after the `failures`-th failed build in a row: 1 min, 2 min, 4 min… never more than
 /// the cadence.

@@ -2,7 +2,7 @@
 
 use insta::assert_debug_snapshot;
 use nightshift_protocol::http::{BuildStatus, RepoWarningKind};
-use nightshift_protocol::provider::{ImageBuildAccepted, ImageFailure, ImageInfo, ImageList};
+use nightshift_protocol::provider::{ImageInfo, ImageList, ImageStatus};
 use nightshift_session::repo::{
     RepoError, RepoState, WarmDecision, WarmLedger, BUILD_TIMEOUT_MS, DEFAULT_CADENCE_MS, MAX_POOL_TARGET,
     WARM_DEMAND_WINDOW_MS, WARM_INTERVAL_MS,
@@ -65,14 +65,34 @@ fn listing(images: &[(&str, u64)]) -> ImageList {
     ImageList {
         images: images
             .iter()
-            .map(|(id, age_ms)| ImageInfo { id: (*id).to_owned(), commit: Some(format!("c-{id}")), age_ms: *age_ms, status: None })
+            .map(|(id, age_ms)| image(id, *age_ms, ImageStatus::Ready, None))
             .collect(),
+        building: None,
         latest_failure: None,
     }
 }
 
-fn accepted(id: &str) -> ImageBuildAccepted {
-    ImageBuildAccepted { id: id.to_owned(), status: "building".to_owned() }
+/// An image (or build) as the provider describes it.
+fn image(id: &str, age_ms: u64, status: ImageStatus, error: Option<&str>) -> ImageInfo {
+    ImageInfo {
+        id: id.to_owned(),
+        repo: "demo/hello".to_owned(),
+        git_ref: "main".to_owned(),
+        commit: format!("c-{id}"),
+        created_ms: 0,
+        finished_ms: None,
+        age_ms,
+        status,
+        setup: None,
+        setup_log: String::new(),
+        size_bytes: 0,
+        file_count: 0,
+        error: error.map(str::to_owned),
+    }
+}
+
+fn accepted(id: &str) -> ImageInfo {
+    image(id, 0, ImageStatus::Building, None)
 }
 
 #[test]
@@ -134,7 +154,7 @@ fn failed_builds_back_off_exponentially_up_to_the_cadence() {
     // A success resets the backoff: the next build is a cadence away.
     let now = clock.now_ms;
     repo.start_build(now);
-    repo.build_accepted(now, &ImageBuildAccepted { id: "img-ok".to_owned(), status: "ready".to_owned() });
+    repo.build_accepted(now, &image("img-ok", 0, ImageStatus::Ready, None));
     lines.push(line("succeeded", &repo, now));
     assert_eq!(repo.failures, 0);
     assert_debug_snapshot!(lines);
@@ -149,11 +169,10 @@ fn a_failure_reported_by_the_provider_ends_the_build() {
     let now = clock.advance(20_000);
     // An older failure (before this build started) is not this build's.
     let mut list = listing(&[]);
-    list.latest_failure = Some(ImageFailure { id: Some("b-1".to_owned()), error: "old".to_owned(), age_ms: Some(60_000) });
+    list.latest_failure = Some(image("b-1", 60_000, ImageStatus::Failed, Some("old")));
     repo.observe(now, &list);
     assert!(repo.building());
-    list.latest_failure =
-        Some(ImageFailure { id: Some("b-2".to_owned()), error: "npm install exited with 1".to_owned(), age_ms: Some(1_000) });
+    list.latest_failure = Some(image("b-2", 1_000, ImageStatus::Failed, Some("npm install exited with 1")));
     repo.observe(now, &list);
     let build = repo.build.clone().unwrap();
     assert_eq!(build.status, BuildStatus::Failed);
