@@ -370,8 +370,6 @@ impl RepoState {
     }
 }
 
-/// Whether a listed image is usable (providers that list unfinished builds mark them).
-
 /// How long to wait after the `failures`-th failed build in a row: 1 min, 2 min, 4 min… never more than
 /// the cadence.
 pub fn backoff_ms(failures: u32, cadence_ms: u64) -> u64 {
