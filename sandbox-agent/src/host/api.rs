@@ -89,7 +89,8 @@ impl From<HostError> for ApiError {
             HostError::Name(_)
             | HostError::Spawn { .. }
             | HostError::Io { .. }
-            | HostError::Serve { .. } => {
+            | HostError::Serve { .. }
+            | HostError::Egress(_) => {
                 tracing::error!(error = %err, "internal error");
                 ApiError::new(ErrorCode::Internal, "internal error")
             }

@@ -26,6 +26,7 @@
 //! [`sandbox::agent_env`] lists (the provider token never).
 
 mod api;
+pub mod egress;
 mod git_http;
 mod sandbox;
 #[cfg(test)]
@@ -44,6 +45,7 @@ use axum::Router;
 
 use crate::env;
 use crate::seed::SeedError;
+use egress::EgressError;
 
 /// How long in-flight requests may take to finish after the shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -190,6 +192,9 @@ pub enum HostError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The egress proxy failed.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
 }
 
 fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> HostError {

@@ -256,6 +256,9 @@ pub(super) async fn create(
         status: RUNNING.to_owned(),
         created_ms: now_ms(),
         detail: String::new(),
+        isolation: None,
+        limits: None,
+        refused: Vec::new(),
     };
     let (done_tx, done_rx) = watch::channel(false);
     shared.sandboxes.lock().insert(
