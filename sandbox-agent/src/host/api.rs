@@ -90,6 +90,10 @@ impl From<HostError> for ApiError {
             | HostError::Spawn { .. }
             | HostError::Io { .. }
             | HostError::Serve { .. }
+            | HostError::Mount { .. }
+            | HostError::InvalidMountPath { .. }
+            | HostError::Cgroup { .. }
+            | HostError::IsolationUnavailable { .. }
             | HostError::Egress(_) => {
                 tracing::error!(error = %err, "internal error");
                 ApiError::new(ErrorCode::Internal, "internal error")
