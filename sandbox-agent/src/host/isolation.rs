@@ -805,4 +805,4 @@ impl IsolatedCommand {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -908,7 +908,7 @@ async fn isolated_sandbox_end_to_end() {
         return;
     }
     let data = tempfile::tempdir().unwrap();
-    let runtime = tempfile::tempdir_in("/dev/shm").unwrap();
+    let runtime = isolation::tests::TestRuntime::new();
     let bare = seed_repo(&data.path().join("git"), "demo/hello", "main")
         .unwrap()
         .git_dir;

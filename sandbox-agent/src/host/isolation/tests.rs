@@ -8,15 +8,64 @@ use tokio::net::TcpListener;
 use super::*;
 use crate::host::egress::{AllowList, EgressProxy};
 
+/// A runtime directory on tmpfs for a test. Dropped, it takes with it whatever sandboxes are left in
+/// it — mounts, cgroups, processes — also when the test failed half-way.
+pub(crate) struct TestRuntime {
+    dir: tempfile::TempDir,
+}
+
+impl TestRuntime {
+    pub(crate) fn new() -> TestRuntime {
+        TestRuntime {
+            dir: tempfile::tempdir_in("/dev/shm").unwrap(),
+        }
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for TestRuntime {
+    fn drop(&mut self) {
+        let Ok(entries) = std::fs::read_dir(self.dir.path().join("sandboxes")) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let _ = unmount(&entry.path().join("merged"));
+            for controller in ["memory", "pids"] {
+                let cgroup = Path::new("/sys/fs/cgroup")
+                    .join(controller)
+                    .join("nightshift")
+                    .join(entry.file_name());
+                for _ in 0..200 {
+                    for pid in std::fs::read_to_string(cgroup.join("cgroup.procs"))
+                        .unwrap_or_default()
+                        .lines()
+                        .filter_map(|line| line.trim().parse::<libc::pid_t>().ok())
+                    {
+                        // SAFETY: only sends a signal, to a process of a test's sandbox.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                    if std::fs::remove_dir(&cgroup).is_ok() || !cgroup.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
+
 /// Isolation in a fresh runtime directory on tmpfs, with `limits`; `None` (and a notice) when not
 /// running as root. As root, isolation must work: a failure here is a failure.
-async fn isolation(limits: Option<Limits>) -> Option<(tempfile::TempDir, Isolation)> {
+async fn isolation(limits: Option<Limits>) -> Option<(TestRuntime, Isolation)> {
     // SAFETY: `geteuid` has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("not root: skipping an isolation test (CI runs them as root)");
         return None;
     }
-    let runtime = tempfile::tempdir_in("/dev/shm").unwrap();
+    let runtime = TestRuntime::new();
     let mut config = IsolationConfig {
         runtime_dir: Some(runtime.path().to_owned()),
         ..IsolationConfig::default()
