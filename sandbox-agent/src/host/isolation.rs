@@ -27,8 +27,9 @@
 //! inside a new user namespace and keeps the namespace's capabilities (`--cap-add ALL`). So the agent
 //! is root in its sandbox — git is happy with the files it owns, and the bash tool's own bubblewrap
 //! (`bwrap --dev-bind / / --unshare-pid --proc /proc`) can make its mount and pid namespaces — while
-//! towards the host it is a uid that owns nothing but its own sandbox's files. (Mapping to host root
-//! instead would let the sandbox remount `/usr` read-write and write to it.) The lower layer, upper
+//! towards the host it is a uid that owns nothing but sandbox files. (All sandboxes share that uid;
+//! their mount and pid namespaces keep them from reaching each other's files and processes. Mapping to
+//! host root instead would let a sandbox remount `/usr` read-write and write to it.) The lower layer, upper
 //! layer and state directory belong to that uid; the runtime directories above them are `root:<gid>`
 //! mode `0710`, so the sandbox uid can walk to its own binds but list nothing, and other host users
 //! cannot enter at all.
