@@ -28,3 +28,36 @@ pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
 pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
 /// `host`: bearer token the Worker presents on the provider API. Never logged.
 pub const PROVIDER_TOKEN: &str = "NIGHTSHIFT_PROVIDER_TOKEN";
+/// `run`: a unix socket that leads out of the sandbox (the host's egress proxy, an HTTP proxy with an
+/// allow-list). With it, the agent relays a loopback port to it and sends all its traffic there.
+pub const EGRESS_SOCKET: &str = "NIGHTSHIFT_EGRESS_SOCKET";
+
+/// Set by `run` (with [`EGRESS_SOCKET`]) for what it starts: the proxy for `http://` URLs. curl, and so
+/// git, reads only the lowercase [`HTTP_PROXY_LOWER`] for `http://`.
+pub const HTTP_PROXY: &str = "HTTP_PROXY";
+/// The lowercase twin of [`HTTP_PROXY`] (the one curl reads).
+pub const HTTP_PROXY_LOWER: &str = "http_proxy";
+/// Set by `run`: the proxy for `https://` URLs.
+pub const HTTPS_PROXY: &str = "HTTPS_PROXY";
+/// The lowercase twin of [`HTTPS_PROXY`].
+pub const HTTPS_PROXY_LOWER: &str = "https_proxy";
+/// Set by `run`: the proxy for every other scheme.
+pub const ALL_PROXY: &str = "ALL_PROXY";
+/// The lowercase twin of [`ALL_PROXY`].
+pub const ALL_PROXY_LOWER: &str = "all_proxy";
+/// Set empty by `run`, so that loopback URLs (the local Worker, the host's git) go through the proxy
+/// too: inside the sandbox's network namespace, loopback is the sandbox's own.
+pub const NO_PROXY: &str = "NO_PROXY";
+/// The lowercase twin of [`NO_PROXY`].
+pub const NO_PROXY_LOWER: &str = "no_proxy";
+/// Every proxy variable `run` sets for what it starts.
+pub const PROXY_VARS: [&str; 8] = [
+    HTTP_PROXY,
+    HTTP_PROXY_LOWER,
+    HTTPS_PROXY,
+    HTTPS_PROXY_LOWER,
+    ALL_PROXY,
+    ALL_PROXY_LOWER,
+    NO_PROXY,
+    NO_PROXY_LOWER,
+];

@@ -40,10 +40,15 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // Before the runtime's threads exist: this sets the proxy variables of the process.
+    let relay = match &cli.command {
+        Command::Run(args) => run::prepare_egress(args)?,
+        _ => None,
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run(args) => run::main(args).await,
+            Command::Run(args) => run::main(args, relay).await,
             Command::Host(args) => host::main(args).await,
             Command::ScriptedModel(args) => scripted_model::main(args).await,
             Command::Seed(args) => seed::main(args).await,

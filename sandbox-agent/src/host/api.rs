@@ -109,7 +109,12 @@ impl From<HostError> for ApiError {
             | HostError::Snapshot(_)
             | HostError::Spawn { .. }
             | HostError::Io { .. }
-            | HostError::Serve { .. } => {
+            | HostError::Serve { .. }
+            | HostError::Mount { .. }
+            | HostError::InvalidMountPath { .. }
+            | HostError::Cgroup { .. }
+            | HostError::IsolationUnavailable { .. }
+            | HostError::Egress(_) => {
                 tracing::error!(error = %err, "internal error");
                 ApiError::new(ErrorCode::Internal, "internal error")
             }

@@ -1515,11 +1515,27 @@ pub(super) mod tests {
                 tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
             seed_repo(&dir.path().join("git"), "demo/hello", "main").unwrap();
             let images = open(dir.path(), settings.clone());
-            Fixture {
+            let fixture = Fixture {
                 dir,
                 images,
                 settings,
-            }
+            };
+            // The tests choose their own setups: start from a repository without one.
+            fixture.remove("No setup", SETUP_SCRIPT);
+            fixture
+        }
+
+        /// Commit the removal of `path`.
+        pub(crate) fn remove(&self, message: &str, path: &str) {
+            let work = tempfile::tempdir_in(self.dir.path()).unwrap();
+            let clone = work.path().join("c");
+            git(
+                work.path(),
+                &["clone", "--quiet", self.git_dir().to_str().unwrap(), "c"],
+            );
+            git(&clone, &["rm", "--quiet", path]);
+            git(&clone, &["commit", "--quiet", "-m", message]);
+            git(&clone, &["push", "--quiet", "origin", "main"]);
         }
 
         /// The same directories opened again, as after a restart.
@@ -1636,7 +1652,7 @@ pub(super) mod tests {
         let tree = fixture.images.tree_path(&info);
         assert_eq!(tree, fixture.trees().join(&id).join("tree"));
         // Full history, the branch checked out at the recorded commit, the host as origin.
-        assert_eq!(git(&tree, &["rev-list", "--count", "HEAD"]), "3");
+        assert_eq!(git(&tree, &["rev-list", "--count", "HEAD"]), "4");
         assert_eq!(git(&tree, &["rev-parse", "HEAD"]), info.commit);
         assert_eq!(git(&fixture.git_dir(), &["rev-parse", "main"]), info.commit);
         assert_eq!(git(&tree, &["branch", "--show-current"]), "main");
@@ -1708,7 +1724,7 @@ pub(super) mod tests {
             .await;
         let tree = plain.images.tree_path(&info);
         assert!(tree.join("request.txt").is_file());
-        assert_eq!(git(&tree, &["rev-list", "--count", "HEAD"]), "1");
+        assert_eq!(git(&tree, &["rev-list", "--count", "HEAD"]), "2");
         let info = plain.build_ok(None).await;
         assert!(info.setup_log.contains("no setup"), "{}", info.setup_log);
     }

@@ -9,10 +9,15 @@
 //!   model ([`crate::scripted_model`]) as Anthropic and as OpenAI-compatible API; no auth.
 //! - `GET /healthz`: liveness.
 //!
-//! A sandbox is, in this first cut, a clone of the repository (over smart HTTP, from this host
-//! itself, so the agent's `origin` is the host and it pushes back the same way) and a
-//! `sandbox-agent run` child process with a cleared environment in its own process group
-//! ([`sandbox`]). Isolation and warm pools come later behind the same API.
+//! A sandbox is a clone of the repository (over smart HTTP, from this host itself, so the agent's
+//! `origin` is the host and it pushes back the same way) and a `sandbox-agent run` process
+//! ([`sandbox`]). Where this host can ([`isolation`]: root, overlayfs and bubblewrap, checked at
+//! startup), the clone is the lower layer of an overlay on tmpfs and the agent runs under bubblewrap as
+//! an unprivileged uid with its own user, pid, mount and network namespaces, within memory and process
+//! limits ([`cgroup`]); its only way out is this host's per-sandbox egress proxy ([`egress`]), which lets
+//! through the session's Worker, the model and this host, and refuses (and records) everything else.
+//! Elsewhere (a laptop without root) the host says so once and runs each agent as a plain child
+//! process with a cleared environment in its own process group, on a clone in the data directory.
 //!
 //! Images ([`image`]) are full-history clones after the repository's setup, published on tmpfs
 //! under the runtime directory; snapshots ([`snapshot`]) are a sandbox's overlay upper directory as
@@ -21,28 +26,37 @@
 //! The data directory:
 //! ```text
 //! <data-dir>/git/<owner>/<name>.git        bare repositories (`sandbox-agent seed --store <data-dir>/git`)
-//! <data-dir>/sandboxes/<id>/               the sandbox's HOME
-//! <data-dir>/sandboxes/<id>/workspace/     its clone (NIGHTSHIFT_WORKSPACE)
-//! <data-dir>/sandboxes/<id>/agent.log      the agent's stdout and stderr
+//! <data-dir>/sandboxes/<id>/agent.log      the agent's stdout and stderr (kept after the sandbox ends)
+//! <data-dir>/sandboxes/<id>/workspace/     the workspace: without isolation the clone (and the
+//!                                          directory above is the sandbox's HOME); with isolation a
+//!                                          symlink to the overlay, removed when the sandbox ends
 //! <data-dir>/images/<owner>/<name>/<id>.json   an image's record (also failed builds)
 //! <data-dir>/images/<owner>/<name>/<id>.log    its build log
 //! <data-dir>/snapshots/<sha256>.tar.zst    a snapshot (the id is the archive's SHA-256)
 //! <data-dir>/snapshots/<sha256>.json       its record
 //! ```
 //!
-//! The runtime directory (tmpfs, 0700; default `/dev/shm/nightshift-host-<8 hex of the data dir>`):
+//! The runtime directory (tmpfs; default `/dev/shm/nightshift-host-<8 hex of the data dir>`):
 //! ```text
-//! <runtime>/images/<owner>/<name>/<id>/tree        a published image (lower of sandboxes)
+//! <runtime>/images/<owner>/<name>/<id>/tree        a published image (lower of sandboxes), 0700
 //! <runtime>/images/<owner>/<name>/<id>/meta.json   its record
 //! <runtime>/images/<owner>/<name>/.staging-<id>/   a build in progress
+//! <runtime>/sandboxes/<id>/                        a running isolated sandbox (see [`isolation`])
 //! ```
+//! and, with isolation, the runtime directory (`--runtime-dir`, default
+//! `/dev/shm/nightshift-host-<hash of the data dir>`), whose layout [`isolation`] describes; a
+//! sandbox's part of it is removed when the sandbox ends.
 //!
 //! Invariant: every repository name from a request passes [`crate::seed::RepoName`] before it
 //! touches the filesystem or a git command line.
 //! Invariant: neither the provider token nor a model key is logged; a child sees only the variables
 //! [`sandbox::agent_env`] lists (the provider token never).
+//! Invariant: an isolated sandbox never runs as host root, sees none of the host's files but its
+//! system directories, and reaches nothing but its allow-list.
 
 mod api;
+pub mod cgroup;
+pub mod egress;
 mod git_http;
 #[cfg_attr(
     not(test),
@@ -52,6 +66,7 @@ mod git_http;
     )
 )]
 mod image;
+pub mod isolation;
 mod sandbox;
 #[cfg_attr(
     not(test),
@@ -74,6 +89,8 @@ use axum::Router;
 
 use crate::env;
 use crate::seed::SeedError;
+use egress::EgressError;
+use isolation::{Isolation, IsolationConfig};
 
 /// How long in-flight requests may take to finish after the shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -95,10 +112,35 @@ pub struct HostArgs {
     /// Program started as `AGENT_BIN run` in each sandbox. Default: this executable.
     #[arg(long)]
     pub agent_bin: Option<PathBuf>,
-    /// Directory for images and sandbox overlays; should be tmpfs, made 0700. Default:
-    /// `/dev/shm/nightshift-host-<8 hex digits of a hash of the data dir>`.
+    /// `auto`: isolate sandboxes when this machine can (root, overlayfs, bubblewrap), otherwise say so
+    /// and run them as plain processes; `off`: always plain processes.
+    #[arg(long, value_enum, default_value_t = IsolationMode::Auto)]
+    pub isolation: IsolationMode,
+    /// Where running isolated sandboxes live (a tmpfs). Default:
+    /// `/dev/shm/nightshift-host-<8 hex of a hash of the data dir>`.
     #[arg(long)]
     pub runtime_dir: Option<PathBuf>,
+    /// Host uid isolated sandboxes run as (root inside them).
+    #[arg(long, default_value_t = isolation::DEFAULT_SANDBOX_UID)]
+    pub sandbox_uid: u32,
+    /// Host gid isolated sandboxes run as.
+    #[arg(long, default_value_t = isolation::DEFAULT_SANDBOX_UID)]
+    pub sandbox_gid: u32,
+    /// Memory limit of each isolated sandbox.
+    #[arg(long, default_value_t = isolation::DEFAULT_MEMORY_LIMIT_BYTES)]
+    pub memory_limit_bytes: u64,
+    /// Process and thread limit of each isolated sandbox.
+    #[arg(long, default_value_t = isolation::DEFAULT_PIDS_LIMIT)]
+    pub pids_limit: u64,
+}
+
+/// `--isolation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IsolationMode {
+    /// Isolate when the machine can; say so when it cannot.
+    Auto,
+    /// Never isolate.
+    Off,
 }
 
 /// Everything the host needs, resolved (no environment lookups after this).
@@ -118,6 +160,10 @@ pub struct HostConfig {
     pub model: ModelConfig,
     /// `NIGHTSHIFT_LOG` given to agents.
     pub agent_log_filter: String,
+    /// How to isolate sandboxes; `None`: never (plain child processes, no check at startup).
+    pub isolation: Option<IsolationConfig>,
+    /// Called when a sandbox reaches its wall-clock deadline, before it is stopped.
+    pub on_deadline: Option<sandbox::DeadlineHook>,
 }
 
 /// The model agents talk to: the Anthropic API when a key is set, otherwise this host's scripted
@@ -144,6 +190,8 @@ impl fmt::Debug for HostConfig {
             .field("provider_token", &"<redacted>")
             .field("model", &self.model)
             .field("agent_log_filter", &self.agent_log_filter)
+            .field("isolation", &self.isolation)
+            .field("on_deadline", &self.on_deadline.as_ref().map(|_| "<hook>"))
             .finish()
     }
 }
@@ -239,6 +287,41 @@ pub enum HostError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A mount or unmount failed.
+    #[error("could not {action} {path}: {source}")]
+    Mount {
+        /// What was being done.
+        action: &'static str,
+        /// The mount point.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A path that cannot go into mount options.
+    #[error("cannot mount {path}: {reason}")]
+    InvalidMountPath {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// Cgroups cannot be used as needed.
+    #[error("cgroup {path}: {reason}")]
+    Cgroup {
+        /// The hierarchy or cgroup.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Sandboxes cannot be isolated on this machine.
+    #[error("sandbox isolation is not available: {reason}")]
+    IsolationUnavailable {
+        /// Why.
+        reason: String,
+    },
+    /// The egress proxy failed.
+    #[error(transparent)]
+    Egress(#[from] EgressError),
 }
 
 /// Write `value` as pretty JSON to `path` through a temporary file beside it and a rename, so a
@@ -252,18 +335,6 @@ fn write_json_atomically<T: serde::Serialize>(path: &Path, value: &T) -> std::io
     std::fs::rename(&temporary, path).inspect_err(|_| {
         let _ = std::fs::remove_file(&temporary);
     })
-}
-
-/// The default runtime directory of a data directory: `/dev/shm/nightshift-host-<8 hex digits of
-/// the SHA-256 of its canonical path>`, so hosts with different data directories never share one.
-pub fn default_runtime_dir(data_dir: &Path) -> Result<PathBuf, HostError> {
-    use sha2::Digest as _;
-    let canonical = data_dir
-        .canonicalize()
-        .map_err(io_error("resolve", data_dir))?;
-    let digest = sha2::Sha256::digest(canonical.as_os_str().as_encoded_bytes());
-    let short = hex::encode(digest.get(..4).unwrap_or_default());
-    Ok(PathBuf::from(format!("/dev/shm/nightshift-host-{short}")))
 }
 
 /// Create `dir` (and its parents) and make it 0700.
@@ -304,25 +375,79 @@ struct Shared {
     sandboxes: sandbox::Sandboxes,
     images: image::Images,
     snapshots: snapshot::Snapshots,
+    /// `None`: sandboxes are plain child processes.
+    isolation: Option<Isolation>,
+}
+
+/// Create the data directory if needed; its canonical path.
+fn canonical_data_dir(config: &HostConfig) -> Result<PathBuf, HostError> {
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(io_error("create directory", &config.data_dir))?;
+    config
+        .data_dir
+        .canonicalize()
+        .map_err(io_error("resolve", &config.data_dir))
 }
 
 impl AppState {
-    /// Create the data and runtime directory layout, the (empty) sandbox table, and read back the
-    /// images and snapshots. `base_url` is where sandboxes reach this host, e.g.
-    /// `http://127.0.0.1:8788`. Image setups run as plain processes ([`image::ProcessRunner`]).
+    /// [`AppState::start`] without isolation (nothing to check, so not async).
+    #[cfg(test)]
     pub fn new(config: HostConfig, base_url: &str) -> Result<Self, HostError> {
-        std::fs::create_dir_all(&config.data_dir)
-            .map_err(io_error("create directory", &config.data_dir))?;
-        let data_dir = config
-            .data_dir
-            .canonicalize()
-            .map_err(io_error("resolve", &config.data_dir))?;
+        let data_dir = canonical_data_dir(&config)?;
+        Self::assemble(config, base_url, &data_dir, None)
+    }
+
+    /// Create the data directory layout and the (empty) sandbox table, and find out whether sandboxes
+    /// can be isolated here (when `config.isolation` asks for it): when they cannot, say why, once, as
+    /// a warning, and run them as plain processes. `base_url` is where sandboxes reach this host, e.g.
+    /// `http://127.0.0.1:8788`.
+    pub async fn start(config: HostConfig, base_url: &str) -> Result<Self, HostError> {
+        let data_dir = canonical_data_dir(&config)?;
+        let isolation = match &config.isolation {
+            None => None,
+            Some(settings) => match Isolation::detect(settings, &data_dir, &config.agent_bin).await
+            {
+                Ok(isolation) => {
+                    let (uid, gid) = isolation.sandbox_ids();
+                    tracing::info!(
+                        runtime_dir = %isolation.runtime_dir().display(),
+                        uid,
+                        gid,
+                        limits = %isolation.describe_limits(),
+                        "sandboxes are isolated: overlayfs + bubblewrap, egress through the host's proxy"
+                    );
+                    Some(isolation)
+                }
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "sandboxes are NOT isolated: agents run as plain processes on this machine, \
+                         with the host's filesystem and network"
+                    );
+                    None
+                }
+            },
+        };
+        Self::assemble(config, base_url, &data_dir, isolation)
+    }
+
+    fn assemble(
+        config: HostConfig,
+        base_url: &str,
+        data_dir: &Path,
+        isolation: Option<Isolation>,
+    ) -> Result<Self, HostError> {
         let git_root = data_dir.join("git");
         let sandboxes_root = data_dir.join("sandboxes");
         for dir in [&git_root, &sandboxes_root] {
             std::fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
         }
-        create_private_dir(&config.runtime_dir)?;
+        // With isolation the runtime directory is already made (root:<sandbox gid>, 0710, so bubblewrap
+        // can reach its bind sources); images stay private either way.
+        if isolation.is_none() {
+            create_private_dir(&config.runtime_dir)?;
+        }
+        create_private_dir(&config.runtime_dir.join("images"))?;
         let runtime_dir = config
             .runtime_dir
             .canonicalize()
@@ -349,6 +474,7 @@ impl AppState {
                 sandboxes: Default::default(),
                 images,
                 snapshots,
+                isolation,
             }),
         })
     }
@@ -371,6 +497,11 @@ impl AppState {
     /// The git store, `<data-dir>/git`.
     pub fn git_root(&self) -> &Path {
         &self.inner.git_root
+    }
+
+    /// How sandboxes are isolated, or `None` when they run as plain processes.
+    pub fn isolation(&self) -> Option<&Isolation> {
+        self.inner.isolation.as_ref()
     }
 
     /// Stop every running sandbox (SIGTERM to its process group, SIGKILL after a grace period).
@@ -422,7 +553,7 @@ pub async fn serve(
         .public_url
         .clone()
         .unwrap_or_else(|| format!("http://{address}"));
-    let state = AppState::new(config, &base_url)?;
+    let state = AppState::start(config, &base_url).await?;
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Streamed model output and git traffic are many small writes: no Nagle delay.
     let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
@@ -447,6 +578,9 @@ pub async fn serve(
         () = shutdown => {
             tracing::info!("shutting down: stopping sandboxes");
             state.stop_all().await;
+            if let Some(isolation) = state.isolation() {
+                isolation.remove_runtime_dir_if_empty();
+            }
             let _ = stop_tx.send(());
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
                 Ok(result) => result.map_err(|source| HostError::Serve { source }),
@@ -472,6 +606,14 @@ async fn shutdown_signal() {
     }
 }
 
+/// `name` in `PATH`, if it is there and is a file.
+fn find_program(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
 /// A variable from the environment, `None` when unset or empty.
 fn non_empty_env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|value| !value.is_empty())
@@ -491,10 +633,38 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
         None => None,
     };
     let agent_bin = match args.agent_bin {
-        Some(path) => path,
+        Some(path) => path
+            .canonicalize()
+            .with_context(|| format!("--agent-bin {}", path.display()))?,
         None => {
             std::env::current_exe().context("could not find this executable (give --agent-bin)")?
         }
+    };
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("could not create {}", args.data_dir.display()))?;
+    let runtime_dir = match args.runtime_dir {
+        Some(dir) => dir,
+        None => {
+            let data_dir = args
+                .data_dir
+                .canonicalize()
+                .with_context(|| format!("could not resolve {}", args.data_dir.display()))?;
+            isolation::default_runtime_dir(&data_dir)
+        }
+    };
+    let isolation = match args.isolation {
+        IsolationMode::Off => {
+            tracing::warn!("--isolation off: sandboxes are NOT isolated");
+            None
+        }
+        IsolationMode::Auto => Some(IsolationConfig {
+            runtime_dir: Some(runtime_dir.clone()),
+            sandbox_uid: args.sandbox_uid,
+            sandbox_gid: args.sandbox_gid,
+            memory_limit_bytes: args.memory_limit_bytes,
+            pids_limit: args.pids_limit,
+            ..IsolationConfig::default()
+        }),
     };
     let model = ModelConfig {
         api_key: non_empty_env(env::ANTHROPIC_API_KEY),
@@ -508,12 +678,6 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
             "listening beyond loopback: /git and /scripted-model have no authentication"
         );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("could not create {}", args.data_dir.display()))?;
-    let runtime_dir = match args.runtime_dir {
-        Some(dir) => dir,
-        None => default_runtime_dir(&args.data_dir)?,
-    };
     let config = HostConfig {
         data_dir: args.data_dir,
         runtime_dir,
@@ -522,6 +686,8 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
         provider_token,
         agent_log_filter: non_empty_env(env::LOG).unwrap_or_else(|| "info".to_owned()),
         model,
+        isolation,
+        on_deadline: None,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

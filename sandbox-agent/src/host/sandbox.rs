@@ -1,19 +1,32 @@
-//! Sandboxes of the local host: a clone of the repository plus a `sandbox-agent run` child in its
-//! own process group, with a cleared environment. The table here is the only record of them (a
-//! restarted host forgets its sandboxes; their files stay on disk).
+//! Sandboxes of the local host: a clone of the repository plus a `sandbox-agent run` process with an
+//! environment built from nothing. Isolated ([`super::isolation`]): the clone is the lower layer of an
+//! overlay, the agent runs under bubblewrap in its own cgroups, and its egress goes through its own
+//! [`EgressProxy`]; everything of it on the host is released when the agent ends, however it ends.
+//! Plain: a child in its own process group on a clone in the data directory. The table here is the only
+//! record of them (a restarted host forgets its sandboxes; their logs stay on disk, and the runtime
+//! leftovers of isolated ones are swept at the next start).
 
 use std::collections::HashMap;
 use std::ffi::OsString;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use nightshift_protocol::provider::{CreateSandboxRequest, SandboxInfo};
 use tokio::sync::watch;
 
+use super::cgroup::Cgroup;
+use super::egress::{AllowList, EgressProxy};
+use super::isolation::{
+    mount_overlay, Isolation, SandboxDirs, EGRESS_SOCKET_PATH, HOME_PATH, SANDBOX_PATH,
+    WORKSPACE_PATH,
+};
 use super::{io_error, AppState, HostConfig, HostError};
 use crate::env;
+use crate::run::provider::{ANTHROPIC_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL};
 use crate::seed::{self, RepoName};
 
 /// `status` of a sandbox whose agent runs.
@@ -22,6 +35,10 @@ pub(super) const RUNNING: &str = "running";
 pub(super) const EXITED: &str = "exited";
 /// `status` of a sandbox stopped through the API, a timeout or the host's shutdown.
 pub(super) const STOPPED: &str = "stopped";
+/// `isolation` of an isolated sandbox.
+pub(super) const ISOLATED: &str = "overlay+bwrap";
+/// `isolation` and `limits` of a plain one.
+pub(super) const NONE: &str = "none";
 
 /// Time between SIGTERM and SIGKILL when stopping an agent.
 const STOP_GRACE: Duration = Duration::from_secs(2);
@@ -29,6 +46,30 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 const CLONE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default base branch.
 const DEFAULT_BASE_BRANCH: &str = seed::DEFAULT_BRANCH;
+/// Wall-clock limit of a sandbox whose request says `timeout_ms: 0`: 4 hours.
+pub(super) const DEFAULT_TIMEOUT_MS: u64 = 4 * 60 * 60 * 1000;
+/// The longest the deadline hook may hold up the stop of a sandbox that reached its deadline.
+const DEADLINE_HOOK_LIMIT: Duration = Duration::from_secs(60);
+
+/// What [`DeadlineHook`] is told: a sandbox reached its wall-clock deadline and is about to be stopped.
+#[derive(Debug, Clone)]
+pub struct DeadlineEvent {
+    /// The sandbox.
+    pub sandbox_id: String,
+    /// Its session.
+    pub session_id: String,
+    /// The limit it reached.
+    pub timeout_ms: u64,
+    /// The workspace on the host (the overlay's mount point, or the plain clone); still there.
+    pub workspace: PathBuf,
+    /// The overlay's upper layer (what the sandbox changed), when isolated.
+    pub upper_dir: Option<PathBuf>,
+}
+
+/// Called at a sandbox's deadline before it is stopped (e.g. to snapshot it); the stop waits for the
+/// returned future, at most a minute.
+pub type DeadlineHook =
+    Arc<dyn Fn(DeadlineEvent) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// The sandboxes of this host, by id.
 #[derive(Default)]
@@ -38,13 +79,15 @@ pub(super) struct Sandboxes {
 
 struct Entry {
     info: SandboxInfo,
-    /// The agent's process group (= its pid) while it runs.
+    /// The agent's process group (= its pid; bubblewrap's when isolated) while it runs.
     process_group: Option<libc::pid_t>,
-    /// Becomes `true` once the agent has exited and been reaped.
+    /// Becomes `true` once the agent has exited, been reaped, and its resources released.
     exited: watch::Receiver<bool>,
     /// The overlay upper directory (the workspace's delta) and the image under it, when the sandbox
     /// is an overlay over an image; `None` for a plain clone, which cannot be snapshotted.
     overlay: Option<Overlay>,
+    /// The egress proxy of an isolated sandbox (kept after the end for its record of refusals).
+    egress: Option<Arc<EgressProxy>>,
 }
 
 /// Where a sandbox's changes are: its overlay upper directory over an image's tree.
@@ -54,6 +97,16 @@ pub(super) struct Overlay {
     pub(super) upper: PathBuf,
     /// The image whose tree is the lower directory.
     pub(super) image_id: String,
+}
+
+impl Entry {
+    fn info(&self) -> SandboxInfo {
+        let mut info = self.info.clone();
+        if let Some(egress) = &self.egress {
+            info.refused = egress.refused();
+        }
+        info
+    }
 }
 
 impl Sandboxes {
@@ -69,17 +122,13 @@ impl Sandboxes {
     pub(super) fn get(&self, id: &str) -> Result<SandboxInfo, HostError> {
         self.lock()
             .get(id)
-            .map(|entry| entry.info.clone())
+            .map(Entry::info)
             .ok_or_else(|| not_found(id))
     }
 
     /// All sandboxes, oldest first.
     pub(super) fn list(&self) -> Vec<SandboxInfo> {
-        let mut all: Vec<SandboxInfo> = self
-            .lock()
-            .values()
-            .map(|entry| entry.info.clone())
-            .collect();
+        let mut all: Vec<SandboxInfo> = self.lock().values().map(Entry::info).collect();
         all.sort_by(|a, b| (a.created_ms, &a.id).cmp(&(b.created_ms, &b.id)));
         all
     }
@@ -115,6 +164,7 @@ impl Sandboxes {
                 process_group: None,
                 exited,
                 overlay: None,
+                egress: None,
             },
         );
     }
@@ -195,11 +245,12 @@ fn validate(request: &CreateSandboxRequest) -> Result<Plan, HostError> {
 }
 
 /// The complete environment of an agent: nothing of the host's own environment except `PATH`.
+/// `home` and `workspace` are paths as the agent sees them.
 pub(super) fn agent_env(
     config: &HostConfig,
     base_url: &str,
     sandbox_id: &str,
-    sandbox_dir: &Path,
+    home: &Path,
     workspace: &Path,
     request: &CreateSandboxRequest,
 ) -> Vec<(&'static str, OsString)> {
@@ -208,7 +259,7 @@ pub(super) fn agent_env(
             "PATH",
             std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
         ),
-        ("HOME", sandbox_dir.into()),
+        ("HOME", home.into()),
         (env::CONNECT_URL, request.connect_url.clone().into()),
         (env::SANDBOX_TOKEN, request.sandbox_token.clone().into()),
         (env::SANDBOX_ID, sandbox_id.into()),
@@ -237,7 +288,98 @@ pub(super) fn agent_env(
     vars
 }
 
-/// `POST /v1/sandboxes`: validate, clone over smart HTTP from this host, start the agent.
+/// The environment of an isolated agent: [`agent_env`] with the sandbox's paths, its own `PATH`, and
+/// the egress socket.
+fn isolated_agent_env(
+    config: &HostConfig,
+    base_url: &str,
+    sandbox_id: &str,
+    request: &CreateSandboxRequest,
+) -> Vec<(&'static str, OsString)> {
+    let mut vars = agent_env(
+        config,
+        base_url,
+        sandbox_id,
+        Path::new(HOME_PATH),
+        Path::new(WORKSPACE_PATH),
+        request,
+    );
+    for (name, value) in &mut vars {
+        if *name == "PATH" {
+            *value = SANDBOX_PATH.into();
+        }
+    }
+    vars.push((env::EGRESS_SOCKET, EGRESS_SOCKET_PATH.into()));
+    vars
+}
+
+/// What an isolated agent may reach: its session (`connect_url`), its models, and this host (git, the
+/// demo model) — everything it is told about in `vars`, with the agent's defaults for unset model URLs.
+fn allow_list(vars: &[(&'static str, OsString)], base_url: &str) -> Result<AllowList, HostError> {
+    let var = |name: &str| {
+        vars.iter()
+            .find(|(n, _)| *n == name)
+            .and_then(|(_, value)| value.to_str())
+    };
+    let mut allow = AllowList::default();
+    allow.allow_url(base_url)?;
+    if let Some(url) = var(env::CONNECT_URL) {
+        allow.allow_url(url)?;
+    }
+    allow.allow_url(var(env::ANTHROPIC_BASE_URL).unwrap_or(ANTHROPIC_DEFAULT_BASE_URL))?;
+    match (var(env::OPENAI_BASE_URL), var(env::OPENAI_API_KEY)) {
+        (Some(url), _) => allow.allow_url(url)?,
+        (None, Some(_)) => allow.allow_url(OPENAI_DEFAULT_BASE_URL)?,
+        (None, None) => {}
+    }
+    Ok(allow)
+}
+
+/// What an isolated sandbox holds on the host.
+struct Resources {
+    dirs: SandboxDirs,
+    cgroup: Option<Cgroup>,
+    egress: Option<Arc<EgressProxy>>,
+    /// `<data-dir>/sandboxes/<id>/workspace`, a symlink to the overlay while the sandbox runs.
+    workspace_link: Option<PathBuf>,
+}
+
+impl Resources {
+    /// Kill whatever is left in the cgroups and remove them, close the egress proxy, unmount the
+    /// overlay and delete the runtime directory. Goes on after a failure; returns the first.
+    async fn release(&self, isolation: &Isolation) -> Result<(), HostError> {
+        let mut first_error = None;
+        if let Some(cgroup) = &self.cgroup {
+            if let Err(error) = cgroup.remove().await {
+                first_error.get_or_insert(error);
+            }
+        }
+        if let Some(egress) = &self.egress {
+            egress.stop();
+        }
+        if let Some(link) = &self.workspace_link {
+            let _ = std::fs::remove_file(link);
+        }
+        if let Err(error) = isolation.remove_dirs(&self.dirs) {
+            first_error.get_or_insert(error);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+/// A started agent.
+struct Launched {
+    child: tokio::process::Child,
+    /// The workspace on the host.
+    workspace: PathBuf,
+    /// `None` for a plain sandbox.
+    resources: Option<Resources>,
+    /// How long the clone took.
+    clone_ms: u64,
+}
+
+/// `POST /v1/sandboxes`: validate, clone over smart HTTP from this host, start the agent (isolated
+/// when this host can).
 pub(super) async fn create(
     state: &AppState,
     request: CreateSandboxRequest,
@@ -255,7 +397,6 @@ pub(super) async fn create(
 
     let id = hex::encode(rand::random::<[u8; 16]>());
     let sandbox_dir = shared.sandboxes_root.join(&id);
-    let workspace = sandbox_dir.join("workspace");
     std::fs::create_dir_all(&sandbox_dir).map_err(io_error("create directory", &sandbox_dir))?;
     let remote = format!(
         "{}/git/{}/{}.git",
@@ -263,15 +404,162 @@ pub(super) async fn create(
         repo.owner(),
         repo.name()
     );
-    if let Err(err) = clone(&remote, &branch, &sandbox_dir, &workspace).await {
-        let _ = std::fs::remove_dir_all(&sandbox_dir);
-        return Err(err);
-    }
-    let cloned_ms = started.elapsed().as_millis();
+    let launched = match state.isolation() {
+        Some(isolation) => {
+            launch_isolated(
+                state,
+                isolation,
+                &id,
+                &remote,
+                &branch,
+                &request,
+                &sandbox_dir,
+            )
+            .await
+        }
+        None => launch_plain(state, &id, &remote, &branch, &request, &sandbox_dir).await,
+    };
+    let Launched {
+        mut child,
+        workspace,
+        resources,
+        clone_ms,
+    } = match launched {
+        Ok(launched) => launched,
+        Err(error) => {
+            let _ = std::fs::remove_dir_all(&sandbox_dir);
+            return Err(error);
+        }
+    };
+    let process_group = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
+    let (isolation_name, limits) = match state.isolation() {
+        Some(isolation) => (ISOLATED.to_owned(), isolation.describe_limits()),
+        None => (NONE.to_owned(), NONE.to_owned()),
+    };
+    let egress = resources.as_ref().and_then(|r| r.egress.clone());
+    let upper_dir = resources.as_ref().map(|r| r.dirs.upper.clone());
+    let info = SandboxInfo {
+        id: id.clone(),
+        session_id: request.session_id.clone(),
+        repo: repo.to_string(),
+        status: RUNNING.to_owned(),
+        created_ms: now_ms(),
+        detail: String::new(),
+        isolation: Some(isolation_name),
+        limits: Some(limits),
+        refused: Vec::new(),
+    };
+    let (done_tx, done_rx) = watch::channel(false);
+    shared.sandboxes.lock().insert(
+        id.clone(),
+        Entry {
+            info: info.clone(),
+            process_group,
+            exited: done_rx.clone(),
+            overlay: None,
+            egress,
+        },
+    );
 
-    let log_path = sandbox_dir.join("agent.log");
-    let log = std::fs::File::create(&log_path).map_err(io_error("create", &log_path))?;
-    let log_for_stderr = log.try_clone().map_err(io_error("open", &log_path))?;
+    let waiter_state = state.clone();
+    let waiter_id = id.clone();
+    tokio::spawn(async move {
+        let exit = match child.wait().await {
+            Ok(status) => describe_exit(status, resources.is_some()),
+            Err(err) => format!("could not wait for the agent: {err}"),
+        };
+        tracing::info!(sandbox_id = %waiter_id, exit = %exit, "agent ended");
+        if let (Some(resources), Some(isolation)) = (&resources, waiter_state.isolation()) {
+            let released = Instant::now();
+            match resources.release(isolation).await {
+                Ok(()) => tracing::info!(
+                    sandbox_id = %waiter_id,
+                    teardown_ms = released.elapsed().as_millis() as u64,
+                    "sandbox released"
+                ),
+                Err(error) => {
+                    tracing::error!(sandbox_id = %waiter_id, %error, "could not release the sandbox")
+                }
+            }
+            if let Some(egress) = &resources.egress {
+                let refused = egress.refused_total();
+                if refused > 0 {
+                    tracing::info!(sandbox_id = %waiter_id, refused, "egress refused during the sandbox's life");
+                }
+            }
+        }
+        waiter_state
+            .inner
+            .sandboxes
+            .finish(&waiter_id, &exit, &done_tx);
+    });
+
+    let timeout_ms = match request.timeout_ms {
+        0 => DEFAULT_TIMEOUT_MS,
+        timeout_ms => timeout_ms,
+    };
+    let deadline = DeadlineEvent {
+        sandbox_id: id.clone(),
+        session_id: request.session_id.clone(),
+        timeout_ms,
+        workspace,
+        upper_dir,
+    };
+    tokio::spawn(watchdog(state.clone(), deadline, done_rx));
+    tracing::info!(
+        sandbox_id = %id,
+        session_id = %request.session_id,
+        repo = %repo,
+        branch = %branch,
+        isolated = state.isolation().is_some(),
+        clone_ms,
+        create_ms = started.elapsed().as_millis() as u64,
+        "sandbox started"
+    );
+    Ok(info)
+}
+
+/// Stop the sandbox at its deadline (after the deadline hook), unless it ended before.
+async fn watchdog(state: AppState, deadline: DeadlineEvent, mut done: watch::Receiver<bool>) {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_millis(deadline.timeout_ms)) => {}
+        _ = done.wait_for(|done| *done) => return,
+    }
+    let (id, timeout_ms) = (deadline.sandbox_id.clone(), deadline.timeout_ms);
+    tracing::info!(
+        sandbox_id = %id,
+        session_id = %deadline.session_id,
+        timeout_ms,
+        workspace = %deadline.workspace.display(),
+        upper_dir = ?deadline.upper_dir,
+        "sandbox reached its deadline"
+    );
+    if let Some(hook) = &state.inner.config.on_deadline {
+        if tokio::time::timeout(DEADLINE_HOOK_LIMIT, hook(deadline))
+            .await
+            .is_err()
+        {
+            tracing::warn!(sandbox_id = %id, "deadline hook did not finish in time; stopping anyway");
+        }
+    }
+    let _ = stop(&state, &id, &format!("timed out after {timeout_ms} ms")).await;
+}
+
+/// Clone into `<data-dir>/sandboxes/<id>/workspace` and start the agent as a plain child process.
+async fn launch_plain(
+    state: &AppState,
+    id: &str,
+    remote: &str,
+    branch: &str,
+    request: &CreateSandboxRequest,
+    sandbox_dir: &Path,
+) -> Result<Launched, HostError> {
+    let shared = &state.inner;
+    let workspace = sandbox_dir.join("workspace");
+    let cloning = Instant::now();
+    clone(remote, branch, sandbox_dir, &workspace, None).await?;
+    let clone_ms = cloning.elapsed().as_millis() as u64;
+    let (stdout, stderr) = agent_log(sandbox_dir)?;
     let config = &shared.config;
     let mut command = tokio::process::Command::new(&config.agent_bin);
     command
@@ -280,77 +568,113 @@ pub(super) async fn create(
         .envs(agent_env(
             config,
             &shared.base_url,
-            &id,
-            &sandbox_dir,
+            id,
+            sandbox_dir,
             &workspace,
-            &request,
+            request,
         ))
         .current_dir(&workspace)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(log))
-        .stderr(Stdio::from(log_for_stderr))
+        .stdout(stdout)
+        .stderr(stderr)
         .process_group(0);
-    let mut child = command.spawn().map_err(|source| HostError::Spawn {
+    let child = command.spawn().map_err(|source| HostError::Spawn {
         command: format!("{} run", config.agent_bin.display()),
         source,
     })?;
-    let process_group = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
+    Ok(Launched {
+        child,
+        workspace,
+        resources: None,
+        clone_ms,
+    })
+}
 
-    let info = SandboxInfo {
-        id: id.clone(),
-        session_id: request.session_id.clone(),
-        repo: repo.to_string(),
-        status: RUNNING.to_owned(),
-        created_ms: now_ms(),
-        detail: String::new(),
+/// `<sandbox_dir>/agent.log`, twice (the agent's stdout and stderr).
+fn agent_log(sandbox_dir: &Path) -> Result<(Stdio, Stdio), HostError> {
+    let log_path = sandbox_dir.join("agent.log");
+    let log = std::fs::File::create(&log_path).map_err(io_error("create", &log_path))?;
+    let log_for_stderr = log.try_clone().map_err(io_error("open", &log_path))?;
+    Ok((Stdio::from(log), Stdio::from(log_for_stderr)))
+}
+
+/// Clone into the sandbox's lower layer (as the sandbox uid), mount the overlay, make its cgroups and
+/// egress proxy, and start the agent under bubblewrap. On failure, everything made is released.
+async fn launch_isolated(
+    state: &AppState,
+    isolation: &Isolation,
+    id: &str,
+    remote: &str,
+    branch: &str,
+    request: &CreateSandboxRequest,
+    sandbox_dir: &Path,
+) -> Result<Launched, HostError> {
+    let shared = &state.inner;
+    let config = &shared.config;
+    let mut resources = Resources {
+        dirs: isolation.create_dirs(id)?,
+        cgroup: None,
+        egress: None,
+        workspace_link: None,
     };
-    let (done_tx, done_rx) = watch::channel(false);
-    shared.sandboxes.lock().insert(
-        id.clone(),
-        Entry {
-            info: info.clone(),
-            process_group,
-            exited: done_rx,
-            overlay: None,
-        },
-    );
-
-    let waiter_state = state.clone();
-    let waiter_id = id.clone();
-    tokio::spawn(async move {
-        let exit = match child.wait().await {
-            Ok(status) => describe_exit(status),
-            Err(err) => format!("could not wait for the agent: {err}"),
-        };
-        tracing::info!(sandbox_id = %waiter_id, exit = %exit, "agent ended");
-        waiter_state
-            .inner
-            .sandboxes
-            .finish(&waiter_id, &exit, &done_tx);
-    });
-    if request.timeout_ms > 0 {
-        let watchdog_state = state.clone();
-        let watchdog_id = id.clone();
-        let timeout_ms = request.timeout_ms;
-        tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(timeout_ms)).await;
-            let _ = stop(
-                &watchdog_state,
-                &watchdog_id,
-                &format!("timed out after {timeout_ms} ms"),
-            )
-            .await;
-        });
+    let cloning = Instant::now();
+    let mut clone_ms = 0;
+    let result = async {
+        let dirs = &resources.dirs;
+        let home = dirs.state.join("home");
+        clone(
+            remote,
+            branch,
+            &home,
+            &dirs.lower,
+            Some(isolation.sandbox_ids()),
+        )
+        .await?;
+        clone_ms = cloning.elapsed().as_millis() as u64;
+        mount_overlay(&[&dirs.lower], &dirs.upper, &dirs.work, &dirs.merged)?;
+        // The workspace is where it is in a plain sandbox too, for whoever looks from the host.
+        let link = sandbox_dir.join("workspace");
+        std::os::unix::fs::symlink(&dirs.merged, &link).map_err(io_error("link", &link))?;
+        resources.workspace_link = Some(link);
+        resources.cgroup = isolation.create_cgroup(id)?;
+        let vars = isolated_agent_env(config, &shared.base_url, id, request);
+        let allow = allow_list(&vars, &shared.base_url)?;
+        let egress = Arc::new(EgressProxy::start(&dirs.egress_socket, allow, id)?);
+        resources.egress = Some(Arc::clone(&egress));
+        isolation.hand_over(&dirs.egress_socket)?;
+        let mut command = isolation
+            .command()
+            .workspace(&dirs.merged)
+            .state(&dirs.state)
+            .egress_socket(&dirs.egress_socket)
+            .run_agent(&config.agent_bin)
+            .envs(vars);
+        if let Some(cgroup) = &resources.cgroup {
+            command = command.cgroup(cgroup);
+        }
+        let mut command = command.into_command()?;
+        let (stdout, stderr) = agent_log(sandbox_dir)?;
+        command.stdin(Stdio::null()).stdout(stdout).stderr(stderr);
+        command.spawn().map_err(|source| HostError::Spawn {
+            command: format!("bwrap … {} run", config.agent_bin.display()),
+            source,
+        })
     }
-    tracing::info!(
-        sandbox_id = %id,
-        session_id = %request.session_id,
-        repo = %repo,
-        branch = %branch,
-        clone_ms = cloned_ms,
-        "sandbox started"
-    );
-    Ok(info)
+    .await;
+    match result {
+        Ok(child) => Ok(Launched {
+            child,
+            workspace: resources.dirs.merged.clone(),
+            resources: Some(resources),
+            clone_ms,
+        }),
+        Err(error) => {
+            if let Err(release_error) = resources.release(isolation).await {
+                tracing::error!(sandbox_id = %id, error = %release_error, "could not release a sandbox that failed to start");
+            }
+            Err(error)
+        }
+    }
 }
 
 /// `branch` must exist in the bare repository.
@@ -375,15 +699,24 @@ async fn check_branch(repo: &RepoName, git_dir: &Path, branch: &str) -> Result<(
     }
 }
 
-/// `git clone --branch <branch> <remote> <workspace>` with the sandbox as HOME and no inherited
-/// config.
-async fn clone(remote: &str, branch: &str, home: &Path, workspace: &Path) -> Result<(), HostError> {
+/// `git clone --branch <branch> <remote> <workspace>` with `home` as HOME and no inherited config;
+/// as `owner` (uid, gid) when given (then `workspace` must exist, empty, and belong to it).
+async fn clone(
+    remote: &str,
+    branch: &str,
+    home: &Path,
+    workspace: &Path,
+    owner: Option<(u32, u32)>,
+) -> Result<(), HostError> {
     let mut command = tokio::process::Command::from(seed::git_command());
     command
         .env("HOME", home)
         .args(["clone", "--quiet", "--branch", branch, "--", remote])
         .arg(workspace)
         .kill_on_drop(true);
+    if let Some((uid, gid)) = owner {
+        command.uid(uid).gid(gid).current_dir(workspace);
+    }
     let line = format!("git clone --branch {branch} {remote}");
     let output = match tokio::time::timeout(CLONE_TIMEOUT, command.output()).await {
         Ok(Ok(output)) => output,
@@ -413,7 +746,10 @@ async fn clone(remote: &str, branch: &str, home: &Path, workspace: &Path) -> Res
 }
 
 /// Stop the agent of sandbox `id` (SIGTERM to its process group, SIGKILL after [`STOP_GRACE`]) and
-/// mark it `stopped`. A sandbox that already ended keeps its status. Files stay.
+/// mark it `stopped`; returns once it has ended and (isolated) been released. For an isolated sandbox
+/// the group is bubblewrap's, and bubblewrap's end takes the whole sandbox with it (its pid namespace
+/// dies with its first process). A sandbox that already ended keeps its status. A plain sandbox's
+/// files stay.
 pub(super) async fn stop(
     state: &AppState,
     id: &str,
@@ -475,9 +811,17 @@ fn signal_group(group: libc::pid_t, signal: libc::c_int) -> bool {
     unsafe { libc::killpg(group, signal) == 0 }
 }
 
-fn describe_exit(status: ExitStatus) -> String {
+/// How the agent ended. Under bubblewrap, an exit code above 128 is the agent killed by a signal
+/// (bubblewrap exits with 128 + the signal of its child).
+fn describe_exit(status: ExitStatus, isolated: bool) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
+        (Some(code), _) if isolated && code > 128 => {
+            format!(
+                "exit code {code} (the agent was killed by signal {})",
+                code - 128
+            )
+        }
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(signal)) => format!("killed by signal {signal}"),
         (None, None) => status.to_string(),
@@ -531,6 +875,8 @@ mod tests {
             provider_token: "provider-secret".into(),
             model,
             agent_log_filter: "debug".into(),
+            isolation: None,
+            on_deadline: None,
         }
     }
 
@@ -591,6 +937,67 @@ mod tests {
         assert_eq!(vars["OPENAI_BASE_URL"], "http://127.0.0.1:11434/v1");
         assert_eq!(vars["OPENAI_API_KEY"], "sk-openai");
         assert_eq!(vars["ANTHROPIC_BASE_URL"], "http://127.0.0.1:9/scripted-model");
+    }
+
+    #[test]
+    fn isolated_agents_get_sandbox_paths_and_the_egress_socket() {
+        let vars: HashMap<&str, String> = isolated_agent_env(
+            &config(ModelConfig::default()),
+            "http://127.0.0.1:9",
+            "abc",
+            &request(),
+        )
+        .into_iter()
+        .map(|(k, v)| (k, v.into_string().unwrap()))
+        .collect();
+        assert_eq!(vars["HOME"], "/state/home");
+        assert_eq!(vars["NIGHTSHIFT_WORKSPACE"], "/workspace");
+        assert_eq!(
+            vars["NIGHTSHIFT_EGRESS_SOCKET"],
+            "/run/nightshift/egress.sock"
+        );
+        assert_eq!(vars["PATH"], SANDBOX_PATH);
+        assert_eq!(vars.len(), DEMO_AGENT_ENV.len() + 1);
+    }
+
+    #[test]
+    fn the_allow_list_is_the_session_the_models_and_this_host() {
+        let allowed = |model: ModelConfig| {
+            let vars = isolated_agent_env(&config(model), "http://127.0.0.1:9", "abc", &request());
+            allow_list(&vars, "http://127.0.0.1:9").unwrap().targets()
+        };
+        // The demo model is this host.
+        assert_eq!(
+            allowed(ModelConfig::default()),
+            ["127.0.0.1:8787", "127.0.0.1:9"]
+        );
+        assert_eq!(
+            allowed(ModelConfig {
+                api_key: Some("sk".into()),
+                openai_api_key: Some("sk".into()),
+                ..ModelConfig::default()
+            }),
+            [
+                "127.0.0.1:8787",
+                "127.0.0.1:9",
+                "api.anthropic.com:443",
+                "api.openai.com:443"
+            ]
+        );
+        assert_eq!(
+            allowed(ModelConfig {
+                api_key: Some("sk".into()),
+                base_url: Some("https://llm.example:8443/anthropic".into()),
+                openai_base_url: Some("http://127.0.0.1:11434/v1".into()),
+                ..ModelConfig::default()
+            }),
+            [
+                "127.0.0.1:11434",
+                "127.0.0.1:8787",
+                "127.0.0.1:9",
+                "llm.example:8443"
+            ]
+        );
     }
 
     #[test]

@@ -24,6 +24,8 @@ fn config(data_dir: &Path, agent_bin: &Path) -> HostConfig {
         provider_token: TOKEN.to_owned(),
         model: ModelConfig::default(),
         agent_log_filter: "debug".to_owned(),
+        isolation: None,
+        on_deadline: None,
     }
 }
 
@@ -275,15 +277,26 @@ struct RunningHost {
 
 impl RunningHost {
     async fn start(data_dir: &Path, agent_bin: &Path) -> Self {
+        Self::start_with(config(data_dir, agent_bin)).await
+    }
+
+    async fn start_with(config: HostConfig) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base_url = format!("http://{}", listener.local_addr().unwrap());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(serve(config(data_dir, agent_bin), listener, async move {
+        let data_dir = config.data_dir.clone();
+        let task = tokio::spawn(serve(config, listener, async move {
             let _ = rx.await;
         }));
+        // Wait until it answers (startup checks isolation first).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while reqwest::get(format!("{base_url}/healthz")).await.is_err() {
+            assert!(Instant::now() < deadline, "host never came up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         RunningHost {
             base_url,
-            data_dir: data_dir.to_owned(),
+            data_dir,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -790,6 +803,28 @@ async fn stubborn_agents_are_killed_and_timeouts_and_shutdown_stop_agents() {
     assert_gone_soon(&last_grandchild).await;
 }
 
+/// Commit the removal of `path` on `main` of the bare repository `git_dir`.
+fn remove_from_repo(git_dir: &Path, path: &str) {
+    let work = tempfile::tempdir().unwrap();
+    let run = |dir: &Path, args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_AUTHOR_NAME", "Test")
+            .env("GIT_AUTHOR_EMAIL", "test@example.com")
+            .env("GIT_COMMITTER_NAME", "Test")
+            .env("GIT_COMMITTER_EMAIL", "test@example.com")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(work.path(), &["clone", "--quiet", git_dir.to_str().unwrap(), "c"]);
+    let clone = work.path().join("c");
+    run(&clone, &["rm", "--quiet", path]);
+    run(&clone, &["commit", "--quiet", "-m", "remove"]);
+    run(&clone, &["push", "--quiet", "origin", "main"]);
+}
+
 /// `(status, error code)` of an answer.
 fn code(answer: &(StatusCode, Value)) -> (StatusCode, &str) {
     (answer.0, answer.1["error"]["code"].as_str().unwrap_or(""))
@@ -798,7 +833,9 @@ fn code(answer: &(StatusCode, Value)) -> (StatusCode, &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn image_routes_build_list_and_stream_the_log() {
     let data = tempfile::tempdir().unwrap();
-    seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    let seeded = seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    // The request's setup runs only when the repository has none of its own.
+    remove_from_repo(&seeded.git_dir, ".nightshift/setup.sh");
     let app = app_in(data.path());
     let post = |body: Value| call(&app, "POST", "/v1/images", Some(TOKEN), Some(body));
 
@@ -984,6 +1021,9 @@ async fn snapshot_route_archives_an_overlay_sandbox_and_refuses_others() {
             status: "running".to_owned(),
             created_ms: 1,
             detail: String::new(),
+            isolation: None,
+            limits: None,
+            refused: Vec::new(),
         });
     let snapshot = |id: &str, body: Option<Value>| {
         let uri = format!("/v1/sandboxes/{id}/snapshot");
@@ -1095,4 +1135,358 @@ async fn snapshot_route_archives_an_overlay_sandbox_and_refuses_others() {
     );
     assert_eq!(state.snapshots().list().len(), 1);
     assert!(state.images().latest("demo/hello").is_none());
+}
+
+/// The built `sandbox-agent` binary, beside the directory of this test binary (`target/<profile>/deps`).
+/// Cargo builds it with the crate's tests, because the crate has an integration test.
+fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("sandbox-agent");
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with `cargo build -p nightshift-sandbox-agent`",
+        path.display()
+    );
+    path
+}
+
+/// A fake Worker's agent route: the agent's WebSocket, after its bearer token was checked.
+type AgentSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn accept_agent(listener: &tokio::net::TcpListener) -> AgentSocket {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .expect("the agent dials in within 30 s")
+        .unwrap();
+    #[allow(clippy::result_large_err)] // the callback's error type is tungstenite's
+    let check = |request: &Request, response: Response| {
+        let auth = request
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(auth, Some("Bearer sandbox-secret"));
+        Ok(response)
+    };
+    tokio_tungstenite::accept_hdr_async(tcp, check)
+        .await
+        .unwrap()
+}
+
+/// The next message from the agent (heartbeats skipped).
+async fn next_message(socket: &mut AgentSocket) -> nightshift_protocol::AgentMessage {
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), socket.next())
+            .await
+            .expect("a frame within 60 s")
+            .expect("socket open")
+            .expect("frame");
+        let Message::Text(text) = frame else { continue };
+        match serde_json::from_str(text.as_str()).unwrap() {
+            nightshift_protocol::AgentMessage::Heartbeat {} => continue,
+            message => return message,
+        }
+    }
+}
+
+async fn send_to_agent(socket: &mut AgentSocket, message: &nightshift_protocol::ServerToAgent) {
+    use futures_util::SinkExt as _;
+    let text = serde_json::to_string(message).unwrap();
+    socket
+        .send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .unwrap();
+}
+
+/// Answer `hello` with `welcome`; the sandbox id the agent reported.
+async fn welcome(socket: &mut AgentSocket) -> String {
+    use nightshift_protocol::{AgentMessage, ServerToAgent};
+    let AgentMessage::Hello { sandbox_id, .. } = next_message(socket).await else {
+        panic!("expected hello");
+    };
+    send_to_agent(
+        socket,
+        &ServerToAgent::Welcome {
+            session: "session-1".to_owned(),
+            last_producer_seq: 0,
+        },
+    )
+    .await;
+    sandbox_id
+}
+
+/// Whether `path` is a mount point in the host's mount namespace.
+fn mounted(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .any(|mount_point| Path::new(mount_point) == path)
+}
+
+/// The host pid of the agent of sandbox `id` (found by its cgroup and its command line).
+fn agent_pid(id: &str) -> Option<libc::pid_t> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: libc::pid_t = entry.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+            (cmdline.starts_with(b"/opt/nightshift/sandbox-agent\0run\0")
+                && cgroup.contains(&format!("/nightshift/{id}\n")))
+            .then_some(pid)
+        })
+}
+
+/// The whole path of an isolated sandbox with the real agent: created from the API, the agent dials a
+/// fake Worker through the egress proxy, works a prompt with the host's scripted model (through the
+/// proxy), runs bash (its own bubblewrap, nested) where it can see neither the host's files nor its
+/// network, commits and pushes over the proxy; a refused target shows in the sandbox's info; `kill -9`
+/// of the agent is reported as `exited` and leaves no mount, cgroup or runtime file; DELETE does the
+/// same for a second sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolated_sandbox_end_to_end() {
+    use nightshift_protocol::{AgentMessage, Author, Event, ServerToAgent};
+    // SAFETY: `geteuid` has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: skipping the isolated end-to-end test (CI runs it as root)");
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let runtime = isolation::tests::TestRuntime::new();
+    let bare = seed_repo(&data.path().join("git"), "demo/hello", "main")
+        .unwrap()
+        .git_dir;
+    std::fs::write(data.path().join("host-secret.txt"), "host secret").unwrap();
+    let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let worker_address = worker.local_addr().unwrap();
+    let mut host_config = config(data.path(), &agent_binary());
+    host_config.isolation = Some(isolation::IsolationConfig {
+        runtime_dir: Some(runtime.path().to_owned()),
+        ..isolation::IsolationConfig::default()
+    });
+    let host = RunningHost::start_with(host_config).await;
+    let mut body = create_body("demo/hello");
+    body["connect_url"] = json!(format!("ws://{worker_address}/sandbox/session-1/ws"));
+
+    let started = Instant::now();
+    let (status, info) = host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body.clone()))
+        .await;
+    let created_ms = started.elapsed().as_millis();
+    assert_eq!(status, StatusCode::CREATED, "{info}");
+    let id = info["id"].as_str().unwrap().to_owned();
+    assert_eq!(info["isolation"], "overlay+bwrap", "{info}");
+    assert_eq!(
+        info["limits"], "memory_bytes=4294967296 pids=1024",
+        "{info}"
+    );
+    let log = data.path().join("sandboxes").join(&id).join("agent.log");
+    let mut socket = accept_agent(&worker).await;
+    assert_eq!(welcome(&mut socket).await, id);
+    let running_ms = started.elapsed().as_millis();
+
+    let command = format!(
+        "hostname; id -u; echo isolated > proof.txt; \
+         cat {secret} 2>/dev/null || echo no-host-files; ls /root 2>/dev/null || echo no-root; \
+         (exec 3<>/dev/tcp/127.0.0.1/{worker_port}) 2>/dev/null && echo DIRECT || echo no-direct; \
+         curl -sS --max-time 10 http://example.invalid:81/; echo",
+        secret = data.path().join("host-secret.txt").display(),
+        worker_port = worker_address.port(),
+    );
+    let step = json!({"tool": "bash", "input": {"command": command}});
+    send_to_agent(
+        &mut socket,
+        &ServerToAgent::RunPrompt {
+            prompt_id: "p1".to_owned(),
+            text: format!("[script:plan]\n{step}"),
+            author: Author {
+                login: "ada".into(),
+                name: "Ada".into(),
+                email: "ada@example.com".into(),
+            },
+            model: crate::scripted_model::MODEL.to_owned(),
+        },
+    )
+    .await;
+    let (mut bash_output, mut pushed) = (None, None);
+    loop {
+        let AgentMessage::Event { event, .. } = next_message(&mut socket).await else {
+            continue;
+        };
+        match event {
+            Event::ToolResult { output, .. } => bash_output = Some(output),
+            Event::Push { branch, .. } => pushed = Some(branch),
+            Event::PromptFinished { status, error, .. } => {
+                assert_eq!(
+                    serde_json::to_value(status).unwrap(),
+                    "completed",
+                    "{error:?}\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+                break;
+            }
+            _ => {}
+        }
+    }
+    let bash_output = bash_output.expect("the bash tool ran");
+    for expected in [
+        "nightshift-sandbox\n0\n",
+        "no-host-files",
+        "no-root",
+        "no-direct",
+        "example.invalid:81 is not on this sandbox's allow-list",
+    ] {
+        assert!(bash_output.contains(expected), "{expected}: {bash_output}");
+    }
+    // Committed and pushed as the author, over the proxy.
+    assert_eq!(pushed.as_deref(), Some("nightshift/session-1"));
+    assert_eq!(
+        git(&bare, &["show", "nightshift/session-1:proof.txt"]),
+        "isolated"
+    );
+    let (_, info) = host
+        .api(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    let refused: Vec<&str> = info["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["target"].as_str().unwrap())
+        .collect();
+    assert_eq!(refused, ["example.invalid:81"], "{info}");
+
+    // `kill -9` of the agent: reported as exited, and everything released.
+    let sandbox_root = runtime.path().join("sandboxes").join(&id);
+    assert!(mounted(&sandbox_root.join("merged")));
+    // From the host, the workspace is where a plain sandbox has it.
+    let workspace_link = data.path().join("sandboxes").join(&id).join("workspace");
+    assert_eq!(
+        std::fs::read_to_string(workspace_link.join("proof.txt")).unwrap(),
+        "isolated\n"
+    );
+    let pid = agent_pid(&id).expect("the agent runs in its cgroup");
+    // SAFETY: sends a signal to the agent this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let exited = host.wait_for_status(&id, "exited").await;
+    assert!(
+        exited["detail"]
+            .as_str()
+            .unwrap()
+            .contains("killed by signal 9"),
+        "{exited}"
+    );
+    assert!(!mounted(&sandbox_root.join("merged")));
+    assert!(!sandbox_root.exists());
+    assert!(std::fs::symlink_metadata(&workspace_link).is_err());
+    assert!(log.is_file(), "the agent's log stays");
+    for controller in ["memory", "pids"] {
+        let cgroup = Path::new("/sys/fs/cgroup")
+            .join(controller)
+            .join("nightshift")
+            .join(&id);
+        assert!(!cgroup.exists(), "{}", cgroup.display());
+    }
+    assert_eq!(exited["refused"].as_array().unwrap().len(), 1, "{exited}");
+
+    // A second sandbox, stopped through the API.
+    let (_, second) = host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    let second_id = second["id"].as_str().unwrap().to_owned();
+    let mut second_socket = accept_agent(&worker).await;
+    assert_eq!(welcome(&mut second_socket).await, second_id);
+    let second_root = runtime.path().join("sandboxes").join(&second_id);
+    assert!(mounted(&second_root.join("merged")));
+    let stopping = Instant::now();
+    let (status, stopped) = host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{second_id}"),
+            None,
+        )
+        .await;
+    let teardown_ms = stopping.elapsed().as_millis();
+    assert_eq!(
+        (status, stopped["status"].as_str()),
+        (StatusCode::OK, Some("stopped"))
+    );
+    assert!(!mounted(&second_root.join("merged")));
+    assert!(!second_root.exists());
+    assert!(agent_pid(&second_id).is_none());
+    eprintln!(
+        "isolated sandbox on this machine: POST /v1/sandboxes answered in {created_ms} ms \
+         (clone + overlay + cgroups + proxy + spawn), agent connected through the proxy after \
+         {running_ms} ms, DELETE → released in {teardown_ms} ms"
+    );
+
+    // A third one still runs when the host shuts down: released too.
+    let (_, third) = host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some({
+                let mut body = create_body("demo/hello");
+                body["connect_url"] = json!(format!("ws://{worker_address}/sandbox/session-1/ws"));
+                body
+            }),
+        )
+        .await;
+    let third_id = third["id"].as_str().unwrap().to_owned();
+    let mut third_socket = accept_agent(&worker).await;
+    assert_eq!(welcome(&mut third_socket).await, third_id);
+    let third_root = runtime.path().join("sandboxes").join(&third_id);
+    assert!(mounted(&third_root.join("merged")));
+    host.stop().await;
+    assert!(!mounted(&third_root.join("merged")));
+    assert!(!third_root.exists());
+    assert!(agent_pid(&third_id).is_none());
+    assert!(!runtime.path().exists(), "an empty runtime directory goes at shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_deadline_hook_runs_before_the_stop() {
+    let data = tempfile::tempdir().unwrap();
+    let bins = tempfile::tempdir().unwrap();
+    seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    let agent = write_fake_agent(bins.path());
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut host_config = config(data.path(), &agent);
+    let record = std::sync::Arc::clone(&seen);
+    host_config.on_deadline = Some(std::sync::Arc::new(move |event: sandbox::DeadlineEvent| {
+        let record = std::sync::Arc::clone(&record);
+        Box::pin(async move {
+            // The sandbox is still there while the hook runs.
+            let workspace_there = event.workspace.join("README.md").is_file();
+            record
+                .lock()
+                .unwrap()
+                .push((event.sandbox_id, event.timeout_ms, workspace_there));
+        })
+    }));
+    let host = RunningHost::start_with(host_config).await;
+    let mut body = create_body("demo/hello");
+    body["timeout_ms"] = json!(300);
+    let (_, info) = host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    let id = info["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (info["isolation"].as_str(), info["limits"].as_str()),
+        (Some("none"), Some("none"))
+    );
+    let stopped = host.wait_for_status(&id, "stopped").await;
+    assert!(stopped["detail"]
+        .as_str()
+        .unwrap()
+        .starts_with("timed out after 300 ms"));
+    assert_eq!(*seen.lock().unwrap(), [(id, 300, true)]);
+    host.stop().await;
 }

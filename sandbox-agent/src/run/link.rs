@@ -16,6 +16,7 @@ use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 
+use super::egress::{proxy_authority, tunnel, RelayError};
 use super::outbox::{encode, Outbox};
 use super::queue::{PromptCommand, PromptRequest};
 
@@ -55,6 +56,9 @@ pub enum LinkError {
     /// The WebSocket failed.
     #[error("websocket error: {0}")]
     Socket(Box<tungstenite::Error>),
+    /// The way through the egress proxy failed.
+    #[error("through the egress proxy: {0}")]
+    Proxy(#[from] RelayError),
 }
 
 impl From<tungstenite::Error> for LinkError {
@@ -116,6 +120,8 @@ pub struct LinkConfig {
     pub welcome_timeout: Duration,
     /// Reconnect delays.
     pub backoff: Backoff,
+    /// An HTTP proxy (`http://host:port`) to reach the session through, with `CONNECT`; `None`: direct.
+    pub proxy_url: Option<String>,
 }
 
 impl LinkConfig {
@@ -132,6 +138,7 @@ impl LinkConfig {
                 initial: Duration::from_millis(100),
                 max: Duration::from_secs(5),
             },
+            proxy_url: None,
         }
     }
 
@@ -176,22 +183,21 @@ pub async fn run(
     mut channels: LinkChannels,
 ) -> Result<(), LinkError> {
     config.request()?;
+    if let Some(proxy) = &config.proxy_url {
+        proxy_authority(proxy)?;
+    }
     let mut events_open = true;
     let mut attempt: u32 = 0;
     loop {
         let connected = pumping(
-            tokio::time::timeout(
-                config.connect_timeout,
-                // Events are small frames that must leave at once: no Nagle delay.
-                tokio_tungstenite::connect_async_with_config(config.request()?, None, true),
-            ),
+            tokio::time::timeout(config.connect_timeout, connect(&config)),
             &mut channels.events,
             &mut events_open,
             &mut outbox,
         )
         .await;
         let result = match connected {
-            Ok(Ok((socket, _response))) => {
+            Ok(Ok(socket)) => {
                 tracing::info!(url = %config.connect_url, "connected to session");
                 serve(
                     &config,
@@ -202,10 +208,7 @@ pub async fn run(
                 )
                 .await
             }
-            Ok(Err(tungstenite::Error::Http(response))) => Err(LinkError::Rejected {
-                status: response.status().as_u16(),
-            }),
-            Ok(Err(error)) => Err(error.into()),
+            Ok(Err(error)) => Err(error),
             Err(_elapsed) => Err(LinkError::ConnectTimeout {
                 timeout_ms: config.connect_timeout.as_millis(),
             }),
@@ -244,6 +247,37 @@ pub async fn run(
             &mut outbox,
         )
         .await;
+    }
+}
+
+/// Open the WebSocket: directly, or through the proxy's `CONNECT` tunnel (TLS, for `wss://`, inside
+/// the tunnel).
+async fn connect(config: &LinkConfig) -> Result<Socket, LinkError> {
+    let request = config.request()?;
+    let connected = match &config.proxy_url {
+        // Events are small frames that must leave at once: no Nagle delay.
+        None => tokio_tungstenite::connect_async_with_config(request, None, true).await,
+        Some(proxy) => {
+            let uri = request.uri();
+            let host = uri.host().unwrap_or_default();
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("wss") {
+                    443
+                } else {
+                    80
+                });
+            let target = format!("{host}:{port}");
+            let stream = tunnel(&proxy_authority(proxy)?, &target).await?;
+            tokio_tungstenite::client_async_tls_with_config(request, stream, None, None).await
+        }
+    };
+    match connected {
+        Ok((socket, _response)) => Ok(socket),
+        Err(tungstenite::Error::Http(response)) => Err(LinkError::Rejected {
+            status: response.status().as_u16(),
+        }),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -639,6 +673,86 @@ mod tests {
             .expect("link ends")
             .unwrap()
             .unwrap();
+    }
+
+    /// In an isolated sandbox the link goes through the relay and the host's egress proxy (a `CONNECT`
+    /// tunnel); a session address the proxy refuses is retried like any failure, and recorded there.
+    #[tokio::test]
+    async fn connects_through_the_egress_proxy() {
+        use crate::host::egress::{AllowList, EgressProxy};
+        use crate::run::egress::Relay;
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut allow = AllowList::default();
+        allow.allow_url(&format!("ws://{address}")).unwrap();
+        let socket = dir.path().join("egress.sock");
+        let proxy = EgressProxy::start(&socket, allow, "link-test").unwrap();
+        let relay = Relay::bind(&socket).unwrap();
+        let proxy_url = relay.proxy_url();
+        relay.spawn().unwrap();
+        let link_to = |url: String| {
+            let mut config = LinkConfig::new(
+                url,
+                SandboxToken::new("secret-token".to_owned()),
+                "sb-1".to_owned(),
+            );
+            config.proxy_url = Some(proxy_url.clone());
+            config.backoff = Backoff {
+                initial: Duration::from_millis(10),
+                max: Duration::from_millis(50),
+            };
+            let (events_tx, events_rx) = mpsc::channel(64);
+            let (commands_tx, _commands_rx) = mpsc::unbounded_channel();
+            let link = tokio::spawn(run(
+                config,
+                Outbox::in_memory(),
+                LinkChannels {
+                    events: events_rx,
+                    commands: commands_tx,
+                },
+            ));
+            (events_tx, link)
+        };
+
+        let (events_tx, link) = link_to(format!("ws://{address}/sandbox/s1/ws"));
+        events_tx.send(notice("through the proxy")).await.unwrap();
+        let mut socket = accept(&listener).await;
+        assert_eq!(hello(&mut socket).await, Some(1));
+        send(
+            &mut socket,
+            &ServerToAgent::Welcome {
+                session: "s1".to_owned(),
+                last_producer_seq: 0,
+            },
+        )
+        .await;
+        assert_eq!(
+            next_event(&mut socket).await,
+            (1, "through the proxy".to_owned())
+        );
+        drop(events_tx);
+        send(&mut socket, &ServerToAgent::Ack { producer_seq: 1 }).await;
+        tokio::time::timeout(Duration::from_secs(5), link)
+            .await
+            .expect("link ends")
+            .unwrap()
+            .unwrap();
+        assert!(proxy.refused().is_empty());
+
+        let (events_tx, link) = link_to("ws://127.0.0.1:9/sandbox/s1/ws".to_owned());
+        events_tx.send(notice("never delivered")).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while proxy.refused().len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{:?}",
+                proxy.refused()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(proxy.refused().iter().all(|r| r.target == "127.0.0.1:9"));
+        link.abort();
     }
 
     /// A refused upgrade is retried, not fatal.

@@ -11,6 +11,7 @@
 pub mod agent_loop;
 pub mod gate;
 pub mod conversation;
+pub mod egress;
 pub mod git;
 pub mod hook;
 pub mod link;
@@ -54,7 +55,7 @@ pub struct RunArgs {
     #[arg(long, env = env::WORKSPACE)]
     pub workspace: PathBuf,
     /// Base URL of the Anthropic Messages API.
-    #[arg(long, env = env::ANTHROPIC_BASE_URL, default_value = "https://api.anthropic.com")]
+    #[arg(long, env = env::ANTHROPIC_BASE_URL, default_value = provider::ANTHROPIC_DEFAULT_BASE_URL)]
     pub anthropic_base_url: String,
     /// Anthropic API key; without it no `x-api-key` is sent (fine for the local scripted model).
     #[arg(long, env = env::ANTHROPIC_API_KEY, hide_env_values = true)]
@@ -82,6 +83,21 @@ pub struct RunArgs {
     /// never inside the workspace.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// The host's egress proxy socket: the only way out of an isolated sandbox. With it, the agent
+    /// relays a loopback port to it ([`egress::Relay`]) and sends everything through it.
+    #[arg(long, env = env::EGRESS_SOCKET)]
+    pub egress_socket: Option<PathBuf>,
+}
+
+/// The egress relay of `args`, bound, with the proxy variables exported for everything the agent
+/// starts. Call it before the runtime starts (see [`egress::Relay::export_env`]).
+pub fn prepare_egress(args: &RunArgs) -> anyhow::Result<Option<egress::Relay>> {
+    let Some(socket) = &args.egress_socket else {
+        return Ok(None);
+    };
+    let relay = egress::Relay::bind(socket).context("starting the egress relay")?;
+    relay.export_env();
+    Ok(Some(relay))
 }
 
 /// The default state directory: beside the workspace, not in it.
@@ -92,8 +108,9 @@ fn default_state_dir(workspace: &Path) -> PathBuf {
     }
 }
 
-/// Run the agent until interrupted.
-pub async fn main(args: RunArgs) -> anyhow::Result<()> {
+/// Run the agent until interrupted; with `relay` (from [`prepare_egress`]), all its traffic goes
+/// through it.
+pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result<()> {
     let workspace = Workspace::open(&args.workspace).context("opening the workspace")?;
     let state_dir = args
         .state_dir
@@ -106,11 +123,16 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let outbox = Outbox::open(&state_dir.join("outbox.jsonl")).context("opening the outbox")?;
+    let proxy_url = relay.as_ref().map(egress::Relay::proxy_url);
+    if let Some(relay) = relay {
+        relay.spawn().context("serving the egress relay")?;
+    }
     let key = |key: Option<String>| key.filter(|key| !key.trim().is_empty()).map(ApiKey::new);
     let config = ProviderConfig {
         anthropic_api_key: key(args.anthropic_api_key),
         openai_base_url: args.openai_base_url.filter(|url| !url.trim().is_empty()),
         openai_api_key: key(args.openai_api_key),
+        proxy_url: proxy_url.clone(),
         ..ProviderConfig::new(args.anthropic_base_url.clone())
     };
     if config.anthropic_api_key.is_none() {
@@ -118,15 +140,19 @@ pub async fn main(args: RunArgs) -> anyhow::Result<()> {
     }
     let openai_url = config.openai_base_url.clone();
     let providers = Providers::new(config).context("creating the model client")?;
-    let config = LinkConfig::new(
-        args.connect_url,
-        SandboxToken::new(args.sandbox_token),
-        args.sandbox_id,
-    );
+    let config = LinkConfig {
+        proxy_url: proxy_url.clone(),
+        ..LinkConfig::new(
+            args.connect_url,
+            SandboxToken::new(args.sandbox_token),
+            args.sandbox_id,
+        )
+    };
     config.request().context("checking the connect url")?;
     tracing::info!(
         workspace = %workspace.root().display(),
         state_dir = %state_dir.display(),
+        proxy = ?proxy_url,
         anthropic_url = %args.anthropic_base_url,
         openai_url = ?openai_url,
         next_producer_seq = outbox.next_seq(),

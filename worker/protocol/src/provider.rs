@@ -38,6 +38,27 @@ pub struct SandboxInfo {
     /// Human detail (exit status, error).
     #[serde(default)]
     pub detail: String,
+    /// How the sandbox is isolated from its host, e.g. `overlay+bwrap`, or `none` (a plain process on
+    /// the host). Absent when the provider does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<String>,
+    /// Resource limits in force, e.g. `memory_bytes=4294967296 pids=1024`, or `none`. Absent when the
+    /// provider does not say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<String>,
+    /// Outbound connections the sandbox's egress proxy refused (target not allow-listed), oldest
+    /// first; only the latest ones are kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedEgress>,
+}
+
+/// One outbound connection a sandbox's egress proxy refused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefusedEgress {
+    /// What the sandbox asked for, `host:port`.
+    pub target: String,
+    /// When (Unix ms).
+    pub at_ms: u64,
 }
 
 /// `POST /v1/images`: build an image of a repository (a full-history clone at a commit of `ref`, after

@@ -133,6 +133,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
+use crate::env;
+
 pub use policy::{BlockedCommand, Policy};
 
 /// Where the configuration lives, relative to the workspace root.
@@ -480,16 +482,23 @@ impl Hook {
 struct HookEnv {
     path: OsString,
     home: OsString,
+    /// The agent's proxy variables (set in an isolated sandbox, where the proxy is the only way out).
+    proxy: Vec<(&'static str, OsString)>,
 }
 
 impl HookEnv {
-    /// `PATH` and `HOME` of the agent (whose own environment the host builds from nothing).
+    /// `PATH`, `HOME` and the proxy variables of the agent (whose own environment the host builds
+    /// from nothing).
     fn of_agent(root: Option<&Path>) -> Self {
         Self {
             path: std::env::var_os("PATH").unwrap_or_else(|| DEFAULT_PATH.into()),
             home: std::env::var_os("HOME")
                 .or_else(|| root.map(|root| root.as_os_str().to_owned()))
                 .unwrap_or_else(|| "/".into()),
+            proxy: env::PROXY_VARS
+                .iter()
+                .filter_map(|name| std::env::var_os(name).map(|value| (*name, value)))
+                .collect(),
         }
     }
 }

@@ -33,6 +33,7 @@ pub(super) async fn run(
         .env_clear()
         .env("PATH", &env.path)
         .env("HOME", &env.home)
+        .envs(env.proxy.iter().map(|(name, value)| (name, value)))
         .env(EVENT_ENV, hook.event.as_str())
         .current_dir(cwd)
         .stdin(Stdio::piped())

@@ -46,6 +46,8 @@ const ERROR_BODY_LIMIT_BYTES: usize = 2048;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The OpenAI endpoint used when only `OPENAI_API_KEY` is given.
 pub const OPENAI_DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+/// The Anthropic base URL without `ANTHROPIC_BASE_URL`.
+pub const ANTHROPIC_DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 /// Default of [`ProviderConfig::request_timeout`].
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -487,6 +489,9 @@ pub struct ProviderConfig {
     pub request_timeout: Duration,
     /// When to try again.
     pub retry: RetryPolicy,
+    /// An HTTP proxy every request goes through (`http://127.0.0.1:PORT`, the sandbox's egress relay);
+    /// `None`: direct connections.
+    pub proxy_url: Option<String>,
 }
 
 impl ProviderConfig {
@@ -499,6 +504,7 @@ impl ProviderConfig {
             openai_api_key: None,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry: RetryPolicy::default(),
+            proxy_url: None,
         }
     }
 }
@@ -559,9 +565,15 @@ impl Providers {
             )?) as Arc<dyn WireFormat>),
             None => None,
         };
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT.min(config.request_timeout))
-            .tcp_nodelay(true)
+            .tcp_nodelay(true);
+        if let Some(proxy) = &config.proxy_url {
+            // `http://` targets go as absolute-URI requests, `https://` through `CONNECT`.
+            http = http
+                .proxy(reqwest::Proxy::all(proxy).map_err(|source| ModelError::Client { source })?);
+        }
+        let http = http
             .build()
             .map_err(|source| ModelError::Client { source })?;
         Ok(Self {
