@@ -67,6 +67,8 @@ mod git_http;
 )]
 mod image;
 pub mod isolation;
+#[allow(dead_code, reason = "claims and refills are wired into sandbox creation next")]
+mod pool;
 mod sandbox;
 #[cfg_attr(
     not(test),
