@@ -94,6 +94,30 @@ pub fn run(workspace: &Workspace) -> anyhow::Result<()> {
         return Err(error);
     }
 
+    // Every expensive step before the first prompt: the demo repository's image, and one sandbox
+    // kept warm on it. Both run in the host's background; a host without them says so here.
+    let image = process::http_post_json(
+        HOST_ADDR,
+        "/v1/images",
+        &secrets.provider_token,
+        &format!(r#"{{"repo":"{DEMO_REPO}"}}"#),
+    );
+    let pool = process::http_post_json(
+        HOST_ADDR,
+        &format!("/v1/pools/{DEMO_REPO}"),
+        &secrets.provider_token,
+        r#"{"target":1}"#,
+    );
+    let describe = |answer: std::io::Result<u16>| match answer {
+        Ok(202) => "started".to_owned(),
+        Ok(status) => format!("not available here (the host answered {status})"),
+        Err(error) => format!("not started: {error}"),
+    };
+    let prepared = format!(
+        "image build {}, warm pool {}",
+        describe(image),
+        describe(pool)
+    );
     let model = match (
         std::env::var(env::NIGHTSHIFT_MODEL).ok().filter(|m| !m.trim().is_empty()),
         std::env::var_os(env::OPENAI_BASE_URL).is_some(),
@@ -106,6 +130,7 @@ pub fn run(workspace: &Workspace) -> anyhow::Result<()> {
     println!();
     println!("Nightshift is running: http://{WORKER_ADDR}");
     println!("  demo repository: {DEMO_REPO} (sign in with any name: dev mode is on)");
+    println!("  ahead of time:   {prepared}");
     println!("  model:           {model}");
     println!(
         "  state:           {} (delete it to start over)",

@@ -140,6 +140,32 @@ pub fn http_status(addr: &str, path: &str) -> std::io::Result<u16> {
         .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))
 }
 
+/// `POST path` with a JSON `body` and a bearer token to `addr`; the answer's status.
+pub fn http_post_json(addr: &str, path: &str, bearer: &str, body: &str) -> std::io::Result<u16> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut head = [0u8; 32];
+    let mut filled = 0;
+    while filled < 12 {
+        let read = stream.read(&mut head[filled..])?;
+        if read == 0 {
+            break;
+        }
+        filled += read;
+    }
+    let text = String::from_utf8_lossy(&head[..filled]);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("not an HTTP answer: {text:?}")))
+}
+
 /// Wait until `GET /healthz` answers 200 at `addr`, failing early (with its output) when the service dies,
 /// or when Ctrl-C is pressed.
 pub fn wait_healthy(service: &mut Service, addr: &str, timeout: Duration) -> anyhow::Result<()> {
