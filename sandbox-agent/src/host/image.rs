@@ -113,6 +113,10 @@ pub struct ImagesConfig {
     pub base_url: String,
     /// Limits.
     pub settings: ImageSettings,
+    /// Host uid and gid that own a published tree, when sandboxes run as another uid than the host's
+    /// (isolation): the tree becomes a sandbox's overlay lower, and an agent can only change (copy up)
+    /// and run git on files its own uid owns. `None`: the host's.
+    pub tree_owner: Option<(u32, u32)>,
 }
 
 /// Everything that can go wrong with images.
@@ -1149,9 +1153,13 @@ impl BuildTask {
         let info = self.info.clone();
         let staging = staging.to_owned();
         let target = self.images.image_dir(&self.info);
+        let owner = self.images.config().tree_owner;
         tokio::task::spawn_blocking(move || {
             let home = staging.join("home");
             std::fs::remove_dir_all(&home).map_err(io_error("remove", &home))?;
+            if let Some((uid, gid)) = owner {
+                chown_tree(&staging.join("tree"), uid, gid)?;
+            }
             let meta = staging.join("meta.json");
             super::write_json_atomically(&meta, &info).map_err(io_error("write", &meta))?;
             std::fs::rename(&staging, &target).map_err(io_error("publish", &target))
@@ -1324,6 +1332,29 @@ fn read_tail(path: &Path, max_bytes: u64) -> String {
             String::new()
         }
     }
+}
+
+/// Give `root` and everything below it (never following symlinks) to `uid`:`gid`.
+fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<(), ImageError> {
+    let mut pending = vec![root.to_owned()];
+    std::os::unix::fs::lchown(root, Some(uid), Some(gid))
+        .map_err(io_error("change owner of", root))?;
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io_error("read directory", &dir))? {
+            let entry = entry.map_err(io_error("read directory", &dir))?;
+            let path = entry.path();
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid))
+                .map_err(io_error("change owner of", &path))?;
+            if entry
+                .file_type()
+                .map_err(io_error("inspect", &path))?
+                .is_dir()
+            {
+                pending.push(path);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Files (everything but directories) and their total apparent size below `root`.
@@ -1593,6 +1624,7 @@ pub(super) mod tests {
                 records_root: dir.join("images"),
                 base_url: "http://127.0.0.1:9".to_owned(),
                 settings,
+                tree_owner: None,
             },
             Arc::new(ProcessRunner),
         )

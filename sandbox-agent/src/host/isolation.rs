@@ -1,12 +1,13 @@
 //! Real isolation for sandboxes: an overlay filesystem, bubblewrap namespaces, an unprivileged uid, and
 //! cgroup limits.
 //!
-//! **Filesystem.** A sandbox's workspace is an overlay ([`mount_overlay`]): read-only lower layers (an
-//! image; for now a fresh clone in `lower/`) and a writable upper layer, both under the host's
+//! **Filesystem.** A sandbox's workspace is an overlay ([`mount_overlay`]): a read-only lower layer (the
+//! repository's image tree, `<runtime>/images/…/tree`, owned by the sandbox uid; without an image a
+//! fresh clone in `lower/`) and a writable upper layer, both under the host's
 //! `runtime_dir` on tmpfs (`/dev/shm` by default), as is everything else of a running sandbox:
 //!
 //! ```text
-//! <runtime>/sandboxes/<id>/lower/        the clone standing in for an image (owned by the sandbox uid)
+//! <runtime>/sandboxes/<id>/lower/        the clone when there is no image (owned by the sandbox uid)
 //! <runtime>/sandboxes/<id>/upper/        the overlay's writable layer: everything the sandbox changed
 //! <runtime>/sandboxes/<id>/work/         the overlay's work directory
 //! <runtime>/sandboxes/<id>/merged/       the overlay, seen in the sandbox as /workspace

@@ -9,10 +9,11 @@
 //!   model ([`crate::scripted_model`]) as Anthropic and as OpenAI-compatible API; no auth.
 //! - `GET /healthz`: liveness.
 //!
-//! A sandbox is a clone of the repository (over smart HTTP, from this host itself, so the agent's
-//! `origin` is the host and it pushes back the same way) and a `sandbox-agent run` process
-//! ([`sandbox`]). Where this host can ([`isolation`]: root, overlayfs and bubblewrap, checked at
-//! startup), the clone is the lower layer of an overlay on tmpfs and the agent runs under bubblewrap as
+//! A sandbox is a checkout of the repository whose `origin` is this host (over smart HTTP, so the agent
+//! fetches and pushes back the same way) and a `sandbox-agent run` process ([`sandbox`]). Where this
+//! host can ([`isolation`]: root, overlayfs and bubblewrap, checked at startup), the workspace is an
+//! overlay on tmpfs over the repository's latest image (no clone; a fresh clone only while the
+//! repository has no image) and the agent runs under bubblewrap as
 //! an unprivileged uid with its own user, pid, mount and network namespaces, within memory and process
 //! limits ([`cgroup`]); its only way out is this host's per-sandbox egress proxy ([`egress`]), which lets
 //! through the session's Worker, the model and this host, and refuses (and records) everything else.
@@ -38,7 +39,8 @@
 //!
 //! The runtime directory (tmpfs; default `/dev/shm/nightshift-host-<8 hex of the data dir>`):
 //! ```text
-//! <runtime>/images/<owner>/<name>/<id>/tree        a published image (lower of sandboxes), 0700
+//! <runtime>/images/<owner>/<name>/<id>/tree        a published image (lower of sandboxes; owned by
+//!                                                  the sandbox uid with isolation)
 //! <runtime>/images/<owner>/<name>/<id>/meta.json   its record
 //! <runtime>/images/<owner>/<name>/.staging-<id>/   a build in progress
 //! <runtime>/sandboxes/<id>/                        a running isolated sandbox (see [`isolation`])
@@ -67,7 +69,10 @@ mod git_http;
 )]
 mod image;
 pub mod isolation;
-#[allow(dead_code, reason = "claims and refills are wired into sandbox creation next")]
+#[allow(
+    dead_code,
+    reason = "claims and refills are wired into sandbox creation next"
+)]
 mod pool;
 mod sandbox;
 #[cfg_attr(
@@ -203,7 +208,10 @@ impl fmt::Debug for ModelConfig {
         f.debug_struct("ModelConfig")
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("base_url", &self.base_url)
-            .field("openai_api_key", &self.openai_api_key.as_ref().map(|_| "<redacted>"))
+            .field(
+                "openai_api_key",
+                &self.openai_api_key.as_ref().map(|_| "<redacted>"),
+            )
             .field("openai_base_url", &self.openai_base_url)
             .finish()
     }
@@ -462,6 +470,7 @@ impl AppState {
                 records_root: data_dir.join("images"),
                 base_url: base_url.clone(),
                 settings: image::ImageSettings::default(),
+                tree_owner: isolation.as_ref().map(Isolation::sandbox_ids),
             },
             Arc::new(image::ProcessRunner),
         )?;

@@ -1,7 +1,11 @@
-//! Sandboxes of the local host: a clone of the repository plus a `sandbox-agent run` process with an
-//! environment built from nothing. Isolated ([`super::isolation`]): the clone is the lower layer of an
-//! overlay, the agent runs under bubblewrap in its own cgroups, and its egress goes through its own
-//! [`EgressProxy`]; everything of it on the host is released when the agent ends, however it ends.
+//! Sandboxes of the local host: a workspace plus a `sandbox-agent run` process with an environment
+//! built from nothing. Isolated ([`super::isolation`]): the workspace is an overlay whose lower layer is
+//! the repository's latest image ([`super::image`], held by a lease until the sandbox is released; no
+//! clone — the agent's catch-up at start fetches what the image lacks), or, for `{snapshot}`, the
+//! snapshot's image with the snapshot restored as the upper layer, or, when the repository has no image
+//! yet, a fresh clone (the naive path); the agent runs under bubblewrap in its own cgroups, and its
+//! egress goes through its own [`EgressProxy`]; everything of it on the host is released when the agent
+//! ends, however it ends. A sandbox over an image records its [`Overlay`], so it can be snapshotted.
 //! Plain: a child in its own process group on a clone in the data directory. The table here is the only
 //! record of them (a restarted host forgets its sandboxes; their logs stay on disk, and the runtime
 //! leftovers of isolated ones are swept at the next start).
@@ -20,10 +24,12 @@ use tokio::sync::watch;
 
 use super::cgroup::Cgroup;
 use super::egress::{AllowList, EgressProxy};
+use super::image::ImageLease;
 use super::isolation::{
     mount_overlay, Isolation, SandboxDirs, EGRESS_SOCKET_PATH, HOME_PATH, SANDBOX_PATH,
     WORKSPACE_PATH,
 };
+use super::snapshot::{is_snapshot_id, SnapshotError};
 use super::{io_error, AppState, HostConfig, HostError};
 use crate::env;
 use crate::run::provider::{ANTHROPIC_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL};
@@ -193,23 +199,31 @@ fn not_found(id: &str) -> HostError {
 /// The validated parts of a create request.
 #[derive(Debug)]
 struct Plan {
-    repo: RepoName,
+    /// `None` when a snapshot is restored (its record names the repository).
+    repo: Option<RepoName>,
     branch: String,
+    /// The snapshot to restore.
+    snapshot: Option<String>,
 }
 
 /// Check everything that can be checked without touching the filesystem.
 fn validate(request: &CreateSandboxRequest) -> Result<Plan, HostError> {
-    if request.snapshot.is_some() {
-        return Err(HostError::InvalidField {
-            field: "snapshot",
-            reason: "restoring snapshots is not supported yet",
-        });
-    }
-    let repo = request.repo.as_deref().ok_or(HostError::InvalidField {
-        field: "repo",
-        reason: "required",
-    })?;
-    let repo = RepoName::parse(repo).map_err(HostError::Name)?;
+    let repo = match (&request.snapshot, request.repo.as_deref()) {
+        (Some(snapshot), _) if !is_snapshot_id(snapshot) => {
+            return Err(HostError::InvalidField {
+                field: "snapshot",
+                reason: "not a snapshot id (64 lowercase hex digits)",
+            })
+        }
+        (Some(_), None) => None,
+        (_, Some(repo)) => Some(RepoName::parse(repo).map_err(HostError::Name)?),
+        (None, None) => {
+            return Err(HostError::InvalidField {
+                field: "repo",
+                reason: "required (or snapshot)",
+            })
+        }
+    };
     let branch = request
         .base_branch
         .clone()
@@ -241,7 +255,11 @@ fn validate(request: &CreateSandboxRequest) -> Result<Plan, HostError> {
             reason: "must be non-empty printable text",
         });
     }
-    Ok(Plan { repo, branch })
+    Ok(Plan {
+        repo,
+        branch,
+        snapshot: request.snapshot.clone(),
+    })
 }
 
 /// The complete environment of an agent: nothing of the host's own environment except `PATH`.
@@ -342,6 +360,8 @@ struct Resources {
     egress: Option<Arc<EgressProxy>>,
     /// `<data-dir>/sandboxes/<id>/workspace`, a symlink to the overlay while the sandbox runs.
     workspace_link: Option<PathBuf>,
+    /// The image under the overlay, held until the sandbox is released (dropped with it).
+    image: Option<ImageLease>,
 }
 
 impl Resources {
@@ -374,19 +394,67 @@ struct Launched {
     workspace: PathBuf,
     /// `None` for a plain sandbox.
     resources: Option<Resources>,
-    /// How long the clone took.
+    /// How long the clone took (0: no clone).
     clone_ms: u64,
+    /// The overlay's upper directory and the image under it, when the lower is an image.
+    overlay: Option<Overlay>,
 }
 
-/// `POST /v1/sandboxes`: validate, clone over smart HTTP from this host, start the agent (isolated
-/// when this host can).
+/// What an isolated sandbox's lower layer is made from.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// The newest ready image of the repository when there is one (no clone), otherwise a clone.
+    LatestImage(&'a RepoName),
+    /// A snapshot's upper directory restored over the image it names.
+    Snapshot(&'a str),
+}
+
+/// `POST /v1/sandboxes`: validate, make the workspace (isolated: over the latest image or a restored
+/// snapshot, else a clone over smart HTTP from this host), start the agent (isolated when this host
+/// can).
 pub(super) async fn create(
     state: &AppState,
     request: CreateSandboxRequest,
 ) -> Result<SandboxInfo, HostError> {
     let started = Instant::now();
-    let Plan { repo, branch } = validate(&request)?;
+    let Plan {
+        repo,
+        branch,
+        snapshot,
+    } = validate(&request)?;
     let shared = &state.inner;
+    let repo = match (&snapshot, repo) {
+        (Some(snapshot_id), given) => {
+            let record =
+                shared
+                    .snapshots
+                    .get(snapshot_id)
+                    .ok_or_else(|| SnapshotError::NotFound {
+                        id: seed::truncate(snapshot_id, 80),
+                    })?;
+            let repo = RepoName::parse(&record.repo).map_err(HostError::Name)?;
+            if given.is_some_and(|given| given.to_string() != repo.to_string()) {
+                return Err(HostError::InvalidField {
+                    field: "repo",
+                    reason: "not the repository of the snapshot",
+                });
+            }
+            if state.isolation().is_none() {
+                return Err(HostError::InvalidField {
+                    field: "snapshot",
+                    reason: "restoring a snapshot needs isolated sandboxes (overlayfs)",
+                });
+            }
+            repo
+        }
+        (None, Some(repo)) => repo,
+        (None, None) => {
+            return Err(HostError::InvalidField {
+                field: "repo",
+                reason: "required (or snapshot)",
+            })
+        }
+    };
     let git_dir = repo.git_dir(&shared.git_root);
     if !git_dir.is_dir() {
         return Err(HostError::RepoNotFound {
@@ -406,12 +474,17 @@ pub(super) async fn create(
     );
     let launched = match state.isolation() {
         Some(isolation) => {
+            let source = match &snapshot {
+                Some(snapshot_id) => Source::Snapshot(snapshot_id),
+                None => Source::LatestImage(&repo),
+            };
             launch_isolated(
                 state,
                 isolation,
                 &id,
                 &remote,
                 &branch,
+                source,
                 &request,
                 &sandbox_dir,
             )
@@ -424,12 +497,18 @@ pub(super) async fn create(
         workspace,
         resources,
         clone_ms,
+        overlay,
     } = match launched {
         Ok(launched) => launched,
         Err(error) => {
             let _ = std::fs::remove_dir_all(&sandbox_dir);
             return Err(error);
         }
+    };
+    let from_what = match (&snapshot, &overlay) {
+        (Some(_), _) => "snapshot",
+        (None, Some(_)) => "image",
+        (None, None) => "clone",
     };
     let process_group = child.id().and_then(|pid| libc::pid_t::try_from(pid).ok());
     let (isolation_name, limits) = match state.isolation() {
@@ -456,7 +535,7 @@ pub(super) async fn create(
             info: info.clone(),
             process_group,
             exited: done_rx.clone(),
-            overlay: None,
+            overlay,
             egress,
         },
     );
@@ -512,6 +591,7 @@ pub(super) async fn create(
         repo = %repo,
         branch = %branch,
         isolated = state.isolation().is_some(),
+        from = from_what,
         clone_ms,
         create_ms = started.elapsed().as_millis() as u64,
         "sandbox started"
@@ -587,6 +667,7 @@ async fn launch_plain(
         workspace,
         resources: None,
         clone_ms,
+        overlay: None,
     })
 }
 
@@ -598,14 +679,21 @@ fn agent_log(sandbox_dir: &Path) -> Result<(Stdio, Stdio), HostError> {
     Ok((Stdio::from(log), Stdio::from(log_for_stderr)))
 }
 
-/// Clone into the sandbox's lower layer (as the sandbox uid), mount the overlay, make its cgroups and
-/// egress proxy, and start the agent under bubblewrap. On failure, everything made is released.
+/// Mount the sandbox's overlay — over the latest image (held by a lease), over a snapshot's image with
+/// the snapshot restored as the upper layer, or, without an image, over a fresh clone into the
+/// sandbox's lower layer (as the sandbox uid) — make its cgroups and egress proxy, and start the agent
+/// under bubblewrap. On failure, everything made is released.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one call site, all of it the request"
+)]
 async fn launch_isolated(
     state: &AppState,
     isolation: &Isolation,
     id: &str,
     remote: &str,
     branch: &str,
+    source: Source<'_>,
     request: &CreateSandboxRequest,
     sandbox_dir: &Path,
 ) -> Result<Launched, HostError> {
@@ -616,22 +704,52 @@ async fn launch_isolated(
         cgroup: None,
         egress: None,
         workspace_link: None,
+        image: None,
     };
     let cloning = Instant::now();
     let mut clone_ms = 0;
     let result = async {
         let dirs = &resources.dirs;
-        let home = dirs.state.join("home");
-        clone(
-            remote,
-            branch,
-            &home,
-            &dirs.lower,
-            Some(isolation.sandbox_ids()),
-        )
-        .await?;
-        clone_ms = cloning.elapsed().as_millis() as u64;
-        mount_overlay(&[&dirs.lower], &dirs.upper, &dirs.work, &dirs.merged)?;
+        let lease = match source {
+            Source::Snapshot(snapshot_id) => {
+                let (state, snapshot_id, upper) =
+                    (state.clone(), snapshot_id.to_owned(), dirs.upper.clone());
+                let restored = tokio::task::spawn_blocking(move || {
+                    state.inner.snapshots.restore(&snapshot_id, &upper)
+                })
+                .await
+                .map_err(|error| HostError::Io {
+                    action: "restore a snapshot into",
+                    path: dirs.upper.clone(),
+                    source: std::io::Error::other(error.to_string()),
+                })??;
+                Some(restored.image)
+            }
+            Source::LatestImage(repo) => shared
+                .images
+                .latest(&repo.to_string())
+                .and_then(|image| shared.images.lease(&image.id).ok()),
+        };
+        match &lease {
+            Some(image) => {
+                mount_overlay(&[image.tree_path()], &dirs.upper, &dirs.work, &dirs.merged)?;
+            }
+            None => {
+                let home = dirs.state.join("home");
+                clone(
+                    remote,
+                    branch,
+                    &home,
+                    &dirs.lower,
+                    Some(isolation.sandbox_ids()),
+                )
+                .await?;
+                clone_ms = cloning.elapsed().as_millis() as u64;
+                mount_overlay(&[&dirs.lower], &dirs.upper, &dirs.work, &dirs.merged)?;
+            }
+        }
+        resources.image = lease;
+        let dirs = &resources.dirs;
         // The workspace is where it is in a plain sandbox too, for whoever looks from the host.
         let link = sandbox_dir.join("workspace");
         std::os::unix::fs::symlink(&dirs.merged, &link).map_err(io_error("link", &link))?;
@@ -665,6 +783,10 @@ async fn launch_isolated(
         Ok(child) => Ok(Launched {
             child,
             workspace: resources.dirs.merged.clone(),
+            overlay: resources.image.as_ref().map(|image| Overlay {
+                upper: resources.dirs.upper.clone(),
+                image_id: image.info().id.clone(),
+            }),
             resources: Some(resources),
             clone_ms,
         }),
@@ -936,7 +1058,10 @@ mod tests {
         });
         assert_eq!(vars["OPENAI_BASE_URL"], "http://127.0.0.1:11434/v1");
         assert_eq!(vars["OPENAI_API_KEY"], "sk-openai");
-        assert_eq!(vars["ANTHROPIC_BASE_URL"], "http://127.0.0.1:9/scripted-model");
+        assert_eq!(
+            vars["ANTHROPIC_BASE_URL"],
+            "http://127.0.0.1:9/scripted-model"
+        );
     }
 
     #[test]
@@ -1003,10 +1128,14 @@ mod tests {
     #[test]
     fn validation() {
         assert!(validate(&request()).is_ok());
-        let cases: [fn(&mut CreateSandboxRequest); 7] = [
+        let cases: [fn(&mut CreateSandboxRequest); 8] = [
             |r| r.repo = None,
             |r| r.repo = Some("../x".into()),
             |r| r.snapshot = Some("snap".into()),
+            |r| {
+                r.repo = None;
+                r.snapshot = None;
+            },
             |r| r.base_branch = Some("--upload-pack=x".into()),
             |r| r.session_id = String::new(),
             |r| r.connect_url = "file:///etc/passwd".into(),

@@ -816,9 +816,16 @@ fn remove_from_repo(git_dir: &Path, path: &str) {
             .env("GIT_COMMITTER_EMAIL", "test@example.com")
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     };
-    run(work.path(), &["clone", "--quiet", git_dir.to_str().unwrap(), "c"]);
+    run(
+        work.path(),
+        &["clone", "--quiet", git_dir.to_str().unwrap(), "c"],
+    );
     let clone = work.path().join("c");
     run(&clone, &["rm", "--quiet", path]);
     run(&clone, &["commit", "--quiet", "-m", "remove"]);
@@ -1448,7 +1455,10 @@ async fn isolated_sandbox_end_to_end() {
     assert!(!mounted(&third_root.join("merged")));
     assert!(!third_root.exists());
     assert!(agent_pid(&third_id).is_none());
-    assert!(!runtime.path().exists(), "an empty runtime directory goes at shutdown");
+    assert!(
+        !runtime.path().exists(),
+        "an empty runtime directory goes at shutdown"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1489,4 +1499,309 @@ async fn the_deadline_hook_runs_before_the_stop() {
         .starts_with("timed out after 300 ms"));
     assert_eq!(*seen.lock().unwrap(), [(id, 300, true)]);
     host.stop().await;
+}
+
+/// An isolated host on a fresh data and runtime directory with `demo/hello` seeded, and a fake Worker.
+struct IsolatedHost {
+    host: RunningHost,
+    data: tempfile::TempDir,
+    runtime: isolation::tests::TestRuntime,
+    bare: PathBuf,
+    worker: tokio::net::TcpListener,
+}
+
+impl IsolatedHost {
+    /// `None` (with a notice) when not root.
+    async fn start(test: &str) -> Option<Self> {
+        // SAFETY: `geteuid` has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: skipping {test} (CI runs it as root)");
+            return None;
+        }
+        let data = tempfile::tempdir().unwrap();
+        let runtime = isolation::tests::TestRuntime::new();
+        let bare = seed_repo(&data.path().join("git"), "demo/hello", "main")
+            .unwrap()
+            .git_dir;
+        let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut host_config = config(data.path(), &agent_binary());
+        host_config.runtime_dir = runtime.path().to_owned();
+        host_config.isolation = Some(isolation::IsolationConfig {
+            runtime_dir: Some(runtime.path().to_owned()),
+            ..isolation::IsolationConfig::default()
+        });
+        let host = RunningHost::start_with(host_config).await;
+        Some(IsolatedHost {
+            host,
+            data,
+            runtime,
+            bare,
+            worker,
+        })
+    }
+
+    fn create_body(&self) -> Value {
+        let mut body = create_body("demo/hello");
+        body["connect_url"] = json!(format!(
+            "ws://{}/sandbox/session-1/ws",
+            self.worker.local_addr().unwrap()
+        ));
+        body
+    }
+
+    /// Build an image of `demo/hello` and wait until it is ready; its id.
+    async fn build_image(&self) -> String {
+        let (status, build) = self
+            .host
+            .api(
+                reqwest::Method::POST,
+                "/v1/images",
+                Some(json!({"repo": "demo/hello"})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{build}");
+        let id = build["id"].as_str().unwrap().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let (_, image) = self
+                .host
+                .api(reqwest::Method::GET, &format!("/v1/images/{id}"), None)
+                .await;
+            match image["status"].as_str() {
+                Some("ready") => return id,
+                Some("building") => {}
+                _ => panic!("image build failed: {image}"),
+            }
+            assert!(Instant::now() < deadline, "image never ready: {image}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn sandbox_root(&self, id: &str) -> PathBuf {
+        self.runtime.path().join("sandboxes").join(id)
+    }
+
+    fn agent_log(&self, id: &str) -> String {
+        std::fs::read_to_string(
+            self.data
+                .path()
+                .join("sandboxes")
+                .join(id)
+                .join("agent.log"),
+        )
+        .unwrap_or_default()
+    }
+}
+
+/// The mount options of the overlay mounted at `merged` (from the host's mount table).
+fn overlay_options(merged: &Path) -> Option<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .find(|line| line.split(' ').nth(4).map(Path::new) == Some(merged))
+        .and_then(|line| line.rsplit(' ').next().map(str::to_owned))
+}
+
+/// Run one bash step through the agent's scripted model; the tool output and the pushed branch.
+async fn run_bash(
+    socket: &mut AgentSocket,
+    command: &str,
+    log: impl Fn() -> String,
+) -> (String, Option<String>) {
+    use nightshift_protocol::{AgentMessage, Author, Event, ServerToAgent};
+    let step = json!({"tool": "bash", "input": {"command": command}});
+    send_to_agent(
+        socket,
+        &ServerToAgent::RunPrompt {
+            prompt_id: format!("p{}", rand::random::<u32>()),
+            text: format!("[script:plan]\n{step}"),
+            author: Author {
+                login: "ada".into(),
+                name: "Ada".into(),
+                email: "ada@example.com".into(),
+            },
+            model: crate::scripted_model::MODEL.to_owned(),
+        },
+    )
+    .await;
+    let (mut output, mut pushed) = (None, None);
+    loop {
+        let AgentMessage::Event { event, .. } = next_message(socket).await else {
+            continue;
+        };
+        match event {
+            Event::ToolResult { output: out, .. } => output = Some(out),
+            Event::Push { branch, .. } => pushed = Some(branch),
+            Event::PromptFinished { status, error, .. } => {
+                assert_eq!(
+                    serde_json::to_value(status).unwrap(),
+                    "completed",
+                    "{error:?}\n{}",
+                    log()
+                );
+                break;
+            }
+            _ => {}
+        }
+    }
+    (output.expect("the bash tool ran"), pushed)
+}
+
+/// With an image, an isolated sandbox's lower layer is the image's tree (no clone: its own lower
+/// directory stays empty): the agent edits, deletes and creates files and commits and pushes them;
+/// the snapshot route archives the sandbox; a sandbox restored from the snapshot sees the same files
+/// (the deleted one still gone) over the same image; a snapshot whose image is gone is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
+    let Some(env) = IsolatedHost::start("the image sandbox test").await else {
+        return;
+    };
+    let image_id = env.build_image().await;
+    let tree = env
+        .runtime
+        .path()
+        .join("images/demo/hello")
+        .join(&image_id)
+        .join("tree");
+    assert!(tree.join(".git").is_dir());
+
+    let started = Instant::now();
+    let (status, info) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(env.create_body()),
+        )
+        .await;
+    let created_ms = started.elapsed().as_millis();
+    assert_eq!(status, StatusCode::CREATED, "{info}");
+    let id = info["id"].as_str().unwrap().to_owned();
+    let root = env.sandbox_root(&id);
+    let options = overlay_options(&root.join("merged")).expect("the overlay is mounted");
+    assert!(
+        options.contains(&format!("lowerdir={}", tree.display())),
+        "{options}"
+    );
+    assert_eq!(
+        std::fs::read_dir(root.join("lower")).unwrap().count(),
+        0,
+        "no clone"
+    );
+    let mut socket = accept_agent(&env.worker).await;
+    assert_eq!(welcome(&mut socket).await, id);
+    let running_ms = started.elapsed().as_millis();
+
+    let (output, pushed) = run_bash(
+        &mut socket,
+        "echo '# edited' >> hello/greet.py && rm tests/__init__.py && echo new > new.txt \
+         && git status --short && echo BASH-OK",
+        || env.agent_log(&id),
+    )
+    .await;
+    assert!(output.contains("BASH-OK"), "{output}");
+    assert_eq!(pushed.as_deref(), Some("nightshift/session-1"), "{output}");
+    assert_eq!(
+        git(&env.bare, &["show", "nightshift/session-1:new.txt"]),
+        "new"
+    );
+    assert!(git(&env.bare, &["show", "nightshift/session-1:hello/greet.py"]).ends_with("# edited"));
+    let listed = git(
+        &env.bare,
+        &["ls-tree", "-r", "--name-only", "nightshift/session-1"],
+    );
+    assert!(!listed.contains("tests/__init__.py"), "{listed}");
+
+    // The snapshot route works on it.
+    let (status, snapshot) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            &format!("/v1/sandboxes/{id}/snapshot"),
+            Some(json!({"reason": "prompt_finished"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{snapshot}");
+    assert_eq!(snapshot["image_id"], image_id.as_str());
+    let snapshot_id = snapshot["id"].as_str().unwrap().to_owned();
+    let (status, _) = env
+        .host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!root.exists());
+
+    // Restored: the edits are back, the deleted file stays deleted, the session branch resumes.
+    let mut body = env.create_body();
+    body["repo"] = Value::Null;
+    body["snapshot"] = json!(snapshot_id);
+    let (status, restored) = env
+        .host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{restored}");
+    let restored_id = restored["id"].as_str().unwrap().to_owned();
+    let merged = env.sandbox_root(&restored_id).join("merged");
+    let options = overlay_options(&merged).expect("the overlay is mounted");
+    assert!(
+        options.contains(&format!("lowerdir={}", tree.display())),
+        "{options}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(merged.join("new.txt")).unwrap(),
+        "new\n"
+    );
+    assert!(std::fs::read_to_string(merged.join("hello/greet.py"))
+        .unwrap()
+        .ends_with("# edited\n"));
+    assert!(!merged.join("tests/__init__.py").exists());
+    let mut socket = accept_agent(&env.worker).await;
+    assert_eq!(welcome(&mut socket).await, restored_id);
+    let (output, _) = run_bash(
+        &mut socket,
+        "git rev-parse --abbrev-ref HEAD && cat new.txt && ls tests",
+        || env.agent_log(&restored_id),
+    )
+    .await;
+    assert!(output.contains("nightshift/session-1\nnew\n"), "{output}");
+    assert!(!output.contains("__init__.py"), "{output}");
+    // The restored sandbox is an overlay over the image too: it can be snapshotted again.
+    let (status, again) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            &format!("/v1/sandboxes/{restored_id}/snapshot"),
+            Some(json!({"reason": "again"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+
+    // Unknown snapshots are typed refusals.
+    let mut body = env.create_body();
+    body["snapshot"] = json!("0".repeat(64));
+    let (status, refused) = env
+        .host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{refused}"
+    );
+    eprintln!(
+        "sandbox from an image: POST /v1/sandboxes answered in {created_ms} ms (no clone), agent \
+         connected after {running_ms} ms"
+    );
+    env.host.stop().await;
+    assert!(
+        !env.runtime.path().join("sandboxes").exists()
+            || std::fs::read_dir(env.runtime.path().join("sandboxes"))
+                .unwrap()
+                .count()
+                == 0
+    );
 }
