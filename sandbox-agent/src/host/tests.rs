@@ -1794,6 +1794,28 @@ async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
         (StatusCode::NOT_FOUND, Some("not_found")),
         "{refused}"
     );
+    // The snapshot's image lost (its tmpfs tree gone): refused with the typed error, nothing started.
+    let (status, _) = env
+        .host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{restored_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    std::fs::rename(&tree, tree.with_file_name("lost")).unwrap();
+    let mut body = env.create_body();
+    body["snapshot"] = json!(snapshot_id);
+    let (status, refused) = env
+        .host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("snapshot_image_gone")),
+        "{refused}"
+    );
     eprintln!(
         "sandbox from an image: POST /v1/sandboxes answered in {created_ms} ms (no clone), agent \
          connected after {running_ms} ms"
