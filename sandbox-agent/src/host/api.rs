@@ -11,8 +11,8 @@ use axum::{Json, Router};
 use futures_util::StreamExt as _;
 use nightshift_protocol::http::ErrorBody;
 use nightshift_protocol::provider::{
-    CreateSandboxRequest, ImageInfo, ImageList, ImageRequest, SandboxInfo, SnapshotInfo,
-    SnapshotRequest,
+    CreateSandboxRequest, ImageInfo, ImageList, ImageRequest, PoolInfo, PoolList,
+    PoolTargetRequest, SandboxInfo, SnapshotInfo, SnapshotRequest,
 };
 use nightshift_protocol::ErrorCode;
 use sha2::{Digest, Sha256};
@@ -32,6 +32,8 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .route("/images", post(build_image).get(list_images))
         .route("/images/{id}", get(get_image))
         .route("/images/{id}/log", get(image_log))
+        .route("/pools", get(list_pools))
+        .route("/pools/{owner}/{name}", post(request_pool))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
@@ -96,6 +98,9 @@ impl From<HostError> for ApiError {
             | HostError::BranchNotFound { .. }
             | HostError::SandboxNotFound { .. } => {
                 ApiError::new(ErrorCode::NotFound, err.to_string())
+            }
+            HostError::PoolsUnavailable => {
+                ApiError::new(ErrorCode::PoolsUnavailable, err.to_string())
             }
             HostError::NotAnOverlay { .. } => {
                 ApiError::new(ErrorCode::NotAnOverlay, err.to_string())
@@ -354,4 +359,34 @@ async fn image_log(
         body,
     )
         .into_response())
+}
+
+/// `POST /v1/pools/{owner}/{name}` `{target}` → `202` [`PoolInfo`]: keep at least `target` warm
+/// sandboxes of the repository ready (for a while; within `--pool-max`) and start refilling; `409
+/// pools_unavailable` on a host without isolation.
+async fn request_pool(
+    State(state): State<AppState>,
+    axum::extract::Path((owner, name)): axum::extract::Path<(String, String)>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<PoolInfo>), ApiError> {
+    let request: PoolTargetRequest = serde_json::from_slice(&body).map_err(ApiError::from_json)?;
+    let repo = RepoName::parse(&format!("{owner}/{name}")).map_err(HostError::Name)?;
+    if !repo.git_dir(state.git_root()).is_dir() {
+        return Err(HostError::RepoNotFound {
+            repo: repo.to_string(),
+        }
+        .into());
+    }
+    if state.isolation().is_none() {
+        return Err(HostError::PoolsUnavailable.into());
+    }
+    let info = super::warm::request(&state, &repo.to_string(), request.target).await;
+    Ok((StatusCode::ACCEPTED, Json(info)))
+}
+
+/// `GET /v1/pools` → [`PoolList`]: every repository's pool (none without isolation).
+async fn list_pools(State(state): State<AppState>) -> Json<PoolList> {
+    Json(PoolList {
+        pools: super::warm::list(&state).await,
+    })
 }

@@ -2,8 +2,9 @@
 //!
 //! - `POST /v1/sandboxes`, `GET /v1/sandboxes`, `GET /v1/sandboxes/{id}`, `DELETE
 //!   /v1/sandboxes/{id}`, `POST /v1/sandboxes/{id}/snapshot`, `POST /v1/images`, `GET
-//!   /v1/images?repo=`, `GET /v1/images/{id}`, `GET /v1/images/{id}/log`: the provider API
-//!   ([`api`]), behind the provider token.
+//!   /v1/images?repo=`, `GET /v1/images/{id}`, `GET /v1/images/{id}/log`, `POST
+//!   /v1/pools/{owner}/{name}`, `GET /v1/pools`: the provider API ([`api`]), behind the provider
+//!   token.
 //! - `GET|POST /git/{owner}/{name}.git/…`: the git store over smart HTTP ([`git_http`]); no auth.
 //! - `POST /scripted-model/v1/messages` and `POST /scripted-model/v1/chat/completions`: the demo
 //!   model ([`crate::scripted_model`]) as Anthropic and as OpenAI-compatible API; no auth.
@@ -19,6 +20,11 @@
 //! through the session's Worker, the model and this host, and refuses (and records) everything else.
 //! Elsewhere (a laptop without root) the host says so once and runs each agent as a plain child
 //! process with a cleared environment in its own process group, on a clone in the data directory.
+//!
+//! Warm pools ([`pool`], [`warm`]; isolated hosts only): per repository, sandboxes prepared ahead
+//! (overlay on the latest image, base branch caught up), so `POST /v1/sandboxes` only starts the agent
+//! in one; sized by demand and `POST /v1/pools/{repo}`, at most `--pool-max` each; retired when a
+//! newer image is published, released at shutdown.
 //!
 //! Images ([`image`]) are full-history clones after the repository's setup, published on tmpfs
 //! under the runtime directory; snapshots ([`snapshot`]) are a sandbox's overlay upper directory as
@@ -43,7 +49,8 @@
 //!                                                  the sandbox uid with isolation)
 //! <runtime>/images/<owner>/<name>/<id>/meta.json   its record
 //! <runtime>/images/<owner>/<name>/.staging-<id>/   a build in progress
-//! <runtime>/sandboxes/<id>/                        a running isolated sandbox (see [`isolation`])
+//! <runtime>/sandboxes/<id>/                        an isolated sandbox, running or warm (see
+//!                                                  [`isolation`]; a warm one has no agent yet)
 //! ```
 //! and, with isolation, the runtime directory (`--runtime-dir`, default
 //! `/dev/shm/nightshift-host-<hash of the data dir>`), whose layout [`isolation`] describes; a
@@ -69,10 +76,6 @@ mod git_http;
 )]
 mod image;
 pub mod isolation;
-#[allow(
-    dead_code,
-    reason = "claims and refills are wired into sandbox creation next"
-)]
 mod pool;
 mod sandbox;
 #[cfg_attr(
@@ -82,6 +85,7 @@ mod sandbox;
 mod snapshot;
 #[cfg(test)]
 mod tests;
+mod warm;
 
 use std::fmt;
 use std::future::{Future, IntoFuture as _};
@@ -139,7 +143,13 @@ pub struct HostArgs {
     /// Process and thread limit of each isolated sandbox.
     #[arg(long, default_value_t = isolation::DEFAULT_PIDS_LIMIT)]
     pub pids_limit: u64,
+    /// Most warm sandboxes a repository's pool keeps (ready plus being prepared); isolated hosts only.
+    #[arg(long, default_value_t = DEFAULT_POOL_MAX)]
+    pub pool_max: usize,
 }
+
+/// Default `--pool-max`.
+pub const DEFAULT_POOL_MAX: usize = 8;
 
 /// `--isolation`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -171,6 +181,8 @@ pub struct HostConfig {
     pub isolation: Option<IsolationConfig>,
     /// Called when a sandbox reaches its wall-clock deadline, before it is stopped.
     pub on_deadline: Option<sandbox::DeadlineHook>,
+    /// Most warm sandboxes per repository (`--pool-max`).
+    pub pool_max: usize,
 }
 
 /// The model agents talk to: the Anthropic API when a key is set, otherwise this host's scripted
@@ -199,6 +211,7 @@ impl fmt::Debug for HostConfig {
             .field("agent_log_filter", &self.agent_log_filter)
             .field("isolation", &self.isolation)
             .field("on_deadline", &self.on_deadline.as_ref().map(|_| "<hook>"))
+            .field("pool_max", &self.pool_max)
             .finish()
     }
 }
@@ -332,6 +345,9 @@ pub enum HostError {
     /// The egress proxy failed.
     #[error(transparent)]
     Egress(#[from] EgressError),
+    /// Warm pools need isolated sandboxes.
+    #[error("warm pools need isolated sandboxes (overlayfs), which this host does not have")]
+    PoolsUnavailable,
 }
 
 /// Write `value` as pretty JSON to `path` through a temporary file beside it and a rename, so a
@@ -387,6 +403,8 @@ struct Shared {
     snapshots: snapshot::Snapshots,
     /// `None`: sandboxes are plain child processes.
     isolation: Option<Isolation>,
+    /// The warm pools (used only with isolation).
+    warm: warm::WarmPools,
 }
 
 /// Create the data directory if needed; its canonical path.
@@ -478,12 +496,16 @@ impl AppState {
         let snapshots = snapshot::Snapshots::open(&data_dir.join("snapshots"), images.clone())?;
         Ok(AppState {
             inner: Arc::new(Shared {
-                config,
                 base_url,
                 git_root,
                 sandboxes_root,
                 sandboxes: Default::default(),
                 images,
+                warm: warm::WarmPools::new(pool::PoolConfig {
+                    max: config.pool_max,
+                    ..pool::PoolConfig::default()
+                }),
+                config,
                 snapshots,
                 isolation,
             }),
@@ -517,6 +539,7 @@ impl AppState {
 
     /// Stop every running sandbox (SIGTERM to its process group, SIGKILL after a grace period).
     pub async fn stop_all(&self) {
+        warm::release_all(self).await;
         sandbox::stop_all(self).await;
     }
 }
@@ -699,6 +722,7 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
         model,
         isolation,
         on_deadline: None,
+        pool_max: args.pool_max,
     };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

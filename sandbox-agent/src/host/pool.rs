@@ -6,6 +6,9 @@
 //! the recent window (plus one, so the next claim finds one ready), floored by explicit requests (a
 //! `POST /v1/pools/{repo}` or a warm-up on typing, which expire), within `min..=max`.
 //!
+//! The entries of an isolated host are [`super::warm::WarmSandbox`]es; [`super::warm`] prepares,
+//! claims, retires and releases them, and serves `POST /v1/pools/{repo}` and `GET /v1/pools`.
+//!
 //! Invariant: a repository's pool is only touched under its own lock ([`Pools::repo`]), so two claims
 //! never get the same entry and refills never over-provision: `ready + preparing` never exceeds the
 //! target when the refill is planned.
@@ -142,6 +145,10 @@ impl<E> RepoPool<E> {
     }
 
     /// Entries above the target, oldest first, for teardown when demand fell.
+    #[cfg_attr(
+        not(test),
+        expect(dead_code, reason = "shrinking on fading demand is not scheduled yet")
+    )]
     pub fn shrink(&mut self, config: &PoolConfig, now_ms: u64) -> Vec<E> {
         let target = self.target(config, now_ms);
         let mut extra = Vec::new();

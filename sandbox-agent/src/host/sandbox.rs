@@ -6,6 +6,9 @@
 //! yet, a fresh clone (the naive path); the agent runs under bubblewrap in its own cgroups, and its
 //! egress goes through its own [`EgressProxy`]; everything of it on the host is released when the agent
 //! ends, however it ends. A sandbox over an image records its [`Overlay`], so it can be snapshotted.
+//! Before any of that, an isolated create for the default branch claims a warm sandbox of the
+//! repository's pool ([`super::warm`]) and, when it gets one, only starts the agent in it
+//! ([`launch_warm`]); every such create then refills the pool in the background.
 //! Plain: a child in its own process group on a clone in the data directory. The table here is the only
 //! record of them (a restarted host forgets its sandboxes; their logs stay on disk, and the runtime
 //! leftovers of isolated ones are swept at the next start).
@@ -51,7 +54,7 @@ const STOP_GRACE: Duration = Duration::from_secs(2);
 /// The longest a clone may take.
 const CLONE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default base branch.
-const DEFAULT_BASE_BRANCH: &str = seed::DEFAULT_BRANCH;
+pub(super) const DEFAULT_BASE_BRANCH: &str = seed::DEFAULT_BRANCH;
 /// Wall-clock limit of a sandbox whose request says `timeout_ms: 0`: 4 hours.
 pub(super) const DEFAULT_TIMEOUT_MS: u64 = 4 * 60 * 60 * 1000;
 /// The longest the deadline hook may hold up the stop of a sandbox that reached its deadline.
@@ -388,7 +391,7 @@ impl Resources {
 }
 
 /// A started agent.
-struct Launched {
+pub(super) struct Launched {
     child: tokio::process::Child,
     /// The workspace on the host.
     workspace: PathBuf,
@@ -463,7 +466,18 @@ pub(super) async fn create(
     }
     check_branch(&repo, &git_dir, &branch).await?;
 
-    let id = hex::encode(rand::random::<[u8; 16]>());
+    // A warm sandbox of the repository (when isolated, for the default branch): only the agent starts.
+    let warm = match (state.isolation(), &snapshot) {
+        (Some(_), None) if branch == DEFAULT_BASE_BRANCH => {
+            super::warm::claim(state, &repo.to_string()).await
+        }
+        _ => None,
+    };
+    let id = warm.as_ref().map_or_else(
+        || hex::encode(rand::random::<[u8; 16]>()),
+        |warm| warm.id.clone(),
+    );
+    let claimed = warm.is_some();
     let sandbox_dir = shared.sandboxes_root.join(&id);
     std::fs::create_dir_all(&sandbox_dir).map_err(io_error("create directory", &sandbox_dir))?;
     let remote = format!(
@@ -472,8 +486,11 @@ pub(super) async fn create(
         repo.owner(),
         repo.name()
     );
-    let launched = match state.isolation() {
-        Some(isolation) => {
+    let launched = match (state.isolation(), warm) {
+        (Some(isolation), Some(warm)) => {
+            launch_warm(state, isolation, warm, &request, &sandbox_dir).await
+        }
+        (Some(isolation), None) => {
             let source = match &snapshot {
                 Some(snapshot_id) => Source::Snapshot(snapshot_id),
                 None => Source::LatestImage(&repo),
@@ -490,8 +507,11 @@ pub(super) async fn create(
             )
             .await
         }
-        None => launch_plain(state, &id, &remote, &branch, &request, &sandbox_dir).await,
+        (None, _) => launch_plain(state, &id, &remote, &branch, &request, &sandbox_dir).await,
     };
+    if state.isolation().is_some() && snapshot.is_none() && branch == DEFAULT_BASE_BRANCH {
+        super::warm::start_refill(state, &repo.to_string()).await;
+    }
     let Launched {
         mut child,
         workspace,
@@ -507,6 +527,7 @@ pub(super) async fn create(
     };
     let from_what = match (&snapshot, &overlay) {
         (Some(_), _) => "snapshot",
+        (None, Some(_)) if claimed => "warm pool",
         (None, Some(_)) => "image",
         (None, None) => "clone",
     };
@@ -698,7 +719,6 @@ async fn launch_isolated(
     sandbox_dir: &Path,
 ) -> Result<Launched, HostError> {
     let shared = &state.inner;
-    let config = &shared.config;
     let mut resources = Resources {
         dirs: isolation.create_dirs(id)?,
         cgroup: None,
@@ -749,7 +769,77 @@ async fn launch_isolated(
             }
         }
         resources.image = lease;
-        let dirs = &resources.dirs;
+        start_isolated_agent(state, isolation, id, request, sandbox_dir, &mut resources).await
+    }
+    .await;
+    finish_launch(isolation, id, result, resources, clone_ms).await
+}
+
+/// Start the agent of a warm sandbox (overlay mounted, base branch caught up, image held): only its
+/// cgroups, egress proxy and bubblewrap — no clone, no mount, no fetch.
+pub(super) async fn launch_warm(
+    state: &AppState,
+    isolation: &Isolation,
+    warm: super::warm::WarmSandbox,
+    request: &CreateSandboxRequest,
+    sandbox_dir: &Path,
+) -> Result<Launched, HostError> {
+    let id = warm.id.clone();
+    let mut resources = Resources {
+        dirs: warm.dirs,
+        cgroup: None,
+        egress: None,
+        workspace_link: None,
+        image: Some(warm.image),
+    };
+    let result =
+        start_isolated_agent(state, isolation, &id, request, sandbox_dir, &mut resources).await;
+    finish_launch(isolation, &id, result, resources, 0).await
+}
+
+/// The launched sandbox, or (after releasing everything made) the error.
+async fn finish_launch(
+    isolation: &Isolation,
+    id: &str,
+    result: Result<tokio::process::Child, HostError>,
+    resources: Resources,
+    clone_ms: u64,
+) -> Result<Launched, HostError> {
+    match result {
+        Ok(child) => Ok(Launched {
+            child,
+            workspace: resources.dirs.merged.clone(),
+            overlay: resources.image.as_ref().map(|image| Overlay {
+                upper: resources.dirs.upper.clone(),
+                image_id: image.info().id.clone(),
+            }),
+            resources: Some(resources),
+            clone_ms,
+        }),
+        Err(error) => {
+            if let Err(release_error) = resources.release(isolation).await {
+                tracing::error!(sandbox_id = %id, error = %release_error, "could not release a sandbox that failed to start");
+            }
+            Err(error)
+        }
+    }
+}
+
+/// With the overlay mounted: link the workspace, make the cgroups and the egress proxy (the session's
+/// allow-list), and start the agent under bubblewrap.
+async fn start_isolated_agent(
+    state: &AppState,
+    isolation: &Isolation,
+    id: &str,
+    request: &CreateSandboxRequest,
+    sandbox_dir: &Path,
+    resources: &mut Resources,
+) -> Result<tokio::process::Child, HostError> {
+    let shared = &state.inner;
+    let config = &shared.config;
+    {
+        let dirs = resources.dirs.clone();
+        let dirs = &dirs;
         // The workspace is where it is in a plain sandbox too, for whoever looks from the host.
         let link = sandbox_dir.join("workspace");
         std::os::unix::fs::symlink(&dirs.merged, &link).map_err(io_error("link", &link))?;
@@ -777,25 +867,6 @@ async fn launch_isolated(
             command: format!("bwrap … {} run", config.agent_bin.display()),
             source,
         })
-    }
-    .await;
-    match result {
-        Ok(child) => Ok(Launched {
-            child,
-            workspace: resources.dirs.merged.clone(),
-            overlay: resources.image.as_ref().map(|image| Overlay {
-                upper: resources.dirs.upper.clone(),
-                image_id: image.info().id.clone(),
-            }),
-            resources: Some(resources),
-            clone_ms,
-        }),
-        Err(error) => {
-            if let Err(release_error) = resources.release(isolation).await {
-                tracing::error!(sandbox_id = %id, error = %release_error, "could not release a sandbox that failed to start");
-            }
-            Err(error)
-        }
     }
 }
 
@@ -999,6 +1070,7 @@ mod tests {
             agent_log_filter: "debug".into(),
             isolation: None,
             on_deadline: None,
+            pool_max: crate::host::DEFAULT_POOL_MAX,
         }
     }
 

@@ -26,6 +26,7 @@ fn config(data_dir: &Path, agent_bin: &Path) -> HostConfig {
         agent_log_filter: "debug".to_owned(),
         isolation: None,
         on_deadline: None,
+        pool_max: DEFAULT_POOL_MAX,
     }
 }
 
@@ -105,6 +106,8 @@ async fn provider_api_requires_the_bearer_token() {
             ("GET", "/v1/images?repo=demo/hello"),
             ("GET", "/v1/images/0123456789abcdef"),
             ("GET", "/v1/images/0123456789abcdef/log"),
+            ("POST", "/v1/pools/demo/hello"),
+            ("GET", "/v1/pools"),
         ] {
             let (status, _) = call(
                 &app,
@@ -132,9 +135,8 @@ async fn provider_api_requires_the_bearer_token() {
     assert_eq!(body, json!({"sandboxes": []}));
     let (status, body) = call(&app, "GET", "/healthz", None, None).await;
     assert_eq!((status, body), (StatusCode::OK, json!("ok")));
-    // Pools are not served by this host yet: plain 404, not a fake answer.
     let (status, _) = call(&app, "GET", "/v1/pools", Some(TOKEN), None).await;
-    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(status, StatusCode::OK);
 }
 
 #[test]
@@ -1792,6 +1794,28 @@ async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
         (StatusCode::NOT_FOUND, Some("not_found")),
         "{refused}"
     );
+    // The snapshot's image lost (its tmpfs tree gone): refused with the typed error, nothing started.
+    let (status, _) = env
+        .host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{restored_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    std::fs::rename(&tree, tree.with_file_name("lost")).unwrap();
+    let mut body = env.create_body();
+    body["snapshot"] = json!(snapshot_id);
+    let (status, refused) = env
+        .host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    assert_eq!(
+        (status, refused["error"]["code"].as_str()),
+        (StatusCode::CONFLICT, Some("snapshot_image_gone")),
+        "{refused}"
+    );
     eprintln!(
         "sandbox from an image: POST /v1/sandboxes answered in {created_ms} ms (no clone), agent \
          connected after {running_ms} ms"
@@ -1804,4 +1828,247 @@ async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
                 .count()
                 == 0
     );
+}
+
+/// The sandbox ids with a runtime directory now (warm ones included).
+fn runtime_sandboxes(env: &IsolatedHost) -> std::collections::HashSet<String> {
+    std::fs::read_dir(env.runtime.path().join("sandboxes"))
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Poll `GET /v1/pools` until `repo`'s pool has `ready` ready and none preparing.
+async fn wait_for_ready(env: &IsolatedHost, ready: u64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, list) = env.host.api(reqwest::Method::GET, "/v1/pools", None).await;
+        assert_eq!(status, StatusCode::OK, "{list}");
+        let pool = list["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|pool| pool["repo"] == "demo/hello")
+            .cloned()
+            .unwrap_or(Value::Null);
+        if pool["ready"] == ready && pool["preparing"] == 0 {
+            return pool;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pool never had {ready} ready: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Warm pools on a real isolated host: `POST /v1/pools/demo/hello {target: 2}` prepares two (overlay
+/// on the image, base branch caught up); a claim takes one of them (its runtime directory existed
+/// before the claim: no clone, mount or fetch on the claim's path) and the agent runs in it; 20
+/// concurrent creates on a pool of 5 get 5 warm and 15 cold, no entry twice; a new image retires the
+/// entries of the old one; shutdown leaves no mount and no runtime directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_pools_prepare_claim_retire_and_release() {
+    let Some(env) = IsolatedHost::start("the warm pool test").await else {
+        return;
+    };
+    let image_id = env.build_image().await;
+    let prepared = Instant::now();
+    let (status, pool) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            "/v1/pools/demo/hello",
+            Some(json!({"target": 2})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pool}");
+    assert_eq!(pool["target"], 2, "{pool}");
+    assert_eq!(pool["image_id"], image_id.as_str(), "{pool}");
+    let pool = wait_for_ready(&env, 2).await;
+    let prepare_ms = prepared.elapsed().as_millis();
+    assert_eq!(
+        (pool["target"].as_u64(), pool["recent_claims"].as_u64()),
+        (Some(2), Some(0))
+    );
+    let warm = runtime_sandboxes(&env);
+    assert_eq!(warm.len(), 2, "{warm:?}");
+    for id in &warm {
+        let merged = env.sandbox_root(id).join("merged");
+        assert!(mounted(&merged));
+        // Caught up: on the base branch, owned by the sandbox uid.
+        assert_eq!(
+            git(
+                &merged,
+                &[
+                    "-c",
+                    "safe.directory=*",
+                    "rev-parse",
+                    "--abbrev-ref",
+                    "HEAD"
+                ]
+            ),
+            "main"
+        );
+    }
+
+    // A claim: one of the prepared sandboxes, and the agent runs in it.
+    let claiming = Instant::now();
+    let (status, info) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(env.create_body()),
+        )
+        .await;
+    let claim_ms = claiming.elapsed().as_millis();
+    assert_eq!(status, StatusCode::CREATED, "{info}");
+    let id = info["id"].as_str().unwrap().to_owned();
+    assert!(warm.contains(&id), "{id} is not one of {warm:?}");
+    let mut socket = accept_agent(&env.worker).await;
+    assert_eq!(welcome(&mut socket).await, id);
+    let spawned_ms = claiming.elapsed().as_millis();
+    let (output, pushed) = run_bash(&mut socket, "echo warm > warm.txt && echo BASH-OK", || {
+        env.agent_log(&id)
+    })
+    .await;
+    assert!(output.contains("BASH-OK"), "{output}");
+    assert_eq!(pushed.as_deref(), Some("nightshift/session-1"));
+    assert_eq!(
+        git(&env.bare, &["show", "nightshift/session-1:warm.txt"]),
+        "warm"
+    );
+    drop(socket);
+    let (status, _) = env
+        .host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{id}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(!env.sandbox_root(&id).exists());
+
+    // 20 concurrent creates on a pool of 5.
+    env.host
+        .api(
+            reqwest::Method::POST,
+            "/v1/pools/demo/hello",
+            Some(json!({"target": 5})),
+        )
+        .await;
+    wait_for_ready(&env, 5).await;
+    let warm = runtime_sandboxes(&env);
+    assert_eq!(warm.len(), 5, "{warm:?}");
+    let creates = (0..20).map(|_| {
+        env.host.api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(env.create_body()),
+        )
+    });
+    let answers = futures_util::future::join_all(creates).await;
+    let ids: Vec<String> = answers
+        .iter()
+        .map(|(status, info)| {
+            assert_eq!(*status, StatusCode::CREATED, "{info}");
+            info["id"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    let distinct: std::collections::HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), 20, "no sandbox twice: {ids:?}");
+    let claimed = ids.iter().filter(|id| warm.contains(*id)).count();
+    assert_eq!(claimed, 5, "5 warm, 15 cold");
+    for id in &ids {
+        let (_, info) = env
+            .host
+            .api(
+                reqwest::Method::DELETE,
+                &format!("/v1/sandboxes/{id}"),
+                None,
+            )
+            .await;
+        assert!(
+            info["status"] == "stopped" || info["status"] == "exited",
+            "{info}"
+        );
+    }
+
+    // A new image retires the entries of the old one, and the pool refills on the new one. (21 claims
+    // of demand: the pool is at its maximum.)
+    wait_for_ready(&env, crate::host::DEFAULT_POOL_MAX as u64).await;
+    let old = runtime_sandboxes(&env);
+    let new_image = env.build_image().await;
+    assert_ne!(new_image, image_id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, list) = env.host.api(reqwest::Method::GET, "/v1/pools", None).await;
+        let pool = &list["pools"][0];
+        let now = runtime_sandboxes(&env);
+        if pool["image_id"] == new_image.as_str()
+            && pool["ready"].as_u64() >= Some(1)
+            && pool["preparing"] == 0
+            && now.is_disjoint(&old)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "old entries never retired: {list} {now:?} {old:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in &old {
+        assert!(!mounted(&env.sandbox_root(id).join("merged")));
+    }
+    eprintln!(
+        "warm pool: 2 prepared in {prepare_ms} ms; claim answered in {claim_ms} ms, agent connected \
+         {spawned_ms} ms after the claim"
+    );
+    let remaining = runtime_sandboxes(&env);
+    let roots: Vec<PathBuf> = remaining.iter().map(|id| env.sandbox_root(id)).collect();
+    let sandboxes_dir = env.runtime.path().join("sandboxes");
+    let IsolatedHost { host, runtime, .. } = env;
+    host.stop().await;
+    for root in &roots {
+        assert!(!mounted(&root.join("merged")), "{}", root.display());
+        assert!(!root.exists(), "{}", root.display());
+    }
+    assert!(std::fs::read_dir(&sandboxes_dir).map_or(true, |mut dir| dir.next().is_none()));
+    drop(runtime);
+}
+
+#[tokio::test]
+async fn pools_need_isolation() {
+    let data = tempfile::tempdir().unwrap();
+    seed_repo(&data.path().join("git"), "demo/hello", "main").unwrap();
+    let app = app_in(data.path());
+    let answer = call(
+        &app,
+        "POST",
+        "/v1/pools/demo/hello",
+        Some(TOKEN),
+        Some(json!({"target": 2})),
+    )
+    .await;
+    assert_eq!(code(&answer), (StatusCode::CONFLICT, "pools_unavailable"));
+    let answer = call(
+        &app,
+        "POST",
+        "/v1/pools/demo/nothing",
+        Some(TOKEN),
+        Some(json!({"target": 2})),
+    )
+    .await;
+    assert_eq!(code(&answer), (StatusCode::NOT_FOUND, "not_found"));
+    let (status, list) = call(&app, "GET", "/v1/pools", Some(TOKEN), None).await;
+    assert_eq!((status, list), (StatusCode::OK, json!({"pools": []})));
+    let answer = call(&app, "GET", "/v1/pools", None, None).await;
+    assert_eq!(answer.0, StatusCode::UNAUTHORIZED);
 }

@@ -92,6 +92,8 @@ pub enum ErrorCode {
     NotAnOverlay,
     /// The image a snapshot was taken on has been retired or lost; the snapshot cannot be restored.
     SnapshotImageGone,
+    /// Warm pools need isolated sandboxes (overlayfs), which this provider does not have.
+    PoolsUnavailable,
     /// Something failed inside; details are not exposed.
     Internal,
 }
@@ -109,7 +111,10 @@ impl ErrorCode {
             | ErrorCode::BadRequest => 400,
             ErrorCode::Unauthorized => 401,
             ErrorCode::NotFound => 404,
-            ErrorCode::Conflict | ErrorCode::NotAnOverlay | ErrorCode::SnapshotImageGone => 409,
+            ErrorCode::Conflict
+            | ErrorCode::NotAnOverlay
+            | ErrorCode::SnapshotImageGone
+            | ErrorCode::PoolsUnavailable => 409,
             ErrorCode::FrameTooLarge => 413,
             ErrorCode::QueueFull => 429,
             ErrorCode::Upstream => 502,
@@ -135,6 +140,7 @@ impl ErrorCode {
             ErrorCode::Upstream => "upstream",
             ErrorCode::NotAnOverlay => "not_an_overlay",
             ErrorCode::SnapshotImageGone => "snapshot_image_gone",
+            ErrorCode::PoolsUnavailable => "pools_unavailable",
             ErrorCode::Internal => "internal",
         }
     }
@@ -258,6 +264,7 @@ mod tests {
             ErrorCode::Upstream,
             ErrorCode::NotAnOverlay,
             ErrorCode::SnapshotImageGone,
+            ErrorCode::PoolsUnavailable,
             ErrorCode::Internal,
         ];
         for code in all {

@@ -180,3 +180,28 @@ pub struct PoolTargetRequest {
     /// Ready sandboxes wanted.
     pub target: u32,
 }
+
+/// One repository's warm pool, as `GET /v1/pools` and `POST /v1/pools/{repo}` describe it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolInfo {
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Sandboxes prepared and ready to claim (overlay mounted, base branch caught up).
+    pub ready: u32,
+    /// Sandboxes being prepared now.
+    pub preparing: u32,
+    /// What the pool refills to now (recent demand, floored by requests, within the host's bounds).
+    pub target: u32,
+    /// Claims in the recent demand window.
+    pub recent_claims: u32,
+    /// The image new warm sandboxes are prepared on (the repository's newest); `None` without one.
+    #[serde(default)]
+    pub image_id: Option<String>,
+}
+
+/// `GET /v1/pools`: every repository's warm pool.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PoolList {
+    /// The pools, by repository name.
+    pub pools: Vec<PoolInfo>,
+}
