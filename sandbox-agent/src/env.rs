@@ -26,6 +26,8 @@ pub const ANTHROPIC_API_KEY: &str = "ANTHROPIC_API_KEY";
 pub const OPENAI_BASE_URL: &str = "OPENAI_BASE_URL";
 /// `run`: the OpenAI API key. Never logged.
 pub const OPENAI_API_KEY: &str = "OPENAI_API_KEY";
+/// `host`: most warm sandboxes per repository (`--pool-max`).
+pub const POOL_MAX: &str = "NIGHTSHIFT_POOL_MAX";
 /// `host`: bearer token the Worker presents on the provider API. Never logged.
 pub const PROVIDER_TOKEN: &str = "NIGHTSHIFT_PROVIDER_TOKEN";
 /// `run`: a unix socket that leads out of the sandbox (the host's egress proxy, an HTTP proxy with an

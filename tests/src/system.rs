@@ -172,6 +172,11 @@ impl System {
         self.dir.path().join("wrangler")
     }
 
+    /// The host's process id, while it runs.
+    pub fn host_pid(&self) -> Option<u32> {
+        self.host.as_ref().map(|service| service.child.id())
+    }
+
     /// Everything the host printed so far.
     pub fn host_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("host.log")).unwrap_or_default()

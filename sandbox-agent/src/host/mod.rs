@@ -144,7 +144,7 @@ pub struct HostArgs {
     #[arg(long, default_value_t = isolation::DEFAULT_PIDS_LIMIT)]
     pub pids_limit: u64,
     /// Most warm sandboxes a repository's pool keeps (ready plus being prepared); isolated hosts only.
-    #[arg(long, default_value_t = DEFAULT_POOL_MAX)]
+    #[arg(long, env = env::POOL_MAX, default_value_t = DEFAULT_POOL_MAX)]
     pub pool_max: usize,
 }
 

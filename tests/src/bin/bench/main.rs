@@ -7,12 +7,15 @@
 //! expected event never came.
 
 mod fanout;
+mod idle;
 mod latency;
 mod overhead;
 mod prompt_start;
+mod ready;
 mod report;
 mod round_trip;
 mod session;
+mod snapshot;
 mod stop;
 mod stream;
 mod tool;
@@ -54,7 +57,13 @@ async fn bench() -> anyhow::Result<()> {
     let report_path = tools.repo_root.join("target/bench/report.json");
     let started = Instant::now();
     eprintln!("bench: starting wrangler dev and the sandbox host");
-    let system = System::start().await.context("starting the system")?;
+    // Room for `idle_sandboxes`' pool.
+    let system = System::start_with(nightshift_tests::StartOptions {
+        host_env: vec![("NIGHTSHIFT_POOL_MAX".to_owned(), (idle::TARGET + 16).to_string())],
+        ..Default::default()
+    })
+    .await
+    .context("starting the system")?;
     let rows = match measure(&system).await {
         Ok(rows) => rows,
         Err(error) => {
@@ -108,11 +117,20 @@ async fn measure(system: &System) -> anyhow::Result<Vec<Row>> {
             .context("agent_token_overhead")?,
     );
     done(at);
+    let at = step("warm_claim_ready, cold_start_ready");
+    rows.extend(ready::run(system).await.context("warm_claim_ready")?);
+    done(at);
     let at = step("stop_to_stopped");
     rows.push(stop::run(system).await.context("stop_to_stopped")?);
     done(at);
     let at = step("tool_read_30k, tool_grep_30k");
     rows.extend(tool::run(system).await.context("tool_read_30k")?);
+    done(at);
+    let at = step("snapshot_light, restore_light");
+    rows.extend(snapshot::run(system).await.context("snapshot_light")?);
+    done(at);
+    let at = step("idle_sandboxes");
+    rows.push(idle::run(system).await.context("idle_sandboxes")?);
     done(at);
     Ok(rows)
 }

@@ -1,0 +1,68 @@
+//! `idle_sandboxes`: how many warm sandboxes this machine holds at once. The pool of the demo repository
+//! is asked for [`TARGET`] ready sandboxes (each an overlay over the image on tmpfs, caught up with the
+//! base branch); the row's value is how many became ready, with the memory each costs: the growth of
+//! tmpfs use (`/dev/shm`) and of the host's resident set, divided by the count.
+
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::ready::Provider;
+use crate::report::{round3, Row};
+use nightshift_tests::{System, DEMO_REPO};
+
+/// Warm sandboxes asked for.
+pub const TARGET: u64 = 200;
+
+/// Bytes used on the tmpfs at `/dev/shm`.
+fn shm_used_bytes() -> u64 {
+    let path = c"/dev/shm";
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a valid C string and `stat` a valid out-pointer for the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stat) } != 0 {
+        return 0;
+    }
+    (stat.f_blocks - stat.f_bfree) * stat.f_frsize
+}
+
+/// Resident set of a process, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+pub async fn run(system: &System) -> anyhow::Result<Row> {
+    let provider = Provider::of(system);
+    let host_pid = system.host_pid().context("the host is not running")?;
+    // Let earlier rows' pools settle first.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let shm_before = shm_used_bytes();
+    let rss_before = rss_bytes(host_pid);
+    let before = provider.pool(DEMO_REPO).await?["ready"].as_u64().unwrap_or(0);
+    provider.warm(DEMO_REPO, TARGET, TARGET).await?;
+    let ready = provider.pool(DEMO_REPO).await?["ready"].as_u64().unwrap_or(0);
+    let added = ready.saturating_sub(before).max(1);
+    let shm_per = shm_used_bytes().saturating_sub(shm_before) as f64 / added as f64;
+    let rss_per = rss_bytes(host_pid).saturating_sub(rss_before) as f64 / added as f64;
+    let mut extra = serde_json::Map::new();
+    extra.insert("tmpfs_kib_per_sandbox".into(), round3(shm_per / 1024.0).into());
+    extra.insert("host_rss_kib_per_sandbox".into(), round3(rss_per / 1024.0).into());
+    extra.insert("memory_kib_per_sandbox".into(), round3((shm_per + rss_per) / 1024.0).into());
+    Ok(Row {
+        id: "idle_sandboxes",
+        what: format!(
+            "warm sandboxes held ready at once on this machine (pool target {TARGET} on the demo repository); memory per sandbox = growth of /dev/shm use + host RSS, per sandbox"
+        ),
+        unit: "sandboxes",
+        p50: None,
+        p99: None,
+        value: Some(ready as f64),
+        target: ">= 200",
+        ok: Some(ready >= 200),
+        extra,
+    })
+}
