@@ -527,6 +527,17 @@ fn write_demo_project(root: &Path) -> Result<(), SeedError> {
     Ok(())
 }
 
+/// Whether `branch` exists, as a commit, in the bare repository at `git_dir`.
+pub async fn branch_exists(git_dir: &Path, branch: &str) -> std::io::Result<bool> {
+    let mut command = tokio::process::Command::from(git_command());
+    command
+        .arg("--git-dir")
+        .arg(git_dir)
+        .args(["rev-parse", "--verify", "--quiet"])
+        .arg(format!("refs/heads/{branch}^{{commit}}"));
+    Ok(command.output().await?.status.success())
+}
+
 /// Files per generated directory.
 const SYNTHETIC_FILES_PER_DIR: usize = 100;
 

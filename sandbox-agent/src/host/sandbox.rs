@@ -872,17 +872,13 @@ async fn start_isolated_agent(
 
 /// `branch` must exist in the bare repository.
 async fn check_branch(repo: &RepoName, git_dir: &Path, branch: &str) -> Result<(), HostError> {
-    let mut command = tokio::process::Command::from(seed::git_command());
-    command
-        .arg("--git-dir")
-        .arg(git_dir)
-        .args(["rev-parse", "--verify", "--quiet"])
-        .arg(format!("refs/heads/{branch}^{{commit}}"));
-    let output = command.output().await.map_err(|source| HostError::Spawn {
-        command: "git rev-parse".to_owned(),
-        source,
-    })?;
-    if output.status.success() {
+    let exists = seed::branch_exists(git_dir, branch)
+        .await
+        .map_err(|source| HostError::Spawn {
+            command: "git rev-parse".to_owned(),
+            source,
+        })?;
+    if exists {
         Ok(())
     } else {
         Err(HostError::BranchNotFound {
