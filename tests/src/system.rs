@@ -110,6 +110,13 @@ impl System {
             .prefix("nightshift-e2e-")
             .tempdir_in(scratch_dir())
             .context("creating a temp dir")?;
+        // Isolated sandboxes run as an unprivileged uid that must reach its bind sources below here
+        // (`runtime/`): others may pass through, not list.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .context("opening the temp dir for sandboxes")?;
+        }
         let [worker_port, inspector_port, host_port] = free_ports()?;
         let mut system = System {
             tools,
@@ -234,6 +241,9 @@ impl System {
             .args(["--listen", &format!("127.0.0.1:{}", self.host_port)])
             .arg("--data-dir")
             .arg(self.host_data_dir())
+            // Inside this system's own temporary directory (on tmpfs), so images and overlays go with it.
+            .arg("--runtime-dir")
+            .arg(self.dir.path().join("runtime"))
             .env(env::NIGHTSHIFT_PROVIDER_TOKEN, &self.provider_token)
             .env_remove(env::ANTHROPIC_API_KEY)
             .envs(self.options.host_env.iter().map(|(k, v)| (k, v)));

@@ -68,6 +68,13 @@ async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> a
 
     let prompt_id = flow::prompt(&mut a, &plan(), &mut seen).await?;
     seen.extend(until_finished(&mut a, &prompt_id).await?);
+    // As root (as CI runs), the agent ran isolated: overlay, bubblewrap, egress through the proxy.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let log = system.host_log();
+        assert!(log.contains("sandboxes are isolated"), "the host isolates sandboxes as root:\n{log}");
+        assert!(log.contains("isolated=true"), "this session's sandbox was isolated:\n{log}");
+    }
     assert_eq!(finished_status(&seen, &prompt_id), Some(PromptStatus::Completed), "{seen:#?}");
     assert_contiguous(&seen);
 
