@@ -11,7 +11,11 @@ mod seed;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "sandbox-agent", version, about = "Nightshift sandbox agent and local sandbox provider")]
+#[command(
+    name = "sandbox-agent",
+    version,
+    about = "Nightshift sandbox agent and local sandbox provider"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -45,7 +49,9 @@ fn main() -> anyhow::Result<()> {
         Command::Run(args) => run::prepare_egress(args)?,
         _ => None,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command {
             Command::Run(args) => run::main(args, relay).await,

@@ -600,11 +600,10 @@ pub fn write_synthetic_files(root: &Path, count: usize) -> Result<(), SeedError>
 
 /// `sandbox-agent seed`: print where the repository is and whether it was created.
 pub async fn main(args: SeedArgs) -> anyhow::Result<()> {
-    let seeded =
-        tokio::task::spawn_blocking(move || {
-            seed_repo_with(&args.store, &args.repo, &args.branch, args.synthetic_files)
-        })
-        .await??;
+    let seeded = tokio::task::spawn_blocking(move || {
+        seed_repo_with(&args.store, &args.repo, &args.branch, args.synthetic_files)
+    })
+    .await??;
     let what = if seeded.created {
         "created"
     } else {
@@ -705,11 +704,20 @@ mod tests {
         let store = tempfile::tempdir().unwrap();
         let seeded = seed_repo_with(store.path(), "bench/large", "main", 250).unwrap();
         let files = git_in(&seeded.git_dir, &["ls-tree", "-r", "--name-only", "main"]);
-        let generated: Vec<&str> = files.lines().filter(|f| f.starts_with("generated/")).collect();
+        let generated: Vec<&str> = files
+            .lines()
+            .filter(|f| f.starts_with("generated/"))
+            .collect();
         assert_eq!(generated.len(), 250);
-        assert!(generated.contains(&"generated/d2/item_249.rs"), "{generated:?}");
+        assert!(
+            generated.contains(&"generated/d2/item_249.rs"),
+            "{generated:?}"
+        );
         let one = git_in(&seeded.git_dir, &["show", "main:generated/d1/item_117.rs"]);
-        assert!(one.contains("pub fn item_117(weight_grams: u64) -> Item117 {"), "{one}");
+        assert!(
+            one.contains("pub fn item_117(weight_grams: u64) -> Item117 {"),
+            "{one}"
+        );
     }
 
     #[test]
@@ -737,7 +745,10 @@ mod tests {
         assert!(files.contains(&"tests/test_greet.py"), "{files:?}");
         assert!(files.contains(&".nightshift/setup.sh"), "{files:?}");
         let mode = git_in(&first.git_dir, &["ls-tree", "main", ".nightshift/setup.sh"]);
-        assert!(mode.starts_with("100755"), "the setup script is executable: {mode}");
+        assert!(
+            mode.starts_with("100755"),
+            "the setup script is executable: {mode}"
+        );
         assert_eq!(
             git_in(&first.git_dir, &["log", "--format=%an <%ae>", "main"]),
             "Nightshift Seed <seed@nightshift.invalid>"

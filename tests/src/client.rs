@@ -182,7 +182,10 @@ impl Client {
         let (stream, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
             .await
             .with_context(|| format!("connecting to {url}"))?;
-        Ok(Ws { stream, batched: std::collections::VecDeque::new() })
+        Ok(Ws {
+            stream,
+            batched: std::collections::VecDeque::new(),
+        })
     }
 }
 
@@ -236,10 +239,13 @@ impl Ws {
             };
             match frame {
                 Message::Text(text) => {
-                    let message: ServerMessage = serde_json::from_str(text.as_str()).with_context(|| {
-                        format!("server message is not a ServerMessage: {}", text.as_str())
-                    })?;
-                    let ServerMessage::Events { events } = message else { return Ok(message) };
+                    let message: ServerMessage =
+                        serde_json::from_str(text.as_str()).with_context(|| {
+                            format!("server message is not a ServerMessage: {}", text.as_str())
+                        })?;
+                    let ServerMessage::Events { events } = message else {
+                        return Ok(message);
+                    };
                     self.batched.extend(events);
                     match self.batched.pop_front() {
                         Some(envelope) => return Ok(ServerMessage::Event(envelope)),

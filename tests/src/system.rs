@@ -431,7 +431,10 @@ fn path_with(dir: Option<&Path>) -> OsString {
 fn scratch_dir() -> PathBuf {
     let shm = Path::new("/dev/shm");
     let writable = shm.is_dir()
-        && tempfile::Builder::new().prefix("nightshift-probe-").tempfile_in(shm).is_ok();
+        && tempfile::Builder::new()
+            .prefix("nightshift-probe-")
+            .tempfile_in(shm)
+            .is_ok();
     if writable {
         shm.to_path_buf()
     } else {

@@ -37,7 +37,8 @@ pub struct Claims {
 }
 
 fn mac(secret: &str) -> Result<Hmac<Sha256>, AppError> {
-    Hmac::<Sha256>::new_from_slice(secret.as_bytes()).map_err(|e| AppError::Internal(format!("hmac key: {e}")))
+    Hmac::<Sha256>::new_from_slice(secret.as_bytes())
+        .map_err(|e| AppError::Internal(format!("hmac key: {e}")))
 }
 
 /// Sign `claims` with `secret`.
@@ -71,7 +72,9 @@ pub fn verify(token: &str, secret: &str, now_ms: u64) -> Option<Claims> {
 /// The bearer token of `Authorization: Bearer …`, if present.
 pub fn bearer(req: &Request) -> Option<String> {
     let value = req.headers().get("authorization").ok().flatten()?;
-    let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))?;
     Some(token.trim().to_owned())
 }
 
@@ -90,30 +93,52 @@ pub fn user(req: &Request, env: &Env, now_ms: u64) -> Result<Author, AppError> {
         worker::console_error!("AUTH_SECRET is not set: nobody can sign in");
         return Err(AppError::unauthorized());
     };
-    let token = bearer(req).or_else(|| cookie(req, COOKIE_NAME)).ok_or_else(AppError::unauthorized)?;
-    verify(&token, &secret, now_ms).map(|c| c.user).ok_or_else(AppError::unauthorized)
+    let token = bearer(req)
+        .or_else(|| cookie(req, COOKIE_NAME))
+        .ok_or_else(AppError::unauthorized)?;
+    verify(&token, &secret, now_ms)
+        .map(|c| c.user)
+        .ok_or_else(AppError::unauthorized)
 }
 
 /// Check a dev sign-in request and turn it into an author.
 pub fn dev_author(request: DevLoginRequest) -> Result<Author, AppError> {
     let login_ok = (1..=39).contains(&request.login.len())
-        && request.login.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && request
+            .login
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         && !request.login.starts_with('-');
     if !login_ok {
-        return Err(AppError::client(ErrorCode::BadRequest, "login must be 1-39 letters, digits, `-` or `_`"));
+        return Err(AppError::client(
+            ErrorCode::BadRequest,
+            "login must be 1-39 letters, digits, `-` or `_`",
+        ));
     }
     let name = request.name.trim();
     if name.is_empty() || name.chars().count() > 100 || name.chars().any(char::is_control) {
-        return Err(AppError::client(ErrorCode::BadRequest, "name must be 1-100 printable characters"));
+        return Err(AppError::client(
+            ErrorCode::BadRequest,
+            "name must be 1-100 printable characters",
+        ));
     }
     let email = request.email.trim();
     let email_ok = (3..=254).contains(&email.len())
         && email.matches('@').count() == 1
         && !email.starts_with('@')
         && !email.ends_with('@')
-        && !email.chars().any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>');
+        && !email
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace() || c == '<' || c == '>');
     if !email_ok {
-        return Err(AppError::client(ErrorCode::BadRequest, "email is not a valid address"));
+        return Err(AppError::client(
+            ErrorCode::BadRequest,
+            "email is not a valid address",
+        ));
     }
-    Ok(Author { login: request.login, name: name.to_owned(), email: email.to_owned() })
+    Ok(Author {
+        login: request.login,
+        name: name.to_owned(),
+        email: email.to_owned(),
+    })
 }

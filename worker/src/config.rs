@@ -25,7 +25,11 @@ pub const PUBLIC_URL: &str = "PUBLIC_URL";
 
 /// A variable or secret as a string, if set and non-empty.
 pub fn get(env: &Env, name: &str) -> Option<String> {
-    let value = env.secret(name).map(|s| s.to_string()).or_else(|_| env.var(name).map(|v| v.to_string())).ok()?;
+    let value = env
+        .secret(name)
+        .map(|s| s.to_string())
+        .or_else(|_| env.var(name).map(|v| v.to_string()))
+        .ok()?;
     if value.is_empty() {
         None
     } else {
@@ -41,7 +45,9 @@ pub fn image_cadence_ms(env: &Env) -> u64 {
         None => nightshift_session::repo::DEFAULT_CADENCE_MS,
         Some(Ok(ms)) => ms.max(MIN_MS),
         Some(Err(_)) => {
-            worker::console_error!("{IMAGE_CADENCE_MS} is not a whole number of milliseconds; using the default");
+            worker::console_error!(
+                "{IMAGE_CADENCE_MS} is not a whole number of milliseconds; using the default"
+            );
             nightshift_session::repo::DEFAULT_CADENCE_MS
         }
     }

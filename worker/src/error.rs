@@ -21,7 +21,10 @@ pub enum AppError {
 impl AppError {
     /// A refusal with `code`.
     pub fn client(code: ErrorCode, message: impl Into<String>) -> Self {
-        AppError::Client { code, message: message.into() }
+        AppError::Client {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The answer to a missing session and to one the caller may not see: identical on purpose.
@@ -31,7 +34,10 @@ impl AppError {
 
     /// No or bad credentials.
     pub fn unauthorized() -> Self {
-        AppError::client(ErrorCode::Unauthorized, "sign in first: a session cookie or a bearer token is required")
+        AppError::client(
+            ErrorCode::Unauthorized,
+            "sign in first: a session cookie or a bearer token is required",
+        )
     }
 
     /// The HTTP response for this error.
@@ -81,15 +87,29 @@ pub fn json_response<T: serde::Serialize>(body: &T, status: u16) -> worker::Resp
     let headers = worker::Headers::new();
     let _ = headers.set("content-type", "application/json; charset=utf-8");
     let _ = headers.set("cache-control", "no-store");
-    worker::ResponseBuilder::new().with_status(status).with_headers(headers).fixed(text.into_bytes())
+    worker::ResponseBuilder::new()
+        .with_status(status)
+        .with_headers(headers)
+        .fixed(text.into_bytes())
 }
 
 /// Parse a JSON request body into `T`, with typed refusals for size, syntax and shape.
-pub fn parse_body<T: serde::de::DeserializeOwned>(text: &str, max_bytes: usize) -> Result<T, AppError> {
+pub fn parse_body<T: serde::de::DeserializeOwned>(
+    text: &str,
+    max_bytes: usize,
+) -> Result<T, AppError> {
     if text.len() > max_bytes {
-        return Err(AppError::client(ErrorCode::FrameTooLarge, format!("body exceeds {max_bytes} bytes")));
+        return Err(AppError::client(
+            ErrorCode::FrameTooLarge,
+            format!("body exceeds {max_bytes} bytes"),
+        ));
     }
-    let value: serde_json::Value = serde_json::from_str(text)
-        .map_err(|e| AppError::client(ErrorCode::InvalidJson, format!("body is not valid json: {e}")))?;
-    serde_json::from_value(value).map_err(|e| AppError::client(ErrorCode::BadRequest, format!("invalid body: {e}")))
+    let value: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        AppError::client(
+            ErrorCode::InvalidJson,
+            format!("body is not valid json: {e}"),
+        )
+    })?;
+    serde_json::from_value(value)
+        .map_err(|e| AppError::client(ErrorCode::BadRequest, format!("invalid body: {e}")))
 }

@@ -18,6 +18,10 @@ pub use repo_object::RepoObject;
 pub use session_object::SessionObject;
 
 #[worker::event(fetch)]
-async fn fetch(req: worker::Request, env: worker::Env, _ctx: worker::Context) -> worker::Result<worker::Response> {
+async fn fetch(
+    req: worker::Request,
+    env: worker::Env,
+    _ctx: worker::Context,
+) -> worker::Result<worker::Response> {
     Ok(route::handle(req, env).await)
 }

@@ -65,15 +65,23 @@ pub struct Provider {
 impl Provider {
     /// From `PROVIDER_URL` and `PROVIDER_TOKEN`.
     pub fn from_env(env: &Env) -> Result<Provider, ProviderError> {
-        let base_url = config::get(env, config::PROVIDER_URL).ok_or(ProviderError::NotConfigured(config::PROVIDER_URL))?;
-        let token =
-            config::get(env, config::PROVIDER_TOKEN).ok_or(ProviderError::NotConfigured(config::PROVIDER_TOKEN))?;
-        Ok(Provider { base_url: base_url.trim_end_matches('/').to_owned(), token })
+        let base_url = config::get(env, config::PROVIDER_URL)
+            .ok_or(ProviderError::NotConfigured(config::PROVIDER_URL))?;
+        let token = config::get(env, config::PROVIDER_TOKEN)
+            .ok_or(ProviderError::NotConfigured(config::PROVIDER_TOKEN))?;
+        Ok(Provider {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            token,
+        })
     }
 
     /// `POST /v1/sandboxes`.
-    pub async fn create_sandbox(&self, request: &CreateSandboxRequest) -> Result<SandboxInfo, ProviderError> {
-        self.call(Method::Post, "/v1/sandboxes", Some(request)).await
+    pub async fn create_sandbox(
+        &self,
+        request: &CreateSandboxRequest,
+    ) -> Result<SandboxInfo, ProviderError> {
+        self.call(Method::Post, "/v1/sandboxes", Some(request))
+            .await
     }
 
     /// `POST /v1/images`: start a build (`202 {id, status}`).
@@ -84,14 +92,19 @@ impl Provider {
     /// `GET /v1/images?repo=owner/name`: images newest first and the latest failure. `repo` must already be
     /// a valid `owner/name` (letters, digits, `-`, `_`, `.`), so it needs no escaping.
     pub async fn list_images(&self, repo: &str) -> Result<ImageList, ProviderError> {
-        self.call::<ImageList, ()>(Method::Get, &format!("/v1/images?repo={repo}"), None).await
+        self.call::<ImageList, ()>(Method::Get, &format!("/v1/images?repo={repo}"), None)
+            .await
     }
 
     /// `POST /v1/pools/{repo} {target}`: keep `target` sandboxes of `repo` ready. The answer's body is not used.
     pub async fn set_pool_target(&self, repo: &str, target: u32) -> Result<(), ProviderError> {
-        self.call::<serde_json::Value, _>(Method::Post, &format!("/v1/pools/{repo}"), Some(&PoolTargetRequest { target }))
-            .await
-            .map(|_| ())
+        self.call::<serde_json::Value, _>(
+            Method::Post,
+            &format!("/v1/pools/{repo}"),
+            Some(&PoolTargetRequest { target }),
+        )
+        .await
+        .map(|_| ())
     }
 
     async fn call<T: DeserializeOwned, B: serde::Serialize>(
@@ -104,26 +117,49 @@ impl Provider {
         headers.set("authorization", &format!("Bearer {}", self.token))?;
         let mut init = RequestInit::new();
         if let Some(body) = body {
-            let text = serde_json::to_string(body).map_err(|e| ProviderError::Request(e.to_string()))?;
+            let text =
+                serde_json::to_string(body).map_err(|e| ProviderError::Request(e.to_string()))?;
             headers.set("content-type", "application/json")?;
             init.with_body(Some(text.into()));
         }
-        let route = format!("{} {}", method, path_and_query.split('?').next().unwrap_or(path_and_query));
+        let route = format!(
+            "{} {}",
+            method,
+            path_and_query.split('?').next().unwrap_or(path_and_query)
+        );
         init.with_method(method).with_headers(headers);
         let request = Request::new_with_init(&format!("{}{path_and_query}", self.base_url), &init)?;
-        let mut response = Fetch::Request(request).send().await.map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+        let mut response = Fetch::Request(request)
+            .send()
+            .await
+            .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
         let status = response.status_code();
-        let text = response.text().await.map_err(|e| ProviderError::Unreachable(e.to_string()))?;
+        let text = response
+            .text()
+            .await
+            .map_err(|e| ProviderError::Unreachable(e.to_string()))?;
         if (200..300).contains(&status) {
             // An empty success body reads as `null`, for routes whose answer is not used.
-            let text = if text.trim().is_empty() { "null" } else { text.as_str() };
+            let text = if text.trim().is_empty() {
+                "null"
+            } else {
+                text.as_str()
+            };
             return serde_json::from_str(text).map_err(|e| ProviderError::Invalid(e.to_string()));
         }
         match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(typed) => Err(ProviderError::Refused { status, message: typed.error.message }),
+            Ok(typed) => Err(ProviderError::Refused {
+                status,
+                message: typed.error.message,
+            }),
             // No typed error: the provider has no such route.
-            Err(_) if matches!(status, 404 | 405) => Err(ProviderError::Unsupported { route, status }),
-            Err(_) => Err(ProviderError::Refused { status, message: text.chars().take(QUOTED_BODY_CHARS).collect() }),
+            Err(_) if matches!(status, 404 | 405) => {
+                Err(ProviderError::Unsupported { route, status })
+            }
+            Err(_) => Err(ProviderError::Refused {
+                status,
+                message: text.chars().take(QUOTED_BODY_CHARS).collect(),
+            }),
         }
     }
 }

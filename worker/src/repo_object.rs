@@ -11,14 +11,18 @@
 //! provider the state is read again before the answer is applied, so concurrent requests never undo one
 //! another, and a build is claimed ([`RepoState::start_build`]) before it is asked for, so there is at most one.
 
-use nightshift_protocol::http::{BuildStatus, RepoSettingsRequest, RepoSummary, WarmOutcome, WarmResponse};
+use nightshift_protocol::http::{
+    BuildStatus, RepoSettingsRequest, RepoSummary, WarmOutcome, WarmResponse,
+};
 use nightshift_protocol::provider::ImageRequest;
 use nightshift_protocol::ErrorCode;
-use nightshift_session::repo::{BuildRecord, ImageRecord, RepoState, WarmDecision, WarmLedger, WarmRecord};
+use nightshift_session::repo::{
+    BuildRecord, ImageRecord, RepoState, WarmDecision, WarmLedger, WarmRecord,
+};
 use nightshift_session::StoreError;
 use worker::{
-    durable_object, Date, DurableObject, Env, Headers, Method, Request, RequestInit, Response, SqlStorage,
-    SqlStorageValue, State, Stub,
+    durable_object, Date, DurableObject, Env, Headers, Method, Request, RequestInit, Response,
+    SqlStorage, SqlStorageValue, State, Stub,
 };
 
 use crate::config;
@@ -125,11 +129,18 @@ fn now_ms() -> u64 {
 
 /// A stub of the repository object called `name` (a repository, or the registry).
 pub fn stub(env: &Env, name: &str) -> Result<Stub, AppError> {
-    Ok(env.durable_object(config::REPO_BINDING)?.id_from_name(name)?.get_stub()?)
+    Ok(env
+        .durable_object(config::REPO_BINDING)?
+        .id_from_name(name)?
+        .get_stub()?)
 }
 
 /// A request to a repository object's internal `path` with an optional JSON body.
-pub fn internal_request(method: Method, path: &str, body: Option<&impl serde::Serialize>) -> Result<Request, AppError> {
+pub fn internal_request(
+    method: Method,
+    path: &str,
+    body: Option<&impl serde::Serialize>,
+) -> Result<Request, AppError> {
     let headers = Headers::new();
     let mut init = RequestInit::new();
     if let Some(body) = body {
@@ -137,7 +148,10 @@ pub fn internal_request(method: Method, path: &str, body: Option<&impl serde::Se
         init.with_body(Some(serde_json::to_string(body)?.into()));
     }
     init.with_method(method).with_headers(headers);
-    Ok(Request::new_with_init(&format!("https://repo{path}"), &init)?)
+    Ok(Request::new_with_init(
+        &format!("https://repo{path}"),
+        &init,
+    )?)
 }
 
 impl RepoObject {
@@ -148,15 +162,26 @@ impl RepoObject {
     async fn serve(&self, mut req: Request) -> Result<Response, AppError> {
         let path = req.url()?.path().to_owned();
         match (req.method(), path.as_str()) {
-            (Method::Get, "/summary") => match load(&self.sql(), config::image_cadence_ms(&self.env))? {
-                Some(state) => Ok(json_response(&state.summary(now_ms()), 200)),
-                None => Err(AppError::client(ErrorCode::NotFound, "repository not known")),
-            },
+            (Method::Get, "/summary") => {
+                match load(&self.sql(), config::image_cadence_ms(&self.env))? {
+                    Some(state) => Ok(json_response(&state.summary(now_ms()), 200)),
+                    None => Err(AppError::client(
+                        ErrorCode::NotFound,
+                        "repository not known",
+                    )),
+                }
+            }
             (Method::Post, "/register") => {
                 let call: RepoCall = parse_body(&req.text().await?, 4096)?;
                 let state = self.register(&call.repo).await?;
                 let now = now_ms();
-                Ok(json_response(&Registered { summary: state.summary(now), session_notice: state.session_notice(now) }, 200))
+                Ok(json_response(
+                    &Registered {
+                        summary: state.summary(now),
+                        session_notice: state.session_notice(now),
+                    },
+                    200,
+                ))
             }
             (Method::Post, "/build") => {
                 let call: RepoCall = parse_body(&req.text().await?, 4096)?;
@@ -167,7 +192,9 @@ impl RepoObject {
             }
             (Method::Post, "/warm") => {
                 let call: RepoCall = parse_body(&req.text().await?, 4096)?;
-                let caller = call.caller.ok_or_else(|| AppError::client(ErrorCode::BadRequest, "caller is required"))?;
+                let caller = call
+                    .caller
+                    .ok_or_else(|| AppError::client(ErrorCode::BadRequest, "caller is required"))?;
                 self.register(&call.repo).await?;
                 Ok(json_response(&self.warm(&call.repo, &caller)?, 202))
             }
@@ -177,7 +204,9 @@ impl RepoObject {
                 let settings = call.settings.unwrap_or_default();
                 self.update(|state| -> Result<(), AppError> {
                     if let Some(cadence_ms) = settings.cadence_ms {
-                        state.set_cadence(cadence_ms).map_err(|e| AppError::client(ErrorCode::BadRequest, e.to_string()))?;
+                        state
+                            .set_cadence(cadence_ms)
+                            .map_err(|e| AppError::client(ErrorCode::BadRequest, e.to_string()))?;
                     }
                     if let Some(branch) = settings.base_branch {
                         state.base_branch = branch;
@@ -199,7 +228,11 @@ impl RepoObject {
                 Ok(json_response(&serde_json::json!({"ok": true}), 200))
             }
             (Method::Get, "/registry/list") => {
-                let found: Vec<RegistryRow> = rows(&self.sql(), "SELECT repo FROM registry ORDER BY repo", vec![])?;
+                let found: Vec<RegistryRow> = rows(
+                    &self.sql(),
+                    "SELECT repo FROM registry ORDER BY repo",
+                    vec![],
+                )?;
                 let repos: Vec<String> = found.into_iter().map(|r| r.repo).collect();
                 Ok(json_response(&repos, 200))
             }
@@ -214,9 +247,14 @@ impl RepoObject {
     }
 
     /// Load, change and save the repository in one synchronous step; `None` when it is not registered.
-    fn update<T>(&self, change: impl FnOnce(&mut RepoState) -> T) -> Result<Option<(T, RepoState)>, AppError> {
+    fn update<T>(
+        &self,
+        change: impl FnOnce(&mut RepoState) -> T,
+    ) -> Result<Option<(T, RepoState)>, AppError> {
         let sql = self.sql();
-        let Some(mut state) = load(&sql, config::image_cadence_ms(&self.env))? else { return Ok(None) };
+        let Some(mut state) = load(&sql, config::image_cadence_ms(&self.env))? else {
+            return Ok(None);
+        };
         let result = change(&mut state);
         save(&sql, &state)?;
         Ok(Some((result, state)))
@@ -228,7 +266,10 @@ impl RepoObject {
         let state = match load(&sql, config::image_cadence_ms(&self.env))? {
             Some(state) if state.repo == repo => state,
             Some(state) => {
-                return Err(AppError::Internal(format!("repository object of {} was asked about {repo}", state.repo)));
+                return Err(AppError::Internal(format!(
+                    "repository object of {} was asked about {repo}",
+                    state.repo
+                )));
             }
             None => {
                 let state = RepoState::new(repo, config::image_cadence_ms(&self.env));
@@ -240,12 +281,18 @@ impl RepoObject {
         let registered: Vec<RegisteredRow> = rows(&sql, "SELECT registered FROM repo", vec![])?;
         if registered.first().is_some_and(|r| r.registered == 0) {
             // Listed once; if the registry cannot be reached now, the next call tries again.
-            let request = internal_request(Method::Post, "/registry/add", Some(&RepoCall::plain(repo)))?;
-            match stub(&self.env, config::REPO_REGISTRY)?.fetch_with_request(request).await {
+            let request =
+                internal_request(Method::Post, "/registry/add", Some(&RepoCall::plain(repo)))?;
+            match stub(&self.env, config::REPO_REGISTRY)?
+                .fetch_with_request(request)
+                .await
+            {
                 Ok(response) if response.status_code() == 200 => {
                     exec(&sql, "UPDATE repo SET registered = 1", vec![])?;
                 }
-                Ok(response) => worker::console_error!("registry refused {repo}: {}", response.status_code()),
+                Ok(response) => {
+                    worker::console_error!("registry refused {repo}: {}", response.status_code())
+                }
                 Err(e) => worker::console_error!("registry unreachable for {repo}: {e}"),
             }
         }
@@ -255,8 +302,14 @@ impl RepoObject {
     /// Set the one alarm to the next thing due.
     async fn arm(&self) -> Result<(), AppError> {
         let now = now_ms();
-        let Some((at_ms, _)) = self.update(|state| state.next_alarm_ms(now))? else { return Ok(()) };
-        exec(&self.sql(), "UPDATE repo SET next_alarm_ms = ?", vec![int(at_ms)?])?;
+        let Some((at_ms, _)) = self.update(|state| state.next_alarm_ms(now))? else {
+            return Ok(());
+        };
+        exec(
+            &self.sql(),
+            "UPDATE repo SET next_alarm_ms = ?",
+            vec![int(at_ms)?],
+        )?;
         let offset_ms = i64::try_from(at_ms.saturating_sub(now)).unwrap_or(i64::MAX);
         self.state.storage().set_alarm(offset_ms).await?;
         Ok(())
@@ -291,9 +344,16 @@ impl RepoObject {
     /// Ask the provider for a build when one is due (or `force`d by a person), unless one is running.
     async fn build(&self, force: bool) -> Result<(), AppError> {
         let now = now_ms();
-        let claimed = self.update(|state| (force || state.build_due(now)) && state.start_build(now))?;
-        let Some((true, state)) = claimed else { return Ok(()) };
-        let request = ImageRequest { repo: state.repo.clone(), git_ref: Some(state.base_branch.clone()), setup: None };
+        let claimed =
+            self.update(|state| (force || state.build_due(now)) && state.start_build(now))?;
+        let Some((true, state)) = claimed else {
+            return Ok(());
+        };
+        let request = ImageRequest {
+            repo: state.repo.clone(),
+            git_ref: Some(state.base_branch.clone()),
+            setup: None,
+        };
         let outcome = match Provider::from_env(&self.env) {
             Ok(provider) => provider.create_image(&request).await,
             Err(e) => Err(e),
@@ -302,12 +362,22 @@ impl RepoObject {
         self.update(|state| match &outcome {
             Ok(answer) => state.build_accepted(now, answer),
             Err(ProviderError::Unsupported { .. }) => state.build_unsupported(now),
-            Err(e) => state.build_failed(now, e.to_string().chars().take(MAX_ERROR_CHARS).collect()),
+            Err(e) => {
+                state.build_failed(now, e.to_string().chars().take(MAX_ERROR_CHARS).collect())
+            }
         })?;
         match outcome {
-            Ok(answer) => worker::console_log!("image build {} of {} accepted ({:?})", answer.id, state.repo, answer.status),
+            Ok(answer) => worker::console_log!(
+                "image build {} of {} accepted ({:?})",
+                answer.id,
+                state.repo,
+                answer.status
+            ),
             Err(ProviderError::Unsupported { .. }) => {
-                worker::console_log!("the provider does not build images yet; {} has none", state.repo);
+                worker::console_log!(
+                    "the provider does not build images yet; {} has none",
+                    state.repo
+                );
             }
             Err(e) => worker::console_error!("image build of {} failed: {e}", state.repo),
         }
@@ -320,21 +390,37 @@ impl RepoObject {
         let sql = self.sql();
         let now = now_ms();
         let found: Vec<WarmupRow> = rows(&sql, "SELECT caller, last_ms FROM warmups", vec![])?;
-        let mut ledger = WarmLedger { requests: found.into_iter().map(|r| (r.caller, r.last_ms)).collect() };
+        let mut ledger = WarmLedger {
+            requests: found.into_iter().map(|r| (r.caller, r.last_ms)).collect(),
+        };
         let decision = ledger.request(caller, now);
         let WarmDecision::Send { target } = decision else {
             let retry_after_ms = match decision {
                 WarmDecision::TooSoon { retry_after_ms } => Some(retry_after_ms),
                 WarmDecision::Send { .. } => None,
             };
-            return Ok(WarmResponse { repo: repo.to_owned(), requested: false, target: None, retry_after_ms });
+            return Ok(WarmResponse {
+                repo: repo.to_owned(),
+                requested: false,
+                target: None,
+                retry_after_ms,
+            });
         };
         exec(&sql, "DELETE FROM warmups", vec![])?;
         for (key, last_ms) in &ledger.requests {
-            exec(&sql, "INSERT INTO warmups (caller, last_ms) VALUES (?, ?)", vec![key.as_str().into(), int(*last_ms)?])?;
+            exec(
+                &sql,
+                "INSERT INTO warmups (caller, last_ms) VALUES (?, ?)",
+                vec![key.as_str().into(), int(*last_ms)?],
+            )?;
         }
         self.update(|state| {
-            state.warm = Some(WarmRecord { target, requested_ms: now, outcome: WarmOutcome::Pending, detail: None });
+            state.warm = Some(WarmRecord {
+                target,
+                requested_ms: now,
+                outcome: WarmOutcome::Pending,
+                detail: None,
+            });
         })?;
         let provider = Provider::from_env(&self.env);
         let repo_name = repo.to_owned();
@@ -346,7 +432,9 @@ impl RepoObject {
             let (result, detail) = match outcome {
                 Ok(()) => (WarmOutcome::Accepted, None),
                 Err(ProviderError::Unsupported { .. }) => {
-                    worker::console_log!("the provider has no warm pools yet; warm-up of {repo_name} skipped");
+                    worker::console_log!(
+                        "the provider has no warm pools yet; warm-up of {repo_name} skipped"
+                    );
                     (WarmOutcome::Unsupported, None)
                 }
                 Err(e) => {
@@ -363,14 +451,23 @@ impl RepoObject {
                 worker::console_error!("recording the warm-up of {repo_name} failed: {e}");
             }
         });
-        Ok(WarmResponse { repo: repo.to_owned(), requested: true, target: Some(target), retry_after_ms: None })
+        Ok(WarmResponse {
+            repo: repo.to_owned(),
+            requested: true,
+            target: Some(target),
+            retry_after_ms: None,
+        })
     }
 }
 
 impl RepoCall {
     /// A call that names only the repository.
     pub fn plain(repo: &str) -> Self {
-        RepoCall { repo: repo.to_owned(), caller: None, settings: None }
+        RepoCall {
+            repo: repo.to_owned(),
+            caller: None,
+            settings: None,
+        }
     }
 }
 
@@ -420,9 +517,15 @@ fn load(sql: &SqlStorage, default_cadence_ms: u64) -> Result<Option<RepoState>, 
          FROM repo",
         vec![],
     )?;
-    let Some(row) = found.into_iter().next() else { return Ok(None) };
+    let Some(row) = found.into_iter().next() else {
+        return Ok(None);
+    };
     let image = match (row.image_id, row.image_created_ms) {
-        (Some(id), Some(created_ms)) => Some(ImageRecord { id, commit: row.image_commit, created_ms }),
+        (Some(id), Some(created_ms)) => Some(ImageRecord {
+            id,
+            commit: row.image_commit,
+            created_ms,
+        }),
         _ => None,
     };
     let build = match (row.build_status, row.build_started_ms) {
@@ -500,9 +603,13 @@ fn save(sql: &SqlStorage, state: &RepoState) -> Result<(), StoreError> {
 
 /// An integer column value, `NULL` for `None` (and for a value beyond SQLite's safe range, which ms never are).
 fn int_or_null(value: Option<u64>) -> SqlStorageValue {
-    value.and_then(|v| int(v).ok()).unwrap_or(SqlStorageValue::Null)
+    value
+        .and_then(|v| int(v).ok())
+        .unwrap_or(SqlStorageValue::Null)
 }
 
 fn enum_value<T: serde::Serialize>(value: &T) -> SqlStorageValue {
-    enum_name(value).map(SqlStorageValue::String).unwrap_or(SqlStorageValue::Null)
+    enum_name(value)
+        .map(SqlStorageValue::String)
+        .unwrap_or(SqlStorageValue::Null)
 }

@@ -2,8 +2,8 @@
 //! the session's Durable Object with the caller's identity in a header only the Worker sets.
 
 use nightshift_protocol::http::{
-    CreateSessionRequest, CreateSessionResponse, DevLoginRequest, InviteResponse, JoinResponse, MeResponse,
-    RepoSettingsRequest, RepoSummary, ReposResponse, TokenResponse, WarmRequest,
+    CreateSessionRequest, CreateSessionResponse, DevLoginRequest, InviteResponse, JoinResponse,
+    MeResponse, RepoSettingsRequest, RepoSummary, ReposResponse, TokenResponse, WarmRequest,
 };
 use nightshift_protocol::{Author, ErrorCode};
 use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
@@ -43,30 +43,53 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             let body: DevLoginRequest = parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
             let user = auth::dev_author(body)?;
             let token = issue(env, &user, "cookie", COOKIE_TTL_MS)?;
-            let secure = if url.scheme() == "https" { "; Secure" } else { "" };
+            let secure = if url.scheme() == "https" {
+                "; Secure"
+            } else {
+                ""
+            };
             let cookie = format!(
                 "{COOKIE_NAME}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
                 COOKIE_TTL_MS / 1000
             );
-            let mut response = json_response(&MeResponse { user, dev_mode: true }, 200);
+            let mut response = json_response(
+                &MeResponse {
+                    user,
+                    dev_mode: true,
+                },
+                200,
+            );
             response.headers_mut().set("set-cookie", &cookie)?;
             Ok(response)
         }
         (Method::Post, ["auth", "logout"]) => {
             let mut response = json_response(&serde_json::json!({"ok": true}), 200);
-            response
-                .headers_mut()
-                .set("set-cookie", &format!("{COOKIE_NAME}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"))?;
+            response.headers_mut().set(
+                "set-cookie",
+                &format!("{COOKIE_NAME}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"),
+            )?;
             Ok(response)
         }
         (Method::Get, ["api", "me"]) => {
             let user = auth::user(&req, env, now_ms())?;
-            Ok(json_response(&MeResponse { user, dev_mode: config::dev_mode(env) }, 200))
+            Ok(json_response(
+                &MeResponse {
+                    user,
+                    dev_mode: config::dev_mode(env),
+                },
+                200,
+            ))
         }
         (Method::Post, ["api", "tokens"]) => {
             let user = auth::user(&req, env, now_ms())?;
             let token = issue(env, &user, "api", TOKEN_TTL_MS)?;
-            Ok(json_response(&TokenResponse { token, expires_ms: now_ms() + TOKEN_TTL_MS }, 201))
+            Ok(json_response(
+                &TokenResponse {
+                    token,
+                    expires_ms: now_ms() + TOKEN_TTL_MS,
+                },
+                201,
+            ))
         }
         (Method::Post, ["api", "sessions"]) => create_session(req, env, &url).await,
         (_, ["api", "sessions", id, rest @ ..]) => {
@@ -82,20 +105,36 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
                 (Method::Post, ["stop"]) => "/stop",
                 (Method::Get, ["ws"]) => "/ws",
                 (Method::Post, ["invites"]) => {
-                    let mut response = forward(env, &id, &req, "/invites", Some(&user), None).await?;
+                    let mut response =
+                        forward(env, &id, &req, "/invites", Some(&user), None).await?;
                     if response.status_code() != 201 {
                         return Ok(response);
                     }
                     let created: serde_json::Value = response.json().await?;
-                    let secret = created.get("secret").and_then(|s| s.as_str()).unwrap_or_default();
+                    let secret = created
+                        .get("secret")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or_default();
                     let share_url = format!("{}/join/{id}.{secret}", origin(env, &url));
                     return Ok(json_response(&InviteResponse { share_url }, 201));
                 }
                 _ => return Err(AppError::client(ErrorCode::NotFound, "no such route")),
             };
             let query = url.query().map(|q| format!("?{q}")).unwrap_or_default();
-            let body = if matches!(req.method(), Method::Post) { Some(req.text().await?) } else { None };
-            forward(env, &id, &req, &format!("{internal}{query}"), Some(&user), body).await
+            let body = if matches!(req.method(), Method::Post) {
+                Some(req.text().await?)
+            } else {
+                None
+            };
+            forward(
+                env,
+                &id,
+                &req,
+                &format!("{internal}{query}"),
+                Some(&user),
+                body,
+            )
+            .await
         }
         (Method::Get, ["api", "repos"]) => {
             auth::user(&req, env, now_ms())?;
@@ -113,15 +152,34 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             match (method, rest) {
                 (Method::Get, []) => repo_call(env, &repo, Method::Get, "/summary", None).await,
                 (Method::Patch, []) => {
-                    let settings: RepoSettingsRequest = parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
-                    if settings.base_branch.as_deref().is_some_and(|b| !valid_branch(b)) {
-                        return Err(AppError::client(ErrorCode::BadRequest, "base_branch is not a valid branch name"));
+                    let settings: RepoSettingsRequest =
+                        parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
+                    if settings
+                        .base_branch
+                        .as_deref()
+                        .is_some_and(|b| !valid_branch(b))
+                    {
+                        return Err(AppError::client(
+                            ErrorCode::BadRequest,
+                            "base_branch is not a valid branch name",
+                        ));
                     }
-                    let call = RepoCall { repo: repo.clone(), caller: None, settings: Some(settings) };
+                    let call = RepoCall {
+                        repo: repo.clone(),
+                        caller: None,
+                        settings: Some(settings),
+                    };
                     repo_call(env, &repo, Method::Post, "/settings", Some(&call)).await
                 }
                 (Method::Post, ["images"]) => {
-                    repo_call(env, &repo, Method::Post, "/build", Some(&RepoCall::plain(&repo))).await
+                    repo_call(
+                        env,
+                        &repo,
+                        Method::Post,
+                        "/build",
+                        Some(&RepoCall::plain(&repo)),
+                    )
+                    .await
                 }
                 (Method::Post, ["warm"]) => warm(env, &repo, &user).await,
                 _ => Err(AppError::client(ErrorCode::NotFound, "no such route")),
@@ -129,7 +187,9 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
         }
         (Method::Post, ["api", "join", token]) => {
             let user = auth::user(&req, env, now_ms())?;
-            let (id, secret) = token.split_once('.').ok_or_else(AppError::session_not_found)?;
+            let (id, secret) = token
+                .split_once('.')
+                .ok_or_else(AppError::session_not_found)?;
             if !is_session_id(id) {
                 return Err(AppError::session_not_found());
             }
@@ -139,7 +199,13 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
                 return Ok(response);
             }
             let url = format!("{}/s/{id}", origin(env, &url));
-            Ok(json_response(&JoinResponse { id: id.to_owned(), url }, 200))
+            Ok(json_response(
+                &JoinResponse {
+                    id: id.to_owned(),
+                    url,
+                },
+                200,
+            ))
         }
         (Method::Get, ["sandbox", id, "ws"]) => {
             // A separate trust boundary: only the sandbox token counts here, never a user credential.
@@ -161,7 +227,14 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
 fn issue(env: &Env, user: &Author, kind: &str, ttl_ms: u64) -> Result<String, AppError> {
     let secret = config::get(env, config::AUTH_SECRET)
         .ok_or_else(|| AppError::Internal("AUTH_SECRET is not configured".to_owned()))?;
-    auth::sign(&Claims { user: user.clone(), kind: kind.to_owned(), exp_ms: now_ms() + ttl_ms }, &secret)
+    auth::sign(
+        &Claims {
+            user: user.clone(),
+            kind: kind.to_owned(),
+            exp_ms: now_ms() + ttl_ms,
+        },
+        &secret,
+    )
 }
 
 fn origin(env: &Env, url: &Url) -> String {
@@ -176,7 +249,9 @@ fn valid_repo(repo: &str) -> bool {
         !part.is_empty()
             && part.len() <= 100
             && !part.starts_with('.')
-            && part.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
     };
     matches!(repo.split_once('/'), Some((owner, name)) if part_ok(owner) && part_ok(name) && !name.contains('/'))
 }
@@ -186,7 +261,10 @@ fn checked_repo(repo: &str) -> Result<String, AppError> {
     if valid_repo(repo) {
         Ok(repo.to_owned())
     } else {
-        Err(AppError::client(ErrorCode::BadRequest, "repo must be `owner/name` (letters, digits, `-`, `_`, `.`)"))
+        Err(AppError::client(
+            ErrorCode::BadRequest,
+            "repo must be `owner/name` (letters, digits, `-`, `_`, `.`)",
+        ))
     }
 }
 
@@ -195,27 +273,41 @@ fn valid_branch(branch: &str) -> bool {
         && branch.len() <= 200
         && !branch.starts_with(['-', '/', '.'])
         && !branch.contains("..")
-        && branch.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
+        && branch
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'/'))
 }
 
 async fn create_session(mut req: Request, env: &Env, url: &Url) -> Result<Response, AppError> {
     let user = auth::user(&req, env, now_ms())?;
     let body: CreateSessionRequest = parse_body(&req.text().await?, SMALL_BODY_BYTES)?;
     if !valid_repo(&body.repo) {
-        return Err(AppError::client(ErrorCode::BadRequest, "repo must be `owner/name`"));
+        return Err(AppError::client(
+            ErrorCode::BadRequest,
+            "repo must be `owner/name`",
+        ));
     }
     let base_branch = body.base_branch.unwrap_or_else(|| "main".to_owned());
     if !valid_branch(&base_branch) {
-        return Err(AppError::client(ErrorCode::BadRequest, "base_branch is not a valid branch name"));
+        return Err(AppError::client(
+            ErrorCode::BadRequest,
+            "base_branch is not a valid branch name",
+        ));
     }
     if let Some(parent) = &body.parent_session_id {
         if !is_session_id(parent) {
             return Err(AppError::session_not_found());
         }
     }
-    let title = body.title.filter(|t| !t.trim().is_empty()).unwrap_or_else(|| format!("Session on {}", body.repo));
+    let title = body
+        .title
+        .filter(|t| !t.trim().is_empty())
+        .unwrap_or_else(|| format!("Session on {}", body.repo));
     if title.chars().count() > 200 {
-        return Err(AppError::client(ErrorCode::BadRequest, "title is limited to 200 characters"));
+        return Err(AppError::client(
+            ErrorCode::BadRequest,
+            "title is limited to 200 characters",
+        ));
     }
     let model = body
         .model
@@ -234,11 +326,25 @@ async fn create_session(mut req: Request, env: &Env, url: &Url) -> Result<Respon
         parent_session_id: body.parent_session_id,
         connect_url,
     };
-    let response = forward(env, &id, &req, "/create", Some(&user), Some(serde_json::to_string(&internal)?)).await?;
+    let response = forward(
+        env,
+        &id,
+        &req,
+        "/create",
+        Some(&user),
+        Some(serde_json::to_string(&internal)?),
+    )
+    .await?;
     if response.status_code() != 201 {
         return Ok(response);
     }
-    Ok(json_response(&CreateSessionResponse { url: format!("{base}/s/{id}"), id }, 201))
+    Ok(json_response(
+        &CreateSessionResponse {
+            url: format!("{base}/s/{id}"),
+            id,
+        },
+        201,
+    ))
 }
 
 /// Send a request to session `id`'s object at `internal_path`, with the caller's identity when there is one.
@@ -252,7 +358,15 @@ async fn forward(
     body: Option<String>,
 ) -> Result<Response, AppError> {
     let headers = Headers::new();
-    for name in ["upgrade", "connection", "sec-websocket-key", "sec-websocket-version", "sec-websocket-protocol", "sec-websocket-extensions", "content-type"] {
+    for name in [
+        "upgrade",
+        "connection",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "content-type",
+    ] {
         if let Some(value) = original.headers().get(name)? {
             headers.set(name, &value)?;
         }
@@ -271,7 +385,10 @@ async fn forward(
         init.with_body(Some(body.into()));
     }
     let request = Request::new_with_init(&format!("https://session{internal_path}"), &init)?;
-    let stub = env.durable_object(config::SESSION_BINDING)?.id_from_name(id)?.get_stub()?;
+    let stub = env
+        .durable_object(config::SESSION_BINDING)?
+        .id_from_name(id)?
+        .get_stub()?;
     Ok(stub.fetch_with_request(request).await?)
 }
 
@@ -284,27 +401,41 @@ async fn repo_call(
     body: Option<&RepoCall>,
 ) -> Result<Response, AppError> {
     let request = repo_object::internal_request(method, internal_path, body)?;
-    Ok(repo_object::stub(env, repo)?.fetch_with_request(request).await?)
+    Ok(repo_object::stub(env, repo)?
+        .fetch_with_request(request)
+        .await?)
 }
 
 /// `POST /api/repos/warm` and `POST /api/repos/{owner}/{name}/warm`: one warm-up per person per interval.
 async fn warm(env: &Env, repo: &str, user: &Author) -> Result<Response, AppError> {
-    let call = RepoCall { repo: repo.to_owned(), caller: Some(format!("user:{}", user.login)), settings: None };
+    let call = RepoCall {
+        repo: repo.to_owned(),
+        caller: Some(format!("user:{}", user.login)),
+        settings: None,
+    };
     repo_call(env, repo, Method::Post, "/warm", Some(&call)).await
 }
 
 /// `GET /api/repos`: the registry's repositories, each asked for its summary (all at once).
 async fn list_repos(env: &Env) -> Result<Response, AppError> {
     let request = repo_object::internal_request(Method::Get, "/registry/list", None::<&()>)?;
-    let mut listed = repo_object::stub(env, config::REPO_REGISTRY)?.fetch_with_request(request).await?;
+    let mut listed = repo_object::stub(env, config::REPO_REGISTRY)?
+        .fetch_with_request(request)
+        .await?;
     if listed.status_code() != 200 {
-        return Err(AppError::Internal(format!("repository registry answered {}", listed.status_code())));
+        return Err(AppError::Internal(format!(
+            "repository registry answered {}",
+            listed.status_code()
+        )));
     }
     let names: Vec<String> = listed.json().await?;
     let summaries = futures_util::future::join_all(names.iter().map(|name| async move {
         let mut response = repo_call(env, name, Method::Get, "/summary", None).await?;
         if response.status_code() != 200 {
-            return Err(AppError::Internal(format!("summary of {name} answered {}", response.status_code())));
+            return Err(AppError::Internal(format!(
+                "summary of {name} answered {}",
+                response.status_code()
+            )));
         }
         Ok::<RepoSummary, AppError>(response.json().await?)
     }))

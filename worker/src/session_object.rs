@@ -17,13 +17,13 @@ use nightshift_session::presence::{online_logins, ClientIdentity};
 use nightshift_session::repo::warm_allowed;
 use nightshift_session::{Effects, Session, SessionError};
 use worker::{
-    durable_object, Date, DurableObject, Env, Method, Request, Response, State, WebSocket, WebSocketIncomingMessage,
-    WebSocketPair,
+    durable_object, Date, DurableObject, Env, Method, Request, Response, State, WebSocket,
+    WebSocketIncomingMessage, WebSocketPair,
 };
 
 use crate::error::{json_response, parse_body, AppError};
 use crate::provider::{Provider, ProviderError};
-use crate::repo_object::{self, RepoCall, Registered};
+use crate::repo_object::{self, Registered, RepoCall};
 use crate::secret::{constant_time_eq, random_hex, sha256_hex};
 use crate::sql_store::{migrate, SqlStore};
 
@@ -92,7 +92,10 @@ impl Fanout {
         let pending = std::mem::take(&mut self.pending);
         let frame = match pending.as_slice() {
             [] => return,
-            [one] => format!(r#"{{"type":"event",{}"#, one.strip_prefix('{').unwrap_or(one)),
+            [one] => format!(
+                r#"{{"type":"event",{}"#,
+                one.strip_prefix('{').unwrap_or(one)
+            ),
             many => format!(r#"{{"type":"events","events":[{}]}}"#, many.join(",")),
         };
         for ws in clients {
@@ -106,7 +109,11 @@ impl DurableObject for SessionObject {
         if let Err(e) = migrate(&state.storage().sql()) {
             worker::console_error!("session schema migration failed: {e}");
         }
-        SessionObject { state, env, fanout: Rc::new(RefCell::new(Fanout::default())) }
+        SessionObject {
+            state,
+            env,
+            fanout: Rc::new(RefCell::new(Fanout::default())),
+        }
     }
 
     async fn fetch(&self, req: Request) -> worker::Result<Response> {
@@ -116,20 +123,38 @@ impl DurableObject for SessionObject {
         })
     }
 
-    async fn websocket_message(&self, ws: WebSocket, message: WebSocketIncomingMessage) -> worker::Result<()> {
+    async fn websocket_message(
+        &self,
+        ws: WebSocket,
+        message: WebSocketIncomingMessage,
+    ) -> worker::Result<()> {
         let is_agent = self.state.get_tags(&ws).iter().any(|t| t == AGENT_TAG);
         let text = match message {
             WebSocketIncomingMessage::String(text) => text,
             WebSocketIncomingMessage::Binary(_) => {
-                self.refuse(&ws, is_agent, ErrorCode::BinaryFrame, "binary frames are not accepted; send JSON text");
+                self.refuse(
+                    &ws,
+                    is_agent,
+                    ErrorCode::BinaryFrame,
+                    "binary frames are not accepted; send JSON text",
+                );
                 return Ok(());
             }
         };
         if text.len() > MAX_FRAME_BYTES {
-            self.refuse(&ws, is_agent, ErrorCode::FrameTooLarge, &format!("frames are limited to {MAX_FRAME_BYTES} bytes"));
+            self.refuse(
+                &ws,
+                is_agent,
+                ErrorCode::FrameTooLarge,
+                &format!("frames are limited to {MAX_FRAME_BYTES} bytes"),
+            );
             return Ok(());
         }
-        let result = if is_agent { self.on_agent_frame(&ws, &text) } else { self.on_client_frame(&ws, &text) };
+        let result = if is_agent {
+            self.on_agent_frame(&ws, &text)
+        } else {
+            self.on_client_frame(&ws, &text)
+        };
         if let Err(e) = result {
             let (code, message) = match e {
                 AppError::Client { code, message } => (code, message),
@@ -143,7 +168,13 @@ impl DurableObject for SessionObject {
         Ok(())
     }
 
-    async fn websocket_close(&self, ws: WebSocket, _code: usize, _reason: String, _was_clean: bool) -> worker::Result<()> {
+    async fn websocket_close(
+        &self,
+        ws: WebSocket,
+        _code: usize,
+        _reason: String,
+        _was_clean: bool,
+    ) -> worker::Result<()> {
         self.on_socket_gone(&ws);
         Ok(())
     }
@@ -164,7 +195,10 @@ fn now_ms() -> u64 {
 }
 
 fn caller(req: &Request) -> Result<Author, AppError> {
-    let header = req.headers().get(USER_HEADER)?.ok_or_else(AppError::unauthorized)?;
+    let header = req
+        .headers()
+        .get(USER_HEADER)?
+        .ok_or_else(AppError::unauthorized)?;
     serde_json::from_str(&header).map_err(|_| AppError::unauthorized())
 }
 
@@ -186,9 +220,21 @@ impl SessionObject {
 
     fn refuse(&self, ws: &WebSocket, is_agent: bool, code: ErrorCode, message: &str) {
         if is_agent {
-            send(ws, &ServerToAgent::Error { code, message: message.to_owned() });
+            send(
+                ws,
+                &ServerToAgent::Error {
+                    code,
+                    message: message.to_owned(),
+                },
+            );
         } else {
-            send(ws, &ServerMessage::Error { code, message: message.to_owned() });
+            send(
+                ws,
+                &ServerMessage::Error {
+                    code,
+                    message: message.to_owned(),
+                },
+            );
         }
     }
 
@@ -198,7 +244,10 @@ impl SessionObject {
             .get_websockets_with_tag(CLIENT_TAG)
             .into_iter()
             .filter_map(|ws| {
-                let identity = ws.deserialize_attachment::<ClientIdentity>().ok().flatten()?;
+                let identity = ws
+                    .deserialize_attachment::<ClientIdentity>()
+                    .ok()
+                    .flatten()?;
                 Some((ws, identity))
             })
             .collect()
@@ -214,8 +263,12 @@ impl SessionObject {
 
     /// Recompute the greeted sockets from the attachments (after one said hello or left).
     fn refresh_greeted(&self) -> Vec<WebSocket> {
-        let fresh: Vec<WebSocket> =
-            self.clients().into_iter().filter(|(_, identity)| identity.greeted).map(|(ws, _)| ws).collect();
+        let fresh: Vec<WebSocket> = self
+            .clients()
+            .into_iter()
+            .filter(|(_, identity)| identity.greeted)
+            .map(|(ws, _)| ws)
+            .collect();
         self.fanout.borrow_mut().greeted = Some(fresh.clone());
         fresh
     }
@@ -245,7 +298,12 @@ impl SessionObject {
             let window_ms = window_ms.min(FANOUT_WINDOW_MAX_MS);
             let wait_ms = {
                 let mut fanout = self.fanout.borrow_mut();
-                fanout.pending.extend(effects.events.iter().filter_map(|e| serde_json::to_string(e).ok()));
+                fanout.pending.extend(
+                    effects
+                        .events
+                        .iter()
+                        .filter_map(|e| serde_json::to_string(e).ok()),
+                );
                 if fanout.scheduled {
                     None
                 } else if window_ms == 0 {
@@ -289,10 +347,16 @@ impl SessionObject {
         Ok(())
     }
 
-    fn require_member(&self, store: &mut SqlStore, user: &Author) -> Result<nightshift_session::Member, AppError> {
+    fn require_member(
+        &self,
+        store: &mut SqlStore,
+        user: &Author,
+    ) -> Result<nightshift_session::Member, AppError> {
         let session = Session::new(store, now_ms());
         session.info()?;
-        session.member(&user.login)?.ok_or_else(AppError::session_not_found)
+        session
+            .member(&user.login)?
+            .ok_or_else(AppError::session_not_found)
     }
 
     async fn serve(&self, mut req: Request) -> Result<Response, AppError> {
@@ -316,21 +380,30 @@ impl SessionObject {
                 let member = self.require_member(&mut store, &user)?;
                 match (method, path.as_str()) {
                     (Method::Get, "/state") => {
-                        let state = Session::new(&mut store, now_ms()).state(&self.online(), self.agent_online())?;
+                        let state = Session::new(&mut store, now_ms())
+                            .state(&self.online(), self.agent_online())?;
                         Ok(json_response(&state, 200))
                     }
                     (Method::Get, "/events") => self.events_page(&mut store, &url),
                     (Method::Post, "/prompts") => {
-                        let body: PromptRequest = parse_body(&req.text().await?, 2 * MAX_FRAME_BYTES)?;
-                        let (submitted, effects) = Session::new(&mut store, now_ms()).submit_prompt(
-                            &user,
-                            &body.text,
-                            &body.idempotency_key,
-                            self.agent_online(),
-                        )?;
+                        let body: PromptRequest =
+                            parse_body(&req.text().await?, 2 * MAX_FRAME_BYTES)?;
+                        let (submitted, effects) = Session::new(&mut store, now_ms())
+                            .submit_prompt(
+                                &user,
+                                &body.text,
+                                &body.idempotency_key,
+                                self.agent_online(),
+                            )?;
                         self.deliver(effects);
                         let status = if submitted.duplicate { 200 } else { 202 };
-                        Ok(json_response(&PromptResponse { prompt_id: submitted.prompt_id, position: submitted.position }, status))
+                        Ok(json_response(
+                            &PromptResponse {
+                                prompt_id: submitted.prompt_id,
+                                position: submitted.position,
+                            },
+                            status,
+                        ))
                     }
                     (Method::Post, "/stop") => {
                         let body: StopRequest = parse_body(&req.text().await?, 4096)?;
@@ -340,7 +413,8 @@ impl SessionObject {
                     }
                     (Method::Post, "/invites") => {
                         let secret = random_hex(16)?;
-                        Session::new(&mut store, now_ms()).add_invite(&sha256_hex(&secret), &user.login)?;
+                        Session::new(&mut store, now_ms())
+                            .add_invite(&sha256_hex(&secret), &user.login)?;
                         Ok(json_response(&serde_json::json!({ "secret": secret }), 201))
                     }
                     (Method::Get, "/ws") => self.accept_client(user, member.role),
@@ -355,11 +429,17 @@ impl SessionObject {
         let mut limit = 200u32;
         for (key, value) in url.query_pairs() {
             let parsed = value.parse::<u64>().map_err(|_| {
-                AppError::client(ErrorCode::BadRequest, format!("`{key}` must be a non-negative integer"))
+                AppError::client(
+                    ErrorCode::BadRequest,
+                    format!("`{key}` must be a non-negative integer"),
+                )
             });
             match key.as_ref() {
                 "after" => after = parsed?,
-                "limit" => limit = u32::try_from(parsed?.clamp(1, u64::from(EVENTS_PAGE_MAX))).unwrap_or(EVENTS_PAGE_MAX),
+                "limit" => {
+                    limit = u32::try_from(parsed?.clamp(1, u64::from(EVENTS_PAGE_MAX)))
+                        .unwrap_or(EVENTS_PAGE_MAX)
+                }
                 _ => {}
             }
         }
@@ -367,10 +447,21 @@ impl SessionObject {
         let events = session.replay(after, limit)?;
         let last_seq = session.last_seq()?;
         let has_more = events.last().is_some_and(|e| e.seq < last_seq);
-        Ok(json_response(&EventsPage { events, last_seq, has_more }, 200))
+        Ok(json_response(
+            &EventsPage {
+                events,
+                last_seq,
+                has_more,
+            },
+            200,
+        ))
     }
 
-    async fn create(&self, user: Author, body: CreateSessionInternal) -> Result<Response, AppError> {
+    async fn create(
+        &self,
+        user: Author,
+        body: CreateSessionInternal,
+    ) -> Result<Response, AppError> {
         let token = random_hex(32)?;
         let info = SessionInfo {
             id: body.id.clone(),
@@ -415,7 +506,10 @@ impl SessionObject {
     }
 
     /// Ask the provider for a sandbox. The error text never contains the tokens.
-    async fn request_sandbox(&self, request: &CreateSandboxRequest) -> Result<SandboxInfo, ProviderError> {
+    async fn request_sandbox(
+        &self,
+        request: &CreateSandboxRequest,
+    ) -> Result<SandboxInfo, ProviderError> {
         Provider::from_env(&self.env)?.create_sandbox(request).await
     }
 
@@ -424,10 +518,19 @@ impl SessionObject {
     /// a failure is logged and never fails the session.
     async fn register_repo(&self, repo: &str) -> Option<String> {
         let result = async {
-            let request = repo_object::internal_request(Method::Post, "/register", Some(&RepoCall::plain(repo)))?;
-            let mut response = repo_object::stub(&self.env, repo)?.fetch_with_request(request).await?;
+            let request = repo_object::internal_request(
+                Method::Post,
+                "/register",
+                Some(&RepoCall::plain(repo)),
+            )?;
+            let mut response = repo_object::stub(&self.env, repo)?
+                .fetch_with_request(request)
+                .await?;
             if response.status_code() != 200 {
-                return Err(AppError::Internal(format!("repository object answered {}", response.status_code())));
+                return Err(AppError::Internal(format!(
+                    "repository object answered {}",
+                    response.status_code()
+                )));
             }
             Ok::<Registered, AppError>(response.json().await?)
         }
@@ -444,7 +547,11 @@ impl SessionObject {
     /// Ask the repository's object for a warm-up, in the background: typing never waits for it and never
     /// sees its errors (they are logged). The object applies the per-session rate limit.
     fn warm_in_background(&self, repo: &str, session_id: &str) {
-        let call = RepoCall { repo: repo.to_owned(), caller: Some(format!("session:{session_id}")), settings: None };
+        let call = RepoCall {
+            repo: repo.to_owned(),
+            caller: Some(format!("session:{session_id}")),
+            settings: None,
+        };
         let prepared = repo_object::internal_request(Method::Post, "/warm", Some(&call))
             .and_then(|request| Ok((repo_object::stub(&self.env, repo)?, request)));
         let (stub, request) = match prepared {
@@ -458,7 +565,9 @@ impl SessionObject {
         worker::wasm_bindgen_futures::spawn_local(async move {
             match stub.fetch_with_request(request).await {
                 Ok(response) if response.status_code() == 202 => {}
-                Ok(response) => worker::console_error!("warm-up of {repo} answered {}", response.status_code()),
+                Ok(response) => {
+                    worker::console_error!("warm-up of {repo} answered {}", response.status_code())
+                }
                 Err(e) => worker::console_error!("warm-up of {repo} failed: {e}"),
             }
         });
@@ -476,11 +585,22 @@ impl SessionObject {
         Ok(json_response(&serde_json::json!({ "id": info.id }), 200))
     }
 
-    fn accept_client(&self, user: Author, role: nightshift_protocol::Role) -> Result<Response, AppError> {
+    fn accept_client(
+        &self,
+        user: Author,
+        role: nightshift_protocol::Role,
+    ) -> Result<Response, AppError> {
         let pair = WebSocketPair::new()?;
         let login_tag = format!("user:{}", user.login);
-        self.state.accept_websocket_with_tags(&pair.server, &[CLIENT_TAG, login_tag.as_str()]);
-        pair.server.serialize_attachment(ClientIdentity { author: user, role, greeted: false, client: None, warm_requested_ms: None })?;
+        self.state
+            .accept_websocket_with_tags(&pair.server, &[CLIENT_TAG, login_tag.as_str()]);
+        pair.server.serialize_attachment(ClientIdentity {
+            author: user,
+            role,
+            greeted: false,
+            client: None,
+            warm_requested_ms: None,
+        })?;
         Ok(Response::from_websocket(pair.client)?)
     }
 
@@ -500,17 +620,24 @@ impl SessionObject {
             let _ = old.close(Some(4000), Some("replaced by a newer agent connection"));
         }
         let pair = WebSocketPair::new()?;
-        self.state.accept_websocket_with_tags(&pair.server, &[AGENT_TAG]);
+        self.state
+            .accept_websocket_with_tags(&pair.server, &[AGENT_TAG]);
         Ok(Response::from_websocket(pair.client)?)
     }
 
     fn on_client_frame(&self, ws: &WebSocket, text: &str) -> Result<(), AppError> {
-        let message = decode_client_message(text).map_err(|e| AppError::client(e.code, e.message))?;
-        let mut identity: ClientIdentity =
-            ws.deserialize_attachment()?.ok_or_else(|| AppError::Internal("client socket without identity".to_owned()))?;
+        let message =
+            decode_client_message(text).map_err(|e| AppError::client(e.code, e.message))?;
+        let mut identity: ClientIdentity = ws
+            .deserialize_attachment()?
+            .ok_or_else(|| AppError::Internal("client socket without identity".to_owned()))?;
         let mut store = self.store();
         match message {
-            ClientMessage::Hello { protocol_version, last_seq, client } => {
+            ClientMessage::Hello {
+                protocol_version,
+                last_seq,
+                client,
+            } => {
                 if protocol_version != PROTOCOL_VERSION {
                     return Err(AppError::client(
                         ErrorCode::UnsupportedVersion,
@@ -552,10 +679,15 @@ impl SessionObject {
                 }
                 self.broadcast_presence()
             }
-            _ if !identity.greeted => {
-                Err(AppError::client(ErrorCode::HelloRequired, "send `hello` before anything else"))
-            }
-            ClientMessage::Prompt { text, idempotency_key, .. } => {
+            _ if !identity.greeted => Err(AppError::client(
+                ErrorCode::HelloRequired,
+                "send `hello` before anything else",
+            )),
+            ClientMessage::Prompt {
+                text,
+                idempotency_key,
+                ..
+            } => {
                 let (submitted, effects) = Session::new(&mut store, now_ms()).submit_prompt(
                     &identity.author,
                     &text,
@@ -574,7 +706,8 @@ impl SessionObject {
                 Ok(())
             }
             ClientMessage::CancelPrompt { prompt_id } => {
-                let effects = Session::new(&mut store, now_ms()).cancel_prompt(&identity.author, &prompt_id)?;
+                let effects = Session::new(&mut store, now_ms())
+                    .cancel_prompt(&identity.author, &prompt_id)?;
                 self.deliver(effects);
                 Ok(())
             }
@@ -604,10 +737,13 @@ impl SessionObject {
     }
 
     fn on_agent_frame(&self, _ws: &WebSocket, text: &str) -> Result<(), AppError> {
-        let message = decode_agent_message(text).map_err(|e| AppError::client(e.code, e.message))?;
+        let message =
+            decode_agent_message(text).map_err(|e| AppError::client(e.code, e.message))?;
         let mut store = self.store();
         let effects = match message {
-            AgentMessage::Hello { protocol_version, .. } => {
+            AgentMessage::Hello {
+                protocol_version, ..
+            } => {
                 if protocol_version != PROTOCOL_VERSION {
                     return Err(AppError::client(
                         ErrorCode::UnsupportedVersion,
@@ -616,9 +752,10 @@ impl SessionObject {
                 }
                 Session::new(&mut store, now_ms()).agent_connected()?
             }
-            AgentMessage::Event { producer_seq, event } => {
-                Session::new(&mut store, now_ms()).apply_agent_event(producer_seq, event)?
-            }
+            AgentMessage::Event {
+                producer_seq,
+                event,
+            } => Session::new(&mut store, now_ms()).apply_agent_event(producer_seq, event)?,
             AgentMessage::Heartbeat {} => Effects::default(),
         };
         self.deliver(effects);

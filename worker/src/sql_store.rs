@@ -1,7 +1,9 @@
 //! [`Store`] over the session object's embedded SQLite, with the schema created and migrated in code.
 
 use nightshift_protocol::http::UsageTotals;
-use nightshift_protocol::{Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo};
+use nightshift_protocol::{
+    Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
+};
 use nightshift_session::{Member, PromptRecord, SandboxRecord, Store, StoreError};
 use serde::de::DeserializeOwned;
 use worker::{SqlStorage, SqlStorageValue};
@@ -68,15 +70,26 @@ pub fn migrate(sql: &SqlStorage) -> Result<(), StoreError> {
 
 /// Apply the `migrations` (one entry per version, in order) not applied yet to this object's SQLite.
 pub(crate) fn migrate_with(sql: &SqlStorage, migrations: &[&str]) -> Result<(), StoreError> {
-    exec(sql, "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)", vec![])?;
-    let applied: Vec<VersionRow> =
-        rows(sql, "SELECT COALESCE(MAX(version), 0) AS version FROM schema_migrations", vec![])?;
+    exec(
+        sql,
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY)",
+        vec![],
+    )?;
+    let applied: Vec<VersionRow> = rows(
+        sql,
+        "SELECT COALESCE(MAX(version), 0) AS version FROM schema_migrations",
+        vec![],
+    )?;
     let current = applied.first().map_or(0, |r| r.version);
     for (index, migration) in migrations.iter().enumerate() {
         let version = index as i64 + 1;
         if version > current {
             exec(sql, migration, vec![])?;
-            exec(sql, "INSERT INTO schema_migrations (version) VALUES (?)", vec![version.into()])?;
+            exec(
+                sql,
+                "INSERT INTO schema_migrations (version) VALUES (?)",
+                vec![version.into()],
+            )?;
         }
     }
     Ok(())
@@ -87,8 +100,14 @@ struct VersionRow {
     version: i64,
 }
 
-pub(crate) fn exec(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>) -> Result<(), StoreError> {
-    let cursor = sql.exec(query, bindings).map_err(|e| StoreError(format!("{e}")))?;
+pub(crate) fn exec(
+    sql: &SqlStorage,
+    query: &str,
+    bindings: Vec<SqlStorageValue>,
+) -> Result<(), StoreError> {
+    let cursor = sql
+        .exec(query, bindings)
+        .map_err(|e| StoreError(format!("{e}")))?;
     // Drain the cursor so the statement runs to completion.
     for row in cursor {
         row.map_err(|e| StoreError(format!("{e}")))?;
@@ -96,7 +115,11 @@ pub(crate) fn exec(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>
     Ok(())
 }
 
-pub(crate) fn rows<T: DeserializeOwned>(sql: &SqlStorage, query: &str, bindings: Vec<SqlStorageValue>) -> Result<Vec<T>, StoreError> {
+pub(crate) fn rows<T: DeserializeOwned>(
+    sql: &SqlStorage,
+    query: &str,
+    bindings: Vec<SqlStorageValue>,
+) -> Result<Vec<T>, StoreError> {
     sql.exec(query, bindings)
         .and_then(|cursor| cursor.to_array::<T>())
         .map_err(|e| StoreError(format!("{e}")))
@@ -109,7 +132,9 @@ pub(crate) fn int(value: u64) -> Result<SqlStorageValue, StoreError> {
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<SqlStorageValue, StoreError> {
-    serde_json::to_string(value).map(SqlStorageValue::String).map_err(|e| StoreError(format!("json: {e}")))
+    serde_json::to_string(value)
+        .map(SqlStorageValue::String)
+        .map_err(|e| StoreError(format!("json: {e}")))
 }
 
 fn from_json<T: DeserializeOwned>(text: &str) -> Result<T, StoreError> {
@@ -187,7 +212,8 @@ impl PromptRow {
     }
 }
 
-const PROMPT_COLUMNS: &str = "prompt_id, author, text, idempotency_key, status, created_ms, updated_ms";
+const PROMPT_COLUMNS: &str =
+    "prompt_id, author, text, idempotency_key, status, created_ms, updated_ms";
 
 #[derive(serde::Deserialize)]
 struct MemberRow {
@@ -235,7 +261,10 @@ impl Store for SqlStore {
              VALUES ((SELECT COALESCE(MAX(seq), 0) + 1 FROM events), ?, ?, ?) RETURNING seq",
             vec![int(ts_ms)?, event.kind().into(), json(event)?],
         )?;
-        inserted.first().map(|r| r.seq).ok_or_else(|| StoreError("insert returned no seq".to_owned()))
+        inserted
+            .first()
+            .map(|r| r.seq)
+            .ok_or_else(|| StoreError("insert returned no seq".to_owned()))
     }
 
     fn events_after(&self, after_seq: u64, limit: u32) -> Result<Vec<EventEnvelope>, StoreError> {
@@ -246,12 +275,22 @@ impl Store for SqlStore {
         )?;
         found
             .into_iter()
-            .map(|r| Ok(EventEnvelope { seq: r.seq, ts_ms: r.ts_ms, event: from_json(&r.body)? }))
+            .map(|r| {
+                Ok(EventEnvelope {
+                    seq: r.seq,
+                    ts_ms: r.ts_ms,
+                    event: from_json(&r.body)?,
+                })
+            })
             .collect()
     }
 
     fn last_seq(&self) -> Result<u64, StoreError> {
-        let found: Vec<SeqRow> = rows(&self.sql, "SELECT COALESCE(MAX(seq), 0) AS seq FROM events", vec![])?;
+        let found: Vec<SeqRow> = rows(
+            &self.sql,
+            "SELECT COALESCE(MAX(seq), 0) AS seq FROM events",
+            vec![],
+        )?;
         Ok(found.first().map_or(0, |r| r.seq))
     }
 
@@ -284,19 +323,36 @@ impl Store for SqlStore {
             &format!("SELECT {PROMPT_COLUMNS} FROM prompts WHERE prompt_id = ?"),
             vec![prompt_id.into()],
         )?;
-        found.into_iter().next().map(PromptRow::into_record).transpose()
+        found
+            .into_iter()
+            .next()
+            .map(PromptRow::into_record)
+            .transpose()
     }
 
-    fn prompt_by_key(&self, login: &str, idempotency_key: &str) -> Result<Option<PromptRecord>, StoreError> {
+    fn prompt_by_key(
+        &self,
+        login: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<PromptRecord>, StoreError> {
         let found: Vec<PromptRow> = rows(
             &self.sql,
             &format!("SELECT {PROMPT_COLUMNS} FROM prompts WHERE author_login = ? AND idempotency_key = ?"),
             vec![login.into(), idempotency_key.into()],
         )?;
-        found.into_iter().next().map(PromptRow::into_record).transpose()
+        found
+            .into_iter()
+            .next()
+            .map(PromptRow::into_record)
+            .transpose()
     }
 
-    fn set_prompt_status(&mut self, prompt_id: &str, status: PromptStatus, ts_ms: u64) -> Result<(), StoreError> {
+    fn set_prompt_status(
+        &mut self,
+        prompt_id: &str,
+        status: PromptStatus,
+        ts_ms: u64,
+    ) -> Result<(), StoreError> {
         exec(
             &self.sql,
             "UPDATE prompts SET status = ?, updated_ms = ? WHERE prompt_id = ?",
@@ -325,7 +381,11 @@ impl Store for SqlStore {
             .into_iter()
             .map(|r| {
                 Ok(Member {
-                    author: Author { login: r.login, name: r.name, email: r.email },
+                    author: Author {
+                        login: r.login,
+                        name: r.name,
+                        email: r.email,
+                    },
                     role: enum_from::<Role>(&r.role)?,
                     joined_ms: r.joined_ms,
                 })
@@ -389,16 +449,27 @@ impl Store for SqlStore {
     }
 
     fn set_last_producer_seq(&mut self, producer_seq: u64) -> Result<(), StoreError> {
-        exec(&self.sql, "UPDATE sandbox SET last_producer_seq = ? WHERE singleton = 1", vec![int(producer_seq)?])
+        exec(
+            &self.sql,
+            "UPDATE sandbox SET last_producer_seq = ? WHERE singleton = 1",
+            vec![int(producer_seq)?],
+        )
     }
 
     fn usage(&self) -> Result<UsageTotals, StoreError> {
-        let found: Vec<UsageRow> =
-            rows(&self.sql, "SELECT input_tokens, output_tokens, cost_usd FROM usage WHERE singleton = 1", vec![])?;
+        let found: Vec<UsageRow> = rows(
+            &self.sql,
+            "SELECT input_tokens, output_tokens, cost_usd FROM usage WHERE singleton = 1",
+            vec![],
+        )?;
         Ok(found
             .into_iter()
             .next()
-            .map(|r| UsageTotals { input_tokens: r.input_tokens, output_tokens: r.output_tokens, cost_usd: r.cost_usd })
+            .map(|r| UsageTotals {
+                input_tokens: r.input_tokens,
+                output_tokens: r.output_tokens,
+                cost_usd: r.cost_usd,
+            })
             .unwrap_or_default())
     }
 
@@ -414,7 +485,12 @@ impl Store for SqlStore {
         )
     }
 
-    fn insert_invite(&mut self, secret_hash: &str, created_by: &str, ts_ms: u64) -> Result<(), StoreError> {
+    fn insert_invite(
+        &mut self,
+        secret_hash: &str,
+        created_by: &str,
+        ts_ms: u64,
+    ) -> Result<(), StoreError> {
         exec(
             &self.sql,
             "INSERT INTO invites (secret_hash, created_by, created_ms) VALUES (?, ?, ?)",
@@ -423,8 +499,11 @@ impl Store for SqlStore {
     }
 
     fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError> {
-        let found: Vec<CountRow> =
-            rows(&self.sql, "SELECT COUNT(*) AS n FROM invites WHERE secret_hash = ?", vec![secret_hash.into()])?;
+        let found: Vec<CountRow> = rows(
+            &self.sql,
+            "SELECT COUNT(*) AS n FROM invites WHERE secret_hash = ?",
+            vec![secret_hash.into()],
+        )?;
         Ok(found.first().is_some_and(|r| r.n > 0))
     }
 }

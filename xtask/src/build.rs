@@ -161,18 +161,39 @@ pub fn lint(workspace: &Workspace) -> anyhow::Result<()> {
         (
             "clippy: worker (wasm32)",
             "clippy-worker",
-            &["clippy", "--package", "nightshift-worker", "--target", "wasm32-unknown-unknown", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--package",
+                "nightshift-worker",
+                "--target",
+                "wasm32-unknown-unknown",
+                "--",
+                "-D",
+                "warnings",
+            ],
         ),
         (
             "clippy: native crates and tests",
             "clippy-native",
-            &["clippy", "--workspace", "--exclude", "nightshift-worker", "--all-targets", "--", "-D", "warnings"],
+            &[
+                "clippy",
+                "--workspace",
+                "--exclude",
+                "nightshift-worker",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
         ),
     ];
     for (what, log, args) in runs {
         step::run("test", what, |_| {
-            step::run_logged(workspace.cargo().args(args), &step::log_path(&workspace.log_dir(), log))
-                .with_context(|| format!("{what} found problems"))?;
+            step::run_logged(
+                workspace.cargo().args(args),
+                &step::log_path(&workspace.log_dir(), log),
+            )
+            .with_context(|| format!("{what} found problems"))?;
             Ok(Outcome::Done)
         })?;
     }

@@ -62,7 +62,10 @@ fn test(workspace: &Workspace, extra: &[String]) -> anyhow::Result<()> {
     build::agent(workspace, "test", build::Profile::Debug)?;
     step::stream(
         "test",
-        &format!("cargo test --workspace --exclude nightshift-worker {}", extra.join(" ")),
+        &format!(
+            "cargo test --workspace --exclude nightshift-worker {}",
+            extra.join(" ")
+        ),
         workspace
             .cargo()
             .args(["test", "--workspace", "--exclude", "nightshift-worker"])

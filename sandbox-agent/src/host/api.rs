@@ -18,7 +18,7 @@ use nightshift_protocol::ErrorCode;
 use sha2::{Digest, Sha256};
 
 use super::image::ImageError;
-use super::snapshot::{SnapshotError, SnapshotMeta};
+use super::snapshot::SnapshotError;
 use super::{sandbox, AppState, HostError};
 use crate::seed::{RepoName, SeedError};
 
@@ -115,6 +115,7 @@ impl From<HostError> for ApiError {
             | HostError::Spawn { .. }
             | HostError::Io { .. }
             | HostError::Serve { .. }
+            | HostError::Task { .. }
             | HostError::Mount { .. }
             | HostError::InvalidMountPath { .. }
             | HostError::Cgroup { .. }
@@ -255,30 +256,7 @@ async fn snapshot_sandbox(
     } else {
         serde_json::from_slice(&body).map_err(ApiError::from_json)?
     };
-    let (info, overlay) = state.inner.sandboxes.overlay(&id)?;
-    let overlay = overlay.ok_or(HostError::NotAnOverlay {
-        id: info.id.clone(),
-    })?;
-    // The sandbox's HOME, which holds the agent's state directory (beside the workspace), must
-    // never be archived.
-    let home = state.inner.sandboxes_root.join(&info.id);
-    let meta = SnapshotMeta {
-        image_id: overlay.image_id,
-        repo: info.repo.clone(),
-        session_id: info.session_id.clone(),
-        reason: request.reason,
-        private_paths: vec![home],
-    };
-    let worker = state.clone();
-    let snapshot =
-        tokio::task::spawn_blocking(move || worker.inner.snapshots.snapshot(&overlay.upper, meta))
-            .await
-            .map_err(|err| {
-                tracing::error!(error = %err, "snapshot task failed");
-                ApiError::new(ErrorCode::Internal, "internal error")
-            })?
-            .map_err(HostError::from)?;
-    tracing::info!(sandbox_id = %info.id, snapshot_id = %snapshot.id, size_bytes = snapshot.size_bytes, "snapshot taken");
+    let snapshot = sandbox::take_snapshot(&state, &id, &request.reason).await?;
     Ok((StatusCode::CREATED, Json(snapshot)))
 }
 

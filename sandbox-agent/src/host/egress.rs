@@ -8,6 +8,10 @@
 //!   `Connection: close` (one request per connection, so every request is checked), or with its upgrade
 //!   kept (`ws://`), and the answer streamed back.
 //!
+//! - one request to the proxy itself, in origin form: `POST /sandbox/snapshot?reason=…` asks the host
+//!   for a snapshot of this sandbox (the agent takes one after each prompt); answered `201` with the
+//!   snapshot's record as JSON. The sandbox holds no credential for it: the socket says who asks.
+//!
 //! Every target is checked against the sandbox's [`AllowList`] of `host:port` pairs, as the sandbox
 //! names them (names are resolved here, on the host; the sandbox has no DNS). A target not on the list
 //! gets `403` with a body that says why, a log line, and an entry in [`EgressProxy::refused`]. A head that
@@ -18,7 +22,9 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -195,6 +201,17 @@ impl AllowList {
     }
 }
 
+/// The path of the snapshot request a sandbox sends to its proxy.
+pub const SNAPSHOT_PATH: &str = "/sandbox/snapshot";
+
+/// Answers a sandbox's request to the host (see the module doc): given the request's `reason`, the
+/// JSON body of a `201`, or the status and text of a refusal.
+pub type Control = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = Result<String, (u16, String)>> + Send>>
+        + Send
+        + Sync,
+>;
+
 /// The refusals of one sandbox: the latest [`REFUSALS_KEPT`] and how many there were in all.
 #[derive(Debug, Default)]
 struct Refusals {
@@ -211,11 +228,13 @@ pub struct EgressProxy {
 
 impl EgressProxy {
     /// Listen on `socket_path` (a stale file there is replaced) for the sandbox `sandbox_id` (named in
-    /// logs), letting through only what `allow` lists. Needs a tokio runtime.
+    /// logs), letting through only what `allow` lists, and answering the sandbox's requests to the host
+    /// with `control` (without one they get `404`). Needs a tokio runtime.
     pub fn start(
         socket_path: &Path,
         allow: AllowList,
         sandbox_id: &str,
+        control: Option<Control>,
     ) -> Result<EgressProxy, EgressError> {
         let socket_error = |action| {
             let path = socket_path.to_owned();
@@ -236,6 +255,7 @@ impl EgressProxy {
             allow,
             refused: Arc::clone(&refused),
             sandbox_id: sandbox_id.to_owned(),
+            control,
         });
         tracing::debug!(sandbox_id, allow = ?shared.allow.targets(), "egress proxy listening");
         let accept_loop = tokio::spawn(accept_loop(listener, shared)).abort_handle();
@@ -279,6 +299,7 @@ struct Shared {
     allow: AllowList,
     refused: Arc<Mutex<Refusals>>,
     sandbox_id: String,
+    control: Option<Control>,
 }
 
 impl Shared {
@@ -380,6 +401,9 @@ async fn proxy(client: &mut UnixStream, shared: &Shared) -> Result<(), EgressErr
         }
     };
     let (head, early_body) = buffer.split_at(head_len);
+    if let Some(reason) = control_request(head)? {
+        return answer_control(client, shared, reason).await;
+    }
     let request = parse_request(head)?;
     let target = request.target.to_string();
     if !shared.allow.allows(&request.target) {
@@ -429,6 +453,82 @@ async fn proxy(client: &mut UnixStream, shared: &Shared) -> Result<(), EgressErr
     tracing::debug!(sandbox_id = %shared.sandbox_id, %target, tunnel = request.forward_head.is_none(), "egress connection open");
     // Resets and half-closed peers end the pipe; neither is the proxy's failure.
     let _ = tokio::io::copy_bidirectional(client, &mut upstream).await;
+    Ok(())
+}
+
+/// The `reason` of a request to the host itself (`POST /sandbox/snapshot?reason=…`, origin form),
+/// `None` for anything else (a proxy request, or garbage that [`parse_request`] refuses).
+fn control_request(head: &[u8]) -> Result<Option<String>, EgressError> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    if !matches!(request.parse(head), Ok(httparse::Status::Complete(_))) {
+        return Ok(None);
+    }
+    let (Some(method), Some(uri)) = (request.method, request.path) else {
+        return Ok(None);
+    };
+    let (path, query) = uri.split_once('?').unwrap_or((uri, ""));
+    if path != SNAPSHOT_PATH {
+        return Ok(None);
+    }
+    if method != "POST" {
+        return Err(EgressError::BadRequest {
+            reason: "a snapshot is asked for with POST",
+        });
+    }
+    let reason = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("reason="))
+        .unwrap_or("requested");
+    let valid = !reason.is_empty()
+        && reason.len() <= 40
+        && reason
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if !valid {
+        return Err(EgressError::BadRequest {
+            reason: "a snapshot reason is 1-40 of a-z, 0-9 and _",
+        });
+    }
+    Ok(Some(reason.to_owned()))
+}
+
+/// Answer a request to the host: run it through the control, write the answer, close.
+async fn answer_control(
+    client: &mut UnixStream,
+    shared: &Shared,
+    reason: String,
+) -> Result<(), EgressError> {
+    let (status, phrase, content_type, body) = match &shared.control {
+        None => (
+            404,
+            "Not Found",
+            "text/plain; charset=utf-8",
+            "this host takes no requests from sandboxes\n".to_owned(),
+        ),
+        Some(control) => match control(reason).await {
+            Ok(json) => (201, "Created", "application/json", json),
+            Err((status, text)) => (
+                status,
+                "Error",
+                "text/plain; charset=utf-8",
+                format!("{text}\n"),
+            ),
+        },
+    };
+    let head = format!(
+        "HTTP/1.1 {status} {phrase}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    client
+        .write_all(head.as_bytes())
+        .await
+        .map_err(|source| EgressError::Client { source })?;
+    client
+        .write_all(body.as_bytes())
+        .await
+        .map_err(|source| EgressError::Client { source })?;
+    let _ = client.shutdown().await;
     Ok(())
 }
 
@@ -723,7 +823,7 @@ mod tests {
         for url in allowed {
             allow.allow_url(url).unwrap();
         }
-        EgressProxy::start(&dir.join("egress.sock"), allow, "test-sandbox").unwrap()
+        EgressProxy::start(&dir.join("egress.sock"), allow, "test-sandbox", None).unwrap()
     }
 
     async fn connect(dir: &Path) -> UnixStream {

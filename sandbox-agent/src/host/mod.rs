@@ -304,6 +304,14 @@ pub enum HostError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A task of the host could not be set up or died before finishing (a panic in it).
+    #[error("{what} did not finish: {reason}")]
+    Task {
+        /// What the task was doing.
+        what: &'static str,
+        /// Why it did not finish.
+        reason: String,
+    },
     /// The HTTP server failed.
     #[error("http server failed: {source}")]
     Serve {
@@ -405,6 +413,8 @@ struct Shared {
     isolation: Option<Isolation>,
     /// The warm pools (used only with isolation).
     warm: warm::WarmPools,
+    /// For calls to sessions (a sandbox's end is reported to its session).
+    http: reqwest::Client,
 }
 
 /// Create the data directory if needed; its canonical path.
@@ -494,6 +504,13 @@ impl AppState {
         )?;
         // Before any build: the images snapshots name are pinned, so retirement never takes them.
         let snapshots = snapshot::Snapshots::open(&data_dir.join("snapshots"), images.clone())?;
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .map_err(|error| HostError::Task {
+                what: "creating the HTTP client",
+                reason: error.to_string(),
+            })?;
         Ok(AppState {
             inner: Arc::new(Shared {
                 base_url,
@@ -508,6 +525,7 @@ impl AppState {
                 config,
                 snapshots,
                 isolation,
+                http,
             }),
         })
     }

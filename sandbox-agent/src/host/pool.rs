@@ -239,12 +239,20 @@ mod tests {
         let mut pool: RepoPool<u32> = RepoPool::default();
         assert_eq!(pool.target(&CONFIG, 0), 0, "no demand, no pool");
         pool.claim(&CONFIG, 10);
-        assert_eq!(pool.target(&CONFIG, 10), 2, "one claim: keep one more ready than that");
+        assert_eq!(
+            pool.target(&CONFIG, 10),
+            2,
+            "one claim: keep one more ready than that"
+        );
         for at in 11..20 {
             pool.claim(&CONFIG, at);
         }
         assert_eq!(pool.target(&CONFIG, 20), 5, "capped at max");
-        assert_eq!(pool.target(&CONFIG, 2_000), 0, "demand fades after the window");
+        assert_eq!(
+            pool.target(&CONFIG, 2_000),
+            0,
+            "demand fades after the window"
+        );
         let floored = PoolConfig { min: 1, ..CONFIG };
         assert_eq!(pool.target(&floored, 2_000), 1);
     }
@@ -264,10 +272,18 @@ mod tests {
         let mut pool: RepoPool<u32> = RepoPool::default();
         pool.request(&CONFIG, 3, 0);
         assert_eq!(pool.plan_refill(&CONFIG, 0), 3);
-        assert_eq!(pool.plan_refill(&CONFIG, 0), 0, "three already being prepared");
+        assert_eq!(
+            pool.plan_refill(&CONFIG, 0),
+            0,
+            "three already being prepared"
+        );
         pool.prepared(Some(1));
         pool.prepared(None);
-        assert_eq!(pool.plan_refill(&CONFIG, 0), 1, "the failed one is prepared again");
+        assert_eq!(
+            pool.plan_refill(&CONFIG, 0),
+            1,
+            "the failed one is prepared again"
+        );
         let counts = pool.counts(&CONFIG, 0);
         assert_eq!((counts.ready, counts.preparing, counts.target), (1, 2, 3));
     }
@@ -282,7 +298,11 @@ mod tests {
         }
         assert_eq!(pool.retire(|image| *image == 2), vec![1, 1]);
         assert_eq!(pool.counts(&CONFIG, 0).ready, 2);
-        assert_eq!(pool.shrink(&CONFIG, 1_000), vec![2, 2], "the request expired");
+        assert_eq!(
+            pool.shrink(&CONFIG, 1_000),
+            vec![2, 2],
+            "the request expired"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -311,6 +331,10 @@ mod tests {
         }
         let warm: Vec<u32> = got.iter().flatten().copied().collect();
         assert_eq!(warm.len(), 5, "five warm, fifteen cold: {got:?}");
-        assert_eq!(warm.iter().collect::<HashSet<_>>().len(), 5, "no entry twice");
+        assert_eq!(
+            warm.iter().collect::<HashSet<_>>().len(),
+            5,
+            "no entry twice"
+        );
     }
 }

@@ -22,17 +22,19 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use nightshift_protocol::provider::{CreateSandboxRequest, SandboxInfo};
+use nightshift_protocol::provider::{
+    CreateSandboxRequest, SandboxEnded, SandboxInfo, SnapshotInfo,
+};
 use tokio::sync::watch;
 
 use super::cgroup::Cgroup;
-use super::egress::{AllowList, EgressProxy};
+use super::egress::{AllowList, Control, EgressProxy};
 use super::image::ImageLease;
 use super::isolation::{
     mount_overlay, Isolation, SandboxDirs, EGRESS_SOCKET_PATH, HOME_PATH, SANDBOX_PATH,
     WORKSPACE_PATH,
 };
-use super::snapshot::{is_snapshot_id, SnapshotError};
+use super::snapshot::{is_snapshot_id, SnapshotError, SnapshotMeta};
 use super::{io_error, AppState, HostConfig, HostError};
 use crate::env;
 use crate::run::provider::{ANTHROPIC_DEFAULT_BASE_URL, OPENAI_DEFAULT_BASE_URL};
@@ -49,8 +51,13 @@ pub(super) const ISOLATED: &str = "overlay+bwrap";
 /// `isolation` and `limits` of a plain one.
 pub(super) const NONE: &str = "none";
 
-/// Time between SIGTERM and SIGKILL when stopping an agent.
-const STOP_GRACE: Duration = Duration::from_secs(2);
+/// Time between SIGTERM and SIGKILL when stopping an agent: room for it to stop its prompt, commit
+/// and push the work in progress, and see its last events acknowledged.
+pub(super) const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How long reporting a sandbox's end to its session may take, per attempt.
+const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts at reporting a sandbox's end.
+const REPORT_ATTEMPTS: u32 = 3;
 /// The longest a clone may take.
 const CLONE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Default base branch.
@@ -160,6 +167,13 @@ impl Sandboxes {
         let entry = entries.get_mut(id).ok_or_else(|| not_found(id))?;
         entry.overlay = Some(overlay);
         Ok(())
+    }
+
+    /// Record `snapshot_id` as the newest snapshot of sandbox `id`.
+    fn set_last_snapshot(&self, id: &str, snapshot_id: &str) {
+        if let Some(entry) = self.lock().get_mut(id) {
+            entry.info.last_snapshot = Some(snapshot_id.to_owned());
+        }
     }
 
     /// A sandbox entry without a process (tests of the routes).
@@ -548,6 +562,7 @@ pub(super) async fn create(
         isolation: Some(isolation_name),
         limits: Some(limits),
         refused: Vec::new(),
+        last_snapshot: None,
     };
     let (done_tx, done_rx) = watch::channel(false);
     shared.sandboxes.lock().insert(
@@ -561,6 +576,7 @@ pub(super) async fn create(
         },
     );
 
+    let report = EndReport::to(&request);
     let waiter_state = state.clone();
     let waiter_id = id.clone();
     tokio::spawn(async move {
@@ -569,6 +585,21 @@ pub(super) async fn create(
             Err(err) => format!("could not wait for the agent: {err}"),
         };
         tracing::info!(sandbox_id = %waiter_id, exit = %exit, "agent ended");
+        // Extraction before teardown: the agent has pushed what it could (on SIGTERM it commits its
+        // work in progress); the delta is archived before the overlay goes.
+        let snapshot_id = match take_snapshot(&waiter_state, &waiter_id, "sandbox ended").await {
+            Ok(snapshot) => Some(snapshot.id),
+            Err(HostError::NotAnOverlay { .. }) => None,
+            Err(error) => {
+                tracing::error!(sandbox_id = %waiter_id, %error, "could not snapshot the ended sandbox");
+                waiter_state
+                    .inner
+                    .sandboxes
+                    .get(&waiter_id)
+                    .ok()
+                    .and_then(|info| info.last_snapshot)
+            }
+        };
         if let (Some(resources), Some(isolation)) = (&resources, waiter_state.isolation()) {
             let released = Instant::now();
             match resources.release(isolation).await {
@@ -592,6 +623,17 @@ pub(super) async fn create(
             .inner
             .sandboxes
             .finish(&waiter_id, &exit, &done_tx);
+        if let Ok(info) = waiter_state.inner.sandboxes.get(&waiter_id) {
+            let ended = SandboxEnded {
+                sandbox_id: info.id,
+                status: info.status,
+                detail: info.detail,
+                snapshot_id,
+            };
+            if let Some(report) = &report {
+                report.send(&waiter_state.inner.http, &ended).await;
+            }
+        }
     });
 
     let timeout_ms = match request.timeout_ms {
@@ -618,6 +660,131 @@ pub(super) async fn create(
         "sandbox started"
     );
     Ok(info)
+}
+
+/// Snapshot sandbox `id`: archive its overlay upper directory (its delta against its image) and
+/// record the snapshot as the sandbox's newest. `not_an_overlay` for a plain clone. Works while the
+/// agent runs and after it ended, until the sandbox is released.
+pub(super) async fn take_snapshot(
+    state: &AppState,
+    id: &str,
+    reason: &str,
+) -> Result<SnapshotInfo, HostError> {
+    let (info, overlay) = state.inner.sandboxes.overlay(id)?;
+    let overlay = overlay.ok_or(HostError::NotAnOverlay {
+        id: info.id.clone(),
+    })?;
+    // The sandbox's HOME, which holds the agent's state directory (beside the workspace), must
+    // never be archived.
+    let home = state.inner.sandboxes_root.join(&info.id);
+    let meta = SnapshotMeta {
+        image_id: overlay.image_id,
+        repo: info.repo.clone(),
+        session_id: info.session_id.clone(),
+        reason: seed::truncate(reason, 200),
+        private_paths: vec![home],
+    };
+    let worker = state.clone();
+    let started = Instant::now();
+    let snapshot =
+        tokio::task::spawn_blocking(move || worker.inner.snapshots.snapshot(&overlay.upper, meta))
+            .await
+            .map_err(|error| HostError::Task {
+                what: "the snapshot",
+                reason: error.to_string(),
+            })??;
+    state.inner.sandboxes.set_last_snapshot(id, &snapshot.id);
+    tracing::info!(
+        sandbox_id = %info.id,
+        snapshot_id = %snapshot.id,
+        size_bytes = snapshot.size_bytes,
+        reason,
+        snapshot_ms = started.elapsed().as_millis() as u64,
+        "snapshot taken"
+    );
+    Ok(snapshot)
+}
+
+/// What a sandbox's own request for a snapshot (through its egress socket) runs: [`take_snapshot`].
+fn snapshot_control(state: &AppState, id: &str) -> Control {
+    let (state, id) = (state.clone(), id.to_owned());
+    Arc::new(move |reason: String| {
+        let (state, id) = (state.clone(), id.clone());
+        Box::pin(async move {
+            match take_snapshot(&state, &id, &reason).await {
+                Ok(snapshot) => {
+                    serde_json::to_string(&snapshot).map_err(|error| (500, error.to_string()))
+                }
+                Err(error @ HostError::NotAnOverlay { .. }) => Err((409, error.to_string())),
+                Err(error) => {
+                    tracing::error!(sandbox_id = %id, %error, "a sandbox's snapshot failed");
+                    Err((
+                        500,
+                        "the snapshot failed; the host's log says why".to_owned(),
+                    ))
+                }
+            }
+        })
+    })
+}
+
+/// Where and how a sandbox's end is reported: `POST /sandbox/{session}/ended` beside the session's
+/// agent socket, with the sandbox's token (the only credential the host holds for the session).
+struct EndReport {
+    url: reqwest::Url,
+    token: String,
+}
+
+impl EndReport {
+    /// From the create request: `ws(s)://…/sandbox/{session}/ws` → `http(s)://…/sandbox/{session}/ended`.
+    /// `None` when the connect URL has another shape (nothing to report to).
+    fn to(request: &CreateSandboxRequest) -> Option<EndReport> {
+        let mut url = reqwest::Url::parse(&request.connect_url).ok()?;
+        let scheme = match url.scheme() {
+            "ws" | "http" => "http",
+            "wss" | "https" => "https",
+            _ => return None,
+        };
+        url.set_scheme(scheme).ok()?;
+        let path = url.path().strip_suffix("/ws")?.to_owned();
+        url.set_path(&format!("{path}/ended"));
+        url.set_query(None);
+        Some(EndReport {
+            url,
+            token: request.sandbox_token.clone(),
+        })
+    }
+
+    /// Tell the session; a few attempts, then a log line. The session may be gone or have moved on to
+    /// another sandbox (its answer is then `401`/`404`/`409`, and that is the end of it).
+    async fn send(&self, http: &reqwest::Client, ended: &SandboxEnded) {
+        for attempt in 1..=REPORT_ATTEMPTS {
+            let answer = http
+                .post(self.url.clone())
+                .bearer_auth(&self.token)
+                .json(ended)
+                .timeout(REPORT_TIMEOUT)
+                .send()
+                .await;
+            match answer {
+                Ok(response) if response.status().is_success() => {
+                    tracing::info!(sandbox_id = %ended.sandbox_id, snapshot_id = ?ended.snapshot_id, "end reported to the session");
+                    return;
+                }
+                Ok(response) if response.status().is_client_error() => {
+                    tracing::info!(sandbox_id = %ended.sandbox_id, status = response.status().as_u16(), "the session did not take the end report");
+                    return;
+                }
+                Ok(response) => {
+                    tracing::warn!(sandbox_id = %ended.sandbox_id, attempt, status = response.status().as_u16(), "reporting the end failed")
+                }
+                Err(error) => {
+                    tracing::warn!(sandbox_id = %ended.sandbox_id, attempt, error = %error.without_url(), "reporting the end failed")
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+        }
+    }
 }
 
 /// Stop the sandbox at its deadline (after the deadline hook), unless it ended before.
@@ -847,7 +1014,12 @@ async fn start_isolated_agent(
         resources.cgroup = isolation.create_cgroup(id)?;
         let vars = isolated_agent_env(config, &shared.base_url, id, request);
         let allow = allow_list(&vars, &shared.base_url)?;
-        let egress = Arc::new(EgressProxy::start(&dirs.egress_socket, allow, id)?);
+        let egress = Arc::new(EgressProxy::start(
+            &dirs.egress_socket,
+            allow,
+            id,
+            Some(snapshot_control(state, id)),
+        )?);
         resources.egress = Some(Arc::clone(&egress));
         isolation.hand_over(&dirs.egress_socket)?;
         let mut command = isolation
@@ -945,19 +1117,31 @@ pub(super) async fn stop(
     reason: &str,
 ) -> Result<SandboxInfo, HostError> {
     let sandboxes = &state.inner.sandboxes;
-    let (process_group, mut exited) = {
+    let (process_group, isolated, mut exited) = {
         let mut entries = sandboxes.lock();
         let entry = entries.get_mut(id).ok_or_else(|| not_found(id))?;
         match entry.process_group {
             Some(group) if entry.info.status == RUNNING => {
                 entry.info.status = STOPPED.to_owned();
                 entry.info.detail = reason.to_owned();
-                (group, entry.exited.clone())
+                let isolated = entry.info.isolation.as_deref() == Some(ISOLATED);
+                (group, isolated, entry.exited.clone())
             }
             _ => return Ok(entry.info.clone()),
         }
     };
-    signal_group(process_group, libc::SIGTERM);
+    // The agent extracts its work on SIGTERM. Isolated, the group's leader is bubblewrap, which
+    // passes no signal on and whose end takes the sandbox with it at once: the agent below it is
+    // told instead.
+    match isolated.then(|| agent_below(process_group)).flatten() {
+        Some(agent) => {
+            // SAFETY: `kill` only sends a signal, to the agent process this host started.
+            unsafe { libc::kill(agent, libc::SIGTERM) };
+        }
+        None => {
+            signal_group(process_group, libc::SIGTERM);
+        }
+    }
     if tokio::time::timeout(STOP_GRACE, exited.wait_for(|done| *done))
         .await
         .is_err()
@@ -989,6 +1173,33 @@ pub(super) async fn stop_all(state: &AppState) {
             .map(|id| stop(state, id, "host shutting down")),
     )
     .await;
+}
+
+/// The agent process below bubblewrap (`leader`): the first descendant running `sandbox-agent run`.
+fn agent_below(leader: libc::pid_t) -> Option<libc::pid_t> {
+    let is_agent = |pid: libc::pid_t| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let mut args = cmdline.split(|b| *b == 0);
+        let program = args.next().unwrap_or_default();
+        program.ends_with(b"sandbox-agent") && args.next() == Some(b"run".as_slice())
+    };
+    let mut level = vec![leader];
+    // bubblewrap, its init in the pid namespace, the agent: a few levels at most.
+    for _ in 0..4 {
+        let mut below = Vec::new();
+        for pid in level {
+            let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+                if is_agent(child) {
+                    return Some(child);
+                }
+                below.push(child);
+            }
+        }
+        level = below;
+    }
+    None
 }
 
 /// Send `signal` to every process of `group`. Returns whether any process received it.

@@ -758,7 +758,7 @@ async fn stubborn_agents_are_killed_and_timeouts_and_shutdown_stop_agents() {
         )
         .await;
     assert!(
-        started.elapsed() >= Duration::from_millis(1900),
+        started.elapsed() >= sandbox::STOP_GRACE - Duration::from_millis(100),
         "{:?}",
         started.elapsed()
     );
@@ -1033,6 +1033,7 @@ async fn snapshot_route_archives_an_overlay_sandbox_and_refuses_others() {
             isolation: None,
             limits: None,
             refused: Vec::new(),
+            last_snapshot: None,
         });
     let snapshot = |id: &str, body: Option<Value>| {
         let uri = format!("/v1/sandboxes/{id}/snapshot");
@@ -1168,10 +1169,18 @@ type AgentSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn accept_agent(listener: &tokio::net::TcpListener) -> AgentSocket {
     use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
-    let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
-        .await
-        .expect("the agent dials in within 30 s")
-        .unwrap();
+    let tcp = loop {
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+            .await
+            .expect("the agent dials in within 30 s")
+            .unwrap();
+        // The end report of an earlier sandbox of the test comes to the same fake Worker: answered.
+        if is_post(&tcp).await {
+            tokio::spawn(async move { read_end_report(tcp).await });
+            continue;
+        }
+        break tcp;
+    };
     #[allow(clippy::result_large_err)] // the callback's error type is tungstenite's
     let check = |request: &Request, response: Response| {
         let auth = request
@@ -1184,6 +1193,76 @@ async fn accept_agent(listener: &tokio::net::TcpListener) -> AgentSocket {
     tokio_tungstenite::accept_hdr_async(tcp, check)
         .await
         .unwrap()
+}
+
+/// Whether the connection's request is a `POST` (an end report), not a WebSocket handshake.
+async fn is_post(tcp: &tokio::net::TcpStream) -> bool {
+    let mut first = [0u8; 5];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let read = tcp.peek(&mut first).await.unwrap_or(0);
+        if read == first.len() || read == 0 || Instant::now() > deadline {
+            return &first[..read] == b"POST ";
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Read an end report (`POST /sandbox/{session}/ended`) off `tcp` and answer `204`: its path, its
+/// `authorization` header and its body.
+async fn read_end_report(
+    mut tcp: tokio::net::TcpStream,
+) -> (String, String, nightshift_protocol::provider::SandboxEnded) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buffer = Vec::new();
+    let (path, auth, body) = loop {
+        let mut chunk = [0u8; 4096];
+        let read = tcp.read(&mut chunk).await.unwrap();
+        assert!(
+            read > 0,
+            "the report ended early: {}",
+            String::from_utf8_lossy(&buffer)
+        );
+        buffer.extend_from_slice(&chunk[..read]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        let httparse::Status::Complete(head_len) = request.parse(&buffer).unwrap() else {
+            continue;
+        };
+        let header = |name: &str| {
+            request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).into_owned())
+                .unwrap_or_default()
+        };
+        let length: usize = header("content-length").parse().unwrap();
+        if buffer.len() < head_len + length {
+            continue;
+        }
+        assert_eq!(request.method, Some("POST"));
+        break (
+            request.path.unwrap().to_owned(),
+            header("authorization"),
+            serde_json::from_slice(&buffer[head_len..head_len + length]).unwrap(),
+        );
+    };
+    tcp.write_all(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    (path, auth, body)
+}
+
+/// The next end report at the fake Worker `listener` (connections before it must be reports too).
+async fn end_report(
+    listener: &tokio::net::TcpListener,
+) -> (String, String, nightshift_protocol::provider::SandboxEnded) {
+    let (tcp, _) = tokio::time::timeout(Duration::from_secs(30), listener.accept())
+        .await
+        .expect("the end report comes within 30 s")
+        .unwrap();
+    read_end_report(tcp).await
 }
 
 /// The next message from the agent (heartbeats skipped).
@@ -1412,6 +1491,7 @@ async fn isolated_sandbox_end_to_end() {
     let second_id = second["id"].as_str().unwrap().to_owned();
     let mut second_socket = accept_agent(&worker).await;
     assert_eq!(welcome(&mut second_socket).await, second_id);
+    tokio::spawn(acknowledge_all(second_socket));
     let second_root = runtime.path().join("sandboxes").join(&second_id);
     assert!(mounted(&second_root.join("merged")));
     let stopping = Instant::now();
@@ -1451,6 +1531,7 @@ async fn isolated_sandbox_end_to_end() {
     let third_id = third["id"].as_str().unwrap().to_owned();
     let mut third_socket = accept_agent(&worker).await;
     assert_eq!(welcome(&mut third_socket).await, third_id);
+    tokio::spawn(acknowledge_all(third_socket));
     let third_root = runtime.path().join("sandboxes").join(&third_id);
     assert!(mounted(&third_root.join("merged")));
     host.stop().await;
@@ -2071,4 +2152,262 @@ async fn pools_need_isolation() {
     assert_eq!((status, list), (StatusCode::OK, json!({"pools": []})));
     let answer = call(&app, "GET", "/v1/pools", None, None).await;
     assert_eq!(answer.0, StatusCode::UNAUTHORIZED);
+}
+
+/// Acknowledge every event of the agent, as the Worker does, until the socket closes (an agent that
+/// is stopped delivers its last events before it exits).
+async fn acknowledge_all(mut socket: AgentSocket) {
+    use futures_util::StreamExt as _;
+    use nightshift_protocol::{AgentMessage, ServerToAgent};
+    while let Some(Ok(frame)) = socket.next().await {
+        let tokio_tungstenite::tungstenite::Message::Text(text) = frame else {
+            continue;
+        };
+        if let Ok(AgentMessage::Event { producer_seq, .. }) = serde_json::from_str(text.as_str()) {
+            send_to_agent(&mut socket, &ServerToAgent::Ack { producer_seq }).await;
+        }
+    }
+}
+
+/// Events from the agent until `until` matches one (each acknowledged, as the Worker does); all of them.
+async fn events_until(
+    socket: &mut AgentSocket,
+    until: impl Fn(&nightshift_protocol::Event) -> bool,
+) -> Vec<nightshift_protocol::Event> {
+    use nightshift_protocol::{AgentMessage, ServerToAgent};
+    let mut events = Vec::new();
+    loop {
+        let AgentMessage::Event {
+            producer_seq,
+            event,
+        } = next_message(socket).await
+        else {
+            continue;
+        };
+        send_to_agent(socket, &ServerToAgent::Ack { producer_seq }).await;
+        let done = until(&event);
+        events.push(event);
+        if done {
+            return events;
+        }
+    }
+}
+
+/// Extraction before teardown, with the real agent in an isolated sandbox: a snapshot after every
+/// prompt and when the session asks (each a `snapshot` event and the sandbox's `last_snapshot`);
+/// DELETE during a running command stops the prompt, commits and pushes its work in progress and
+/// snapshots before the sandbox goes, and the session gets an end report naming that snapshot, which
+/// restores the work; `kill -9` of an agent is reported too, with a snapshot the host took of what it
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn work_is_extracted_before_teardown_and_ends_are_reported() {
+    use nightshift_protocol::{Event, ServerToAgent};
+    let Some(env) = IsolatedHost::start("the extraction test").await else {
+        return;
+    };
+    env.build_image().await;
+    let (status, info) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(env.create_body()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{info}");
+    let id = info["id"].as_str().unwrap().to_owned();
+    let mut socket = accept_agent(&env.worker).await;
+    assert_eq!(welcome(&mut socket).await, id);
+    let log_path = env
+        .data
+        .path()
+        .join("sandboxes")
+        .join(&id)
+        .join("agent.log");
+    let _log_on_panic = LogOnPanic(log_path);
+
+    // After a prompt: a snapshot, named in an event and in the sandbox's info.
+    run_bash(&mut socket, "echo one > one.txt", || env.agent_log(&id)).await;
+    let events = events_until(&mut socket, |e| matches!(e, Event::Snapshot { .. })).await;
+    let Some(Event::Snapshot { id: first, reason }) = events.last() else {
+        unreachable!()
+    };
+    assert_eq!(reason, "prompt_finished");
+    let (_, info) = env
+        .host
+        .api(reqwest::Method::GET, &format!("/v1/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(info["last_snapshot"], first.as_str(), "{info}");
+
+    // When the session asks.
+    send_to_agent(
+        &mut socket,
+        &ServerToAgent::Snapshot {
+            reason: "Asked by the session".to_owned(),
+        },
+    )
+    .await;
+    let events = events_until(&mut socket, |e| matches!(e, Event::Snapshot { .. })).await;
+    assert!(
+        matches!(events.last(), Some(Event::Snapshot { id: same, reason }) if same == first && reason == "asked_by_the_session"),
+        "nothing changed, so the same snapshot: {events:?}"
+    );
+
+    // DELETE while a command runs: the work in progress is committed, pushed and snapshotted first.
+    let step = json!({"tool": "bash", "input": {"command": "echo wip > wip.txt && echo STARTED && sleep 60"}});
+    send_to_agent(
+        &mut socket,
+        &ServerToAgent::RunPrompt {
+            prompt_id: "long".to_owned(),
+            text: format!("[script:plan]\n{step}"),
+            author: nightshift_protocol::Author {
+                login: "ada".into(),
+                name: "Ada".into(),
+                email: "ada@example.com".into(),
+            },
+            model: crate::scripted_model::MODEL.to_owned(),
+        },
+    )
+    .await;
+    events_until(
+        &mut socket,
+        |e| matches!(e, Event::ToolOutput { text, .. } if text.contains("STARTED")),
+    )
+    .await;
+    let stopping = Instant::now();
+    let delete = {
+        let (base, token) = (env.host.base_url.clone(), TOKEN);
+        let id = id.clone();
+        tokio::spawn(async move {
+            reqwest::Client::new()
+                .delete(format!("{base}/v1/sandboxes/{id}"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    let events = events_until(&mut socket, |e| matches!(e, Event::Snapshot { .. })).await;
+    let stopped_ms = stopping.elapsed().as_millis();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::PromptFinished { status, .. } if serde_json::to_value(status).unwrap() == "stopped")),
+        "{events:?}"
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| matches!(e, Event::Push { branch, .. } if branch == "nightshift/session-1")),
+        "{events:?}"
+    );
+    let Some(Event::Snapshot { id: last, reason }) = events.last() else {
+        unreachable!()
+    };
+    assert_eq!(reason, "shutdown");
+    assert_ne!(last, first);
+    let deleted = delete.await.unwrap();
+    assert_eq!(deleted["status"], "stopped", "{deleted}");
+    assert_eq!(
+        git(&env.bare, &["show", "nightshift/session-1:wip.txt"]),
+        "wip"
+    );
+    let (path, auth, ended) = end_report(&env.worker).await;
+    assert_eq!(
+        (path.as_str(), auth.as_str()),
+        ("/sandbox/session-1/ended", "Bearer sandbox-secret")
+    );
+    assert_eq!(
+        (ended.sandbox_id.as_str(), ended.status.as_str()),
+        (id.as_str(), "stopped")
+    );
+    // The host's own snapshot at the end has the same content as the agent's last one.
+    assert_eq!(
+        ended.snapshot_id.as_deref(),
+        Some(last.as_str()),
+        "{ended:?}"
+    );
+    eprintln!("DELETE during a command → work pushed and snapshotted in {stopped_ms} ms");
+
+    // The snapshot restores the work; `kill -9` of that sandbox's agent is reported with a snapshot
+    // of what it left.
+    let mut body = env.create_body();
+    body["snapshot"] = json!(last);
+    let (status, restored) = env
+        .host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{restored}");
+    let restored_id = restored["id"].as_str().unwrap().to_owned();
+    let workspace = env
+        .data
+        .path()
+        .join("sandboxes")
+        .join(&restored_id)
+        .join("workspace");
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("wip.txt")).unwrap(),
+        "wip\n"
+    );
+    let mut socket = accept_agent(&env.worker).await;
+    assert_eq!(welcome(&mut socket).await, restored_id);
+    std::fs::write(workspace.join("crash.txt"), "left behind\n").unwrap();
+    let pid = agent_pid(&restored_id).expect("the agent runs in its cgroup");
+    // SAFETY: sends a signal to the agent this test started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let (_, _, ended) = end_report(&env.worker).await;
+    assert_eq!(
+        (ended.sandbox_id.as_str(), ended.status.as_str()),
+        (restored_id.as_str(), "exited")
+    );
+    assert!(ended.detail.contains("killed by signal 9"), "{ended:?}");
+    let crashed = ended
+        .snapshot_id
+        .expect("a snapshot of what the agent left");
+    let (_, info) = env
+        .host
+        .api(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{restored_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(info["last_snapshot"], crashed.as_str(), "{info}");
+    let mut body = env.create_body();
+    body["snapshot"] = json!(crashed);
+    let (status, again) = env
+        .host
+        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{again}");
+    let again_workspace = env
+        .data
+        .path()
+        .join("sandboxes")
+        .join(again["id"].as_str().unwrap())
+        .join("workspace");
+    for (file, content) in [("wip.txt", "wip\n"), ("crash.txt", "left behind\n")] {
+        assert_eq!(
+            std::fs::read_to_string(again_workspace.join(file)).unwrap(),
+            content
+        );
+    }
+    let IsolatedHost { host, .. } = env;
+    host.stop().await;
+}
+
+/// Prints a log file when dropped during a panic.
+struct LogOnPanic(PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} ---\n{}",
+                self.0.display(),
+                std::fs::read_to_string(&self.0).unwrap_or_default()
+            );
+        }
+    }
 }

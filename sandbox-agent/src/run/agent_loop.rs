@@ -109,7 +109,10 @@ pub struct Agent {
 enum HookSet {
     Loaded(Hooks),
     /// `.nightshift/hooks.toml` exists but cannot be used: every tool call is blocked (fail closed).
-    Invalid { hooks: Hooks, error: String },
+    Invalid {
+        hooks: Hooks,
+        error: String,
+    },
 }
 
 impl HookSet {
@@ -265,7 +268,10 @@ impl Agent {
             let _ = emitter
                 .notice(
                     "warn",
-                    format!("session.idle hook {} failed: {}", failure.by, failure.reason),
+                    format!(
+                        "session.idle hook {} failed: {}",
+                        failure.by, failure.reason
+                    ),
                 )
                 .await;
         }
@@ -313,7 +319,15 @@ pub async fn run_prompt(
     }
     let mut conversation = agent.conversation.lock().await;
     let mut usage = TokenUsage::default();
-    let outcome = converse(agent, request, &emitter, cancel, &mut conversation, &mut usage).await;
+    let outcome = converse(
+        agent,
+        request,
+        &emitter,
+        cancel,
+        &mut conversation,
+        &mut usage,
+    )
+    .await;
     tracing::info!(
         %prompt_id,
         input_tokens = usage.input_tokens,
@@ -337,7 +351,10 @@ pub async fn run_prompt(
         }
     };
     drop(conversation);
-    if commit_and_push(agent, request, status, &emitter).await.is_err() {
+    if commit_and_push(agent, request, status, &emitter)
+        .await
+        .is_err()
+    {
         return;
     }
     let _ = emitter
@@ -382,7 +399,10 @@ async fn converse(
         PromptDecision::Allow => request.text.clone(),
         PromptDecision::Rewrite { by, text } => {
             emitter
-                .notice("info", format!("The prompt was rewritten by {by} before the model saw it."))
+                .notice(
+                    "info",
+                    format!("The prompt was rewritten by {by} before the model saw it."),
+                )
                 .await?;
             text
         }
@@ -398,8 +418,8 @@ async fn converse(
         .config
         .context_window_tokens
         .unwrap_or_else(|| provider::model_info(model).context_window_tokens);
-    let reserve_tokens = u64::from(MAX_OUTPUT_TOKENS)
-        + u64::try_from(agent.system.len() / 3).unwrap_or(0);
+    let reserve_tokens =
+        u64::from(MAX_OUTPUT_TOKENS) + u64::try_from(agent.system.len() / 3).unwrap_or(0);
     let mut notice_sent = false;
 
     for _ in 0..MAX_MODEL_CALLS {
@@ -436,7 +456,12 @@ async fn converse(
                 item = stream.next() => item,
             };
             match item {
-                None => return Err(ModelError::Truncated { expected: "the finished message" }.into()),
+                None => {
+                    return Err(ModelError::Truncated {
+                        expected: "the finished message",
+                    }
+                    .into())
+                }
                 Some(Err(ModelError::Cancelled)) => return Err(LoopError::Stopped),
                 Some(Err(error)) => return Err(error.into()),
                 Some(Ok(StreamItem::Started { model })) => {
@@ -506,7 +531,10 @@ async fn converse(
             StopReason::PauseTurn => continue,
             StopReason::Refusal => {
                 emitter
-                    .notice("warn", "The model declined to continue this request.".to_owned())
+                    .notice(
+                        "warn",
+                        "The model declined to continue this request.".to_owned(),
+                    )
                     .await?;
                 return Ok(());
             }
@@ -589,7 +617,9 @@ async fn call_tool(
     let decision = match hooks.as_ref() {
         HookSet::Invalid { error, .. } => BeforeDecision::Block {
             by: ".nightshift/hooks.toml".to_owned(),
-            reason: format!("the hook configuration is invalid ({error}); tools stay blocked until it is fixed"),
+            reason: format!(
+                "the hook configuration is invalid ({error}); tools stay blocked until it is fixed"
+            ),
         },
         HookSet::Loaded(hooks) => tokio::select! {
             () = cancel.cancelled() => return Err(LoopError::Stopped),
@@ -600,14 +630,20 @@ async fn call_tool(
         BeforeDecision::Allow => input,
         BeforeDecision::Rewrite { by, input } => {
             emitter
-                .notice("info", format!("{by} rewrote the arguments of `{name}`: {input}"))
+                .notice(
+                    "info",
+                    format!("{by} rewrote the arguments of `{name}`: {input}"),
+                )
                 .await?;
             input
         }
         BeforeDecision::Block { by, reason } => {
             let output = format!("blocked by {by}: {reason}");
             emitter
-                .notice("warn", format!("A `{name}` call was blocked by {by}: {reason}"))
+                .notice(
+                    "warn",
+                    format!("A `{name}` call was blocked by {by}: {reason}"),
+                )
                 .await?;
             return finish_tool(emitter, call_id, false, output, started).await;
         }
@@ -660,10 +696,16 @@ async fn call_tool(
             paths.join(", ")
         );
         emitter
-            .notice("warn", format!("Blocked by {}: {reason}", hook::READ_ONLY_PATHS_POLICY))
+            .notice(
+                "warn",
+                format!("Blocked by {}: {reason}", hook::READ_ONLY_PATHS_POLICY),
+            )
             .await?;
         ok = false;
-        output = format!("{output}\n\nblocked by {}: {reason}", hook::READ_ONLY_PATHS_POLICY);
+        output = format!(
+            "{output}\n\nblocked by {}: {reason}",
+            hook::READ_ONLY_PATHS_POLICY
+        );
     }
     let (ok, output) = match hooks.as_ref() {
         HookSet::Loaded(hooks) if !cancel.is_cancelled() => {
@@ -672,7 +714,10 @@ async fn call_tool(
                 AfterDecision::Rewrite { output, .. } => (ok, output),
                 AfterDecision::Withhold { by, reason } => {
                     emitter
-                        .notice("warn", format!("The output of a `{name}` call was withheld by {by}: {reason}"))
+                        .notice(
+                            "warn",
+                            format!("The output of a `{name}` call was withheld by {by}: {reason}"),
+                        )
                         .await?;
                     (false, format!("output withheld by {by}: {reason}"))
                 }
@@ -751,9 +796,11 @@ async fn commit_and_push(
     status: PromptStatus,
     emitter: &Emitter<'_>,
 ) -> Result<(), LoopError> {
-    let (Some(git), Some(branch), Some(session_id)) =
-        (&agent.git, agent.branch(), agent.config.session_id.as_deref())
-    else {
+    let (Some(git), Some(branch), Some(session_id)) = (
+        &agent.git,
+        agent.branch(),
+        agent.config.session_id.as_deref(),
+    ) else {
         return Ok(());
     };
     if agent.gate.state() != SyncState::Done {
@@ -817,7 +864,10 @@ fn author_identity(author: &nightshift_protocol::Author) -> Identity {
     };
     let email = match clean(&author.email) {
         email if email.contains('@') && !email.contains(char::is_whitespace) => email,
-        _ => format!("{}@users.noreply.nightshift.dev", login.replace(char::is_whitespace, "-")),
+        _ => format!(
+            "{}@users.noreply.nightshift.dev",
+            login.replace(char::is_whitespace, "-")
+        ),
     };
     Identity { name, email }
 }
@@ -840,11 +890,31 @@ mod tests {
     fn authors_become_valid_git_identities() {
         let check = |a: Author, name: &str, email: &str| {
             let id = author_identity(&a);
-            assert_eq!((id.name.as_str(), id.email.as_str()), (name, email), "{a:?}");
+            assert_eq!(
+                (id.name.as_str(), id.email.as_str()),
+                (name, email),
+                "{a:?}"
+            );
         };
-        check(author("ada", "Ada Lovelace", "ada@example.com"), "Ada Lovelace", "ada@example.com");
-        check(author("ada", "", ""), "ada", "ada@users.noreply.nightshift.dev");
-        check(author("ada", "Ada <x@evil>\n", "a@b <c>"), "Ada x@evil", "ada@users.noreply.nightshift.dev");
-        check(author("", " ", "not-an-email"), "unknown", "unknown@users.noreply.nightshift.dev");
+        check(
+            author("ada", "Ada Lovelace", "ada@example.com"),
+            "Ada Lovelace",
+            "ada@example.com",
+        );
+        check(
+            author("ada", "", ""),
+            "ada",
+            "ada@users.noreply.nightshift.dev",
+        );
+        check(
+            author("ada", "Ada <x@evil>\n", "a@b <c>"),
+            "Ada x@evil",
+            "ada@users.noreply.nightshift.dev",
+        );
+        check(
+            author("", " ", "not-an-email"),
+            "unknown",
+            "unknown@users.noreply.nightshift.dev",
+        );
     }
 }

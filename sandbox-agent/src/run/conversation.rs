@@ -118,9 +118,10 @@ impl Conversation {
             .map(|message| match message {
                 Message::User { text } => text.len(),
                 Message::Assistant { content } => content.iter().map(block_bytes).sum(),
-                Message::ToolResults { results } => {
-                    results.iter().map(|r| r.content.len() + r.call_id.len()).sum()
-                }
+                Message::ToolResults { results } => results
+                    .iter()
+                    .map(|r| r.content.len() + r.call_id.len())
+                    .sum(),
             })
             .sum();
         u64::try_from(bytes).unwrap_or(u64::MAX)
@@ -129,7 +130,11 @@ impl Conversation {
     /// Compact older tool outputs when the conversation (plus `reserve_tokens` for the reply and the
     /// system prompt) passes [`COMPACT_AT_PERCENT`] of `window_tokens`; `None` when nothing was needed
     /// or nothing could be compacted.
-    pub fn compact_if_needed(&mut self, window_tokens: u64, reserve_tokens: u64) -> Option<Compaction> {
+    pub fn compact_if_needed(
+        &mut self,
+        window_tokens: u64,
+        reserve_tokens: u64,
+    ) -> Option<Compaction> {
         let tokens_before = self.tokens().saturating_add(reserve_tokens);
         if tokens_before.saturating_mul(100) < window_tokens.saturating_mul(COMPACT_AT_PERCENT) {
             return None;
@@ -166,7 +171,8 @@ impl Conversation {
                 bytes_removed += result.content.len().saturating_sub(note.len());
                 result.content = note;
                 outputs += 1;
-                let removed_tokens = u64::try_from(bytes_removed).unwrap_or(u64::MAX) / BYTES_PER_TOKEN;
+                let removed_tokens =
+                    u64::try_from(bytes_removed).unwrap_or(u64::MAX) / BYTES_PER_TOKEN;
                 if tokens_before.saturating_sub(removed_tokens) <= goal {
                     break 'outer;
                 }
@@ -195,9 +201,14 @@ fn is_compacted(content: &str) -> bool {
 fn block_bytes(block: &ContentBlock) -> usize {
     match block {
         ContentBlock::Text(text) => text.len(),
-        ContentBlock::Thinking { thinking, signature } => thinking.len() + signature.len(),
+        ContentBlock::Thinking {
+            thinking,
+            signature,
+        } => thinking.len() + signature.len(),
         ContentBlock::RedactedThinking { data } => data.len(),
-        ContentBlock::ToolUse { id, name, input } => id.len() + name.len() + input.to_string().len(),
+        ContentBlock::ToolUse { id, name, input } => {
+            id.len() + name.len() + input.to_string().len()
+        }
     }
 }
 
@@ -239,7 +250,10 @@ mod tests {
         let compaction = conversation
             .compact_if_needed(200_000, 8_000)
             .expect("compacted");
-        assert!(compaction.outputs > 0 && compaction.tokens_after <= 100_000, "{compaction:?}");
+        assert!(
+            compaction.outputs > 0 && compaction.tokens_after <= 100_000,
+            "{compaction:?}"
+        );
         let results: Vec<&ToolResultBlock> = conversation
             .messages()
             .iter()
@@ -254,7 +268,9 @@ mod tests {
         }
         // Every tool_use still has its result.
         assert_eq!(results.len(), 20);
-        assert!(conversation.compact_if_needed(200_000, 8_000).is_none_or(|c| c.outputs > 0));
+        assert!(conversation
+            .compact_if_needed(200_000, 8_000)
+            .is_none_or(|c| c.outputs > 0));
     }
 
     #[test]
@@ -267,7 +283,9 @@ mod tests {
         assert_eq!(conversation.compact_if_needed(200_000, 0), None);
         // The provider says the conversation is much bigger than our estimate (e.g. images, a long system prompt).
         conversation.record_input_tokens(180_000);
-        let compaction = conversation.compact_if_needed(200_000, 0).expect("compacted");
+        let compaction = conversation
+            .compact_if_needed(200_000, 0)
+            .expect("compacted");
         assert!(compaction.outputs >= 1);
     }
 
@@ -277,12 +295,25 @@ mod tests {
         conversation.push_user("go");
         conversation.push_assistant(vec![
             ContentBlock::Text("running two tools".to_owned()),
-            ContentBlock::ToolUse { id: "a".into(), name: "bash".into(), input: json!({}) },
-            ContentBlock::ToolUse { id: "b".into(), name: "bash".into(), input: json!({}) },
+            ContentBlock::ToolUse {
+                id: "a".into(),
+                name: "bash".into(),
+                input: json!({}),
+            },
+            ContentBlock::ToolUse {
+                id: "b".into(),
+                name: "bash".into(),
+                input: json!({}),
+            },
         ]);
         conversation.close_turn("stopped by a participant");
-        let [.., Message::ToolResults { results }, Message::Assistant { .. }] = conversation.messages() else {
-            panic!("expected results then an assistant note: {:?}", conversation.messages());
+        let [.., Message::ToolResults { results }, Message::Assistant { .. }] =
+            conversation.messages()
+        else {
+            panic!(
+                "expected results then an assistant note: {:?}",
+                conversation.messages()
+            );
         };
         let ids: Vec<&str> = results.iter().map(|r| r.call_id.as_str()).collect();
         assert_eq!(ids, ["a", "b"]);
@@ -290,6 +321,9 @@ mod tests {
         let mut conversation = Conversation::default();
         conversation.push_user("go");
         conversation.close_turn("failed");
-        assert!(matches!(conversation.messages(), [Message::User { .. }, Message::Assistant { .. }]));
+        assert!(matches!(
+            conversation.messages(),
+            [Message::User { .. }, Message::Assistant { .. }]
+        ));
     }
 }

@@ -19,6 +19,8 @@ use crate::env;
 
 /// Longest response head accepted from a proxy after `CONNECT`.
 const RESPONSE_HEAD_LIMIT_BYTES: usize = 16 * 1024;
+/// Longest answer accepted to a snapshot request.
+const SNAPSHOT_ANSWER_LIMIT_BYTES: u64 = 64 * 1024;
 
 /// What can go wrong on the way out.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +61,58 @@ pub enum RelayError {
         /// `host:port` asked for.
         target: String,
     },
+}
+
+/// Ask the host, through the egress socket, for a snapshot of this sandbox (`POST /sandbox/snapshot`,
+/// see the host's egress proxy): the snapshot's id. `reason` is 1-40 of `a-z`, `0-9` and `_`.
+pub async fn request_snapshot(socket: &Path, reason: &str) -> Result<String, RelayError> {
+    let proxy_error = |source| RelayError::Proxy {
+        proxy: socket.display().to_string(),
+        source,
+    };
+    let mut stream = UnixStream::connect(socket).await.map_err(proxy_error)?;
+    let request = format!(
+        "POST /sandbox/snapshot?reason={reason} HTTP/1.1\r\nHost: nightshift-host\r\n\
+         Content-Length: 0\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(proxy_error)?;
+    let mut answer = Vec::new();
+    stream
+        .take(SNAPSHOT_ANSWER_LIMIT_BYTES)
+        .read_to_end(&mut answer)
+        .await
+        .map_err(proxy_error)?;
+    let bad = || RelayError::BadResponse {
+        target: "the host (snapshot)".to_owned(),
+    };
+    let mut headers = [httparse::EMPTY_HEADER; 64];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(&answer) {
+        Ok(httparse::Status::Complete(head_len)) => head_len,
+        _ => return Err(bad()),
+    };
+    let body = answer.get(head_len..).unwrap_or_default();
+    match response.code {
+        Some(201) => {
+            let record: serde_json::Value = serde_json::from_slice(body).map_err(|_| bad())?;
+            record["id"].as_str().map(str::to_owned).ok_or_else(bad)
+        }
+        Some(code) => Err(RelayError::Refused {
+            target: "the host (snapshot)".to_owned(),
+            status_line: format!(
+                "{code} {}",
+                String::from_utf8_lossy(body)
+                    .trim()
+                    .chars()
+                    .take(300)
+                    .collect::<String>()
+            ),
+        }),
+        None => Err(bad()),
+    }
 }
 
 /// A loopback listener relaying to the egress socket. Bound before the runtime starts (see
@@ -285,7 +339,7 @@ mod tests {
             allow.allow_url(url).unwrap();
         }
         let socket = dir.join("egress.sock");
-        let proxy = EgressProxy::start(&socket, allow, "relay-test").unwrap();
+        let proxy = EgressProxy::start(&socket, allow, "relay-test", None).unwrap();
         (Relay::bind(&socket).unwrap(), proxy)
     }
 

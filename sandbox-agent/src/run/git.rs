@@ -156,7 +156,11 @@ impl Git {
 
     /// `HEAD`'s commit id.
     pub async fn head(&self) -> Result<String, GitError> {
-        Ok(self.run(["rev-parse", "HEAD"], &[]).await?.trim().to_owned())
+        Ok(self
+            .run(["rev-parse", "HEAD"], &[])
+            .await?
+            .trim()
+            .to_owned())
     }
 
     /// The branch checked out, if any.
@@ -211,11 +215,8 @@ impl Git {
         self.run(["fetch", "--quiet", "--no-tags", REMOTE, &refspec], &[])
             .await?;
         let upstream = format!("{REMOTE}/{base_branch}");
-        self.run(
-            ["checkout", "--quiet", "-B", &base_branch, &upstream],
-            &[],
-        )
-        .await?;
+        self.run(["checkout", "--quiet", "-B", &base_branch, &upstream], &[])
+            .await?;
         self.run(["reset", "--quiet", "--hard", &upstream], &[])
             .await?;
         self.run(["checkout", "--quiet", "-b", session_branch], &[])
@@ -236,7 +237,15 @@ impl Git {
             }
         }
         let head = self
-            .run(["symbolic-ref", "--quiet", "--short", "refs/remotes/origin/HEAD"], &[])
+            .run(
+                [
+                    "symbolic-ref",
+                    "--quiet",
+                    "--short",
+                    "refs/remotes/origin/HEAD",
+                ],
+                &[],
+            )
             .await?;
         Ok(head
             .trim()
@@ -293,7 +302,14 @@ impl Git {
             ("GIT_COMMITTER_EMAIL", committer.email.as_str()),
         ];
         self.run(
-            ["commit", "--quiet", "--no-verify", "--no-gpg-sign", "-m", message],
+            [
+                "commit",
+                "--quiet",
+                "--no-verify",
+                "--no-gpg-sign",
+                "-m",
+                message,
+            ],
             &env,
         )
         .await?;
@@ -370,7 +386,11 @@ mod tests {
             ("GIT_COMMITTER_NAME", "Seed"),
             ("GIT_COMMITTER_EMAIL", "seed@example.com"),
         ];
-        git(dir.path(), &["init", "--quiet", "--bare", "-b", "main", "remote.git"]).await;
+        git(
+            dir.path(),
+            &["init", "--quiet", "--bare", "-b", "main", "remote.git"],
+        )
+        .await;
         git(&seed, &["init", "--quiet", "-b", "main"]).await;
         std::fs::write(seed.join("README.md"), "hello\n").expect("write");
         git(&seed, &["add", "."]).await;
@@ -378,7 +398,11 @@ mod tests {
             .run(["commit", "--quiet", "-m", "seed"], &id)
             .await
             .expect("commit");
-        git(&seed, &["push", "--quiet", remote.to_str().expect("utf8"), "main"]).await;
+        git(
+            &seed,
+            &["push", "--quiet", remote.to_str().expect("utf8"), "main"],
+        )
+        .await;
         git(
             dir.path(),
             &["clone", "--quiet", remote.to_str().expect("utf8"), "clone"],
@@ -406,7 +430,11 @@ mod tests {
             .await
             .expect("commit");
         let remote = clone.parent().expect("parent").join("remote.git");
-        git(&seed, &["push", "--quiet", remote.to_str().expect("utf8"), "main"]).await;
+        git(
+            &seed,
+            &["push", "--quiet", remote.to_str().expect("utf8"), "main"],
+        )
+        .await;
         let later = git(&seed, &["rev-parse", "HEAD"]).await;
 
         let repo = Git::new(&clone);
@@ -415,7 +443,10 @@ mod tests {
         assert_eq!(outcome.base_branch, "main");
         assert_eq!(outcome.commit, later.trim());
         assert!(!outcome.resumed);
-        assert_eq!(repo.current_branch().await.expect("branch").as_deref(), Some("nightshift/abc123"));
+        assert_eq!(
+            repo.current_branch().await.expect("branch").as_deref(),
+            Some("nightshift/abc123")
+        );
         assert!(clone.join("NEW.md").exists());
 
         // A restarted agent keeps its uncommitted work.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use nightshift_protocol::{AgentMessage, Event, ServerToAgent, PROTOCOL_VERSION};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::client::Request;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -166,6 +166,8 @@ pub struct LinkChannels {
     pub events: mpsc::Receiver<Event>,
     /// Where prompts and stops go.
     pub commands: mpsc::UnboundedSender<PromptCommand>,
+    /// Whether the session has welcomed this connection (false between connections).
+    pub welcomed: watch::Sender<bool>,
 }
 
 /// How a connection ended without a transport error.
@@ -213,6 +215,7 @@ pub async fn run(
                 timeout_ms: config.connect_timeout.as_millis(),
             }),
         };
+        channels.welcomed.send_replace(false);
         match result {
             Ok(Ended::Done) => return Ok(()),
             Ok(Ended::Closed { welcomed }) => {
@@ -372,6 +375,7 @@ async fn serve(
                         }
                         sink.flush().await?;
                         welcomed = true;
+                        channels.welcomed.send_replace(true);
                     }
                     ServerToAgent::Ack { producer_seq } => outbox.ack(producer_seq),
                     ServerToAgent::RunPrompt { prompt_id, text, author, model } => {
@@ -386,10 +390,15 @@ async fn serve(
                         }
                     }
                     ServerToAgent::Snapshot { reason } => {
-                        tracing::warn!(%reason, "snapshot requested; not supported by this agent yet");
+                        if channels.commands.send(PromptCommand::Snapshot { reason }).is_err() {
+                            tracing::warn!("prompt queue is gone; dropping snapshot");
+                        }
                     }
                     ServerToAgent::Shutdown { reason, deadline_ms } => {
-                        tracing::warn!(%reason, deadline_ms, "shutdown announced; not handled by this agent yet");
+                        tracing::info!(%reason, deadline_ms, "shutdown announced: extracting the work");
+                        if channels.commands.send(PromptCommand::Shutdown { reason }).is_err() {
+                            tracing::warn!("prompt queue is gone; dropping shutdown");
+                        }
                     }
                     ServerToAgent::Error { code, message } => {
                         tracing::warn!(code = code.as_str(), %message, "session reported an error");
@@ -585,6 +594,7 @@ mod tests {
             LinkChannels {
                 events: events_rx,
                 commands: commands_tx,
+                welcomed: watch::channel(false).0,
             },
         ));
         (listener, events_tx, commands_rx, link)
@@ -687,7 +697,7 @@ mod tests {
         let mut allow = AllowList::default();
         allow.allow_url(&format!("ws://{address}")).unwrap();
         let socket = dir.path().join("egress.sock");
-        let proxy = EgressProxy::start(&socket, allow, "link-test").unwrap();
+        let proxy = EgressProxy::start(&socket, allow, "link-test", None).unwrap();
         let relay = Relay::bind(&socket).unwrap();
         let proxy_url = relay.proxy_url();
         relay.spawn().unwrap();
@@ -710,6 +720,7 @@ mod tests {
                 LinkChannels {
                     events: events_rx,
                     commands: commands_tx,
+                    welcomed: watch::channel(false).0,
                 },
             ));
             (events_tx, link)

@@ -9,9 +9,9 @@
 //! link → queue. So the link keeps heartbeating and taking `stop` while a prompt runs.
 
 pub mod agent_loop;
-pub mod gate;
 pub mod conversation;
 pub mod egress;
+pub mod gate;
 pub mod git;
 pub mod hook;
 pub mod link;
@@ -33,11 +33,18 @@ use git::Git;
 use link::{LinkChannels, LinkConfig, SandboxToken};
 use outbox::Outbox;
 use provider::{ApiKey, ProviderConfig, Providers};
+use queue::PromptCommand;
 use tools::ToolLimits;
 use workspace::Workspace;
 
 /// Events buffered between the prompt task and the link before the prompt waits.
 const EVENT_CHANNEL_CAPACITY: usize = 1024;
+/// How long the agent takes, after SIGTERM, to stop, commit and push, snapshot and deliver its events
+/// (the host waits 10 s before it kills).
+const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(8);
+/// After the work is extracted, how long a shutting-down agent that is not connected to its session
+/// waits for the link to come back and deliver its last events.
+const UNDELIVERABLE_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
 
 /// Arguments of `sandbox-agent run`; every one can come from the environment.
 #[derive(clap::Args)]
@@ -177,24 +184,58 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
         let events = events_tx.clone();
         async move { agent.catch_up(gate_setter, &events).await }
     });
-    let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
-    let link = link::run(
+    // In an isolated sandbox the host takes snapshots, asked for over the egress socket.
+    let snapshots = args.egress_socket.clone().map(queue::Snapshots::new);
+    let mut queue = tokio::spawn(queue::run(agent, commands_rx, events_tx, snapshots));
+    let (welcomed_tx, welcomed) = tokio::sync::watch::channel(false);
+    let mut link = tokio::spawn(link::run(
         config,
         outbox,
         LinkChannels {
             events: events_rx,
-            commands: commands_tx,
+            commands: commands_tx.clone(),
+            welcomed: welcomed_tx,
         },
-    );
+    ));
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("listening for SIGTERM")?;
 
     tokio::select! {
-        result = link => {
-            result.context("session link")?;
+        result = &mut link => {
+            // The link ends once no event can come any more and every one was acknowledged: after a
+            // `shutdown` from the session ended the queue.
+            result.context("session link task")?.context("session link")?;
             tracing::info!("session link finished");
         }
         signal = tokio::signal::ctrl_c() => {
             signal.context("waiting for ctrl-c")?;
             tracing::info!("interrupted; exiting (unacknowledged events stay in the outbox journal)");
+            link.abort();
+        }
+        _ = terminate.recv() => {
+            // The host stops this sandbox: extract the work first. The queue stops the running
+            // prompt (committed and pushed as work in progress), takes a last snapshot and ends;
+            // the link then delivers every event and ends.
+            tracing::info!("SIGTERM: stopping the prompt, committing and pushing its work, snapshotting");
+            let _ = commands_tx.send(PromptCommand::Shutdown { reason: "terminated".to_owned() });
+            let deadline = tokio::time::Instant::now() + SHUTDOWN_LIMIT;
+            let _ = tokio::time::timeout_at(deadline, &mut queue).await;
+            // Not connected to the session now: a moment to reconnect, not the whole limit.
+            let deadline = if *welcomed.borrow() {
+                deadline
+            } else {
+                deadline.min(tokio::time::Instant::now() + UNDELIVERABLE_WAIT)
+            };
+            match tokio::time::timeout_at(deadline, &mut link).await {
+                Ok(result) => {
+                    result.context("session link task")?.context("session link")?;
+                    tracing::info!("work extracted and every event delivered; exiting");
+                }
+                Err(_) => {
+                    tracing::warn!(limit_ms = SHUTDOWN_LIMIT.as_millis() as u64, "shutdown took too long; exiting (unacknowledged events stay in the outbox journal)");
+                    link.abort();
+                }
+            }
         }
     }
     queue.abort();

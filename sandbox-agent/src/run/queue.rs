@@ -1,7 +1,10 @@
 //! The local prompt queue: runs prompts one at a time, in the order they arrived, and routes `stop` to
-//! the running prompt (or removes a queued one).
+//! the running prompt (or removes a queued one). In an isolated sandbox it asks the host for a snapshot
+//! after every prompt (and when the session asks), and on shutdown it stops the running prompt — whose
+//! work in progress is committed and pushed — takes a last snapshot and ends.
 
 use std::collections::{HashSet, VecDeque};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use nightshift_protocol::{Author, Event, PromptStatus};
@@ -10,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::agent_loop::{self, Agent};
+use super::egress;
 
 /// A prompt to work on, as the session sent it.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +38,62 @@ pub enum PromptCommand {
         /// Prompt to stop; `None` means whatever runs.
         prompt_id: Option<String>,
     },
+    /// Take a snapshot now.
+    Snapshot {
+        /// Why (as the session said it).
+        reason: String,
+    },
+    /// The sandbox is about to end: drop the local queue (the session keeps its own), stop the running
+    /// prompt (committed and pushed as work in progress), take a last snapshot and end the queue.
+    Shutdown {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The host's snapshots, asked for over the egress socket of an isolated sandbox.
+#[derive(Debug, Clone)]
+pub struct Snapshots {
+    socket: PathBuf,
+}
+
+impl Snapshots {
+    /// Snapshots through the host's egress socket at `socket`.
+    pub fn new(socket: PathBuf) -> Snapshots {
+        Snapshots { socket }
+    }
+
+    /// Ask for a snapshot and log a `snapshot` event with its id; a failure is a log line (the host
+    /// snapshots every sandbox again when it ends).
+    async fn take(&self, reason: &str, events: &mpsc::Sender<Event>) {
+        let reason = snapshot_reason(reason);
+        let started = std::time::Instant::now();
+        match egress::request_snapshot(&self.socket, &reason).await {
+            Ok(id) => {
+                tracing::info!(snapshot_id = %id, %reason, snapshot_ms = started.elapsed().as_millis() as u64, "snapshot taken");
+                let _ = events.send(Event::Snapshot { id, reason }).await;
+            }
+            Err(error) => tracing::warn!(%error, %reason, "the host did not take a snapshot"),
+        }
+    }
+}
+
+/// `reason` as the host takes it: 1-40 of `a-z`, `0-9` and `_` (others become `_`).
+fn snapshot_reason(reason: &str) -> String {
+    let cleaned: String = reason
+        .trim()
+        .chars()
+        .take(40)
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '_') => c,
+            _ => '_',
+        })
+        .collect();
+    if cleaned.is_empty() {
+        "requested".to_owned()
+    } else {
+        cleaned
+    }
 }
 
 struct Running {
@@ -42,11 +102,13 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-/// Run the queue until the command channel closes (then stop the running prompt and return).
+/// Run the queue until the command channel closes (then stop the running prompt and return) or a
+/// [`PromptCommand::Shutdown`] is done. With `snapshots`, a snapshot follows every prompt.
 pub async fn run(
     agent: Arc<Agent>,
     mut commands: mpsc::UnboundedReceiver<PromptCommand>,
     events: mpsc::Sender<Event>,
+    snapshots: Option<Snapshots>,
 ) {
     let mut queue: VecDeque<PromptRequest> = VecDeque::new();
     let mut seen: HashSet<String> = HashSet::new();
@@ -89,6 +151,24 @@ pub async fn run(
                 Some(PromptCommand::Stop { prompt_id }) => {
                     stop(prompt_id, running.as_ref(), &mut queue, &events).await;
                 }
+                Some(PromptCommand::Snapshot { reason }) => match &snapshots {
+                    // Between prompts the workspace is still; during one, the snapshot is of the
+                    // moment (a tool may be writing).
+                    Some(snapshots) => snapshots.take(&reason, &events).await,
+                    None => tracing::info!(%reason, "snapshot asked for, but this sandbox has no host to take it"),
+                },
+                Some(PromptCommand::Shutdown { reason }) => {
+                    tracing::info!(%reason, queued = queue.len(), running = running.is_some(), "shutting down");
+                    queue.clear();
+                    if let Some(running) = running.take() {
+                        running.cancel.cancel();
+                        let _ = running.task.await;
+                    }
+                    if let Some(snapshots) = &snapshots {
+                        snapshots.take("shutdown", &events).await;
+                    }
+                    return;
+                }
             },
             joined = join(&mut running), if running.is_some() => {
                 let finished = running.take();
@@ -109,6 +189,9 @@ pub async fn run(
                             error: Some(format!("agent task failed: {error}")),
                         })
                         .await;
+                }
+                if let Some(snapshots) = &snapshots {
+                    snapshots.take("prompt_finished", &events).await;
                 }
             }
         }
@@ -147,5 +230,18 @@ async fn stop(
             }
         }
         (None, None) => tracing::info!("stop with nothing running"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::snapshot_reason;
+
+    #[test]
+    fn snapshot_reasons_are_what_the_host_takes() {
+        assert_eq!(snapshot_reason("prompt_finished"), "prompt_finished");
+        assert_eq!(snapshot_reason(" Before Expiry! "), "before_expiry_");
+        assert_eq!(snapshot_reason(""), "requested");
+        assert_eq!(snapshot_reason(&"x".repeat(100)).len(), 40);
     }
 }

@@ -562,7 +562,7 @@ async fn queue_runs_prompts_in_order_and_routes_stops() {
     let agent = Arc::new(agent(&url, None, workspace));
     let (events_tx, mut events_rx) = mpsc::channel(1024);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-    let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
+    let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx, None));
 
     let prompt = |id: &str| {
         PromptCommand::Run(PromptRequest {
@@ -684,7 +684,11 @@ mod engine {
             .env("GIT_COMMITTER_EMAIL", "seed@example.com")
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     }
 
@@ -700,7 +704,10 @@ mod engine {
         let remote = dir.path().join("remote.git");
         let seed = dir.path().join("seed");
         std::fs::create_dir_all(&seed).unwrap();
-        git(dir.path(), &["init", "-q", "--bare", "-b", "main", "remote.git"]);
+        git(
+            dir.path(),
+            &["init", "-q", "--bare", "-b", "main", "remote.git"],
+        );
         git(&seed, &["init", "-q", "-b", "main"]);
         for (path, content) in files {
             let path = seed.join(path);
@@ -713,9 +720,16 @@ mod engine {
         git(&seed, &["add", "."]);
         git(&seed, &["commit", "-q", "-m", "seed"]);
         git(&seed, &["push", "-q", remote.to_str().unwrap(), "main"]);
-        git(dir.path(), &["clone", "-q", remote.to_str().unwrap(), "clone"]);
+        git(
+            dir.path(),
+            &["clone", "-q", remote.to_str().unwrap(), "clone"],
+        );
         let clone = dir.path().join("clone");
-        Repo { _dir: dir, remote, clone }
+        Repo {
+            _dir: dir,
+            remote,
+            clone,
+        }
     }
 
     struct Engine {
@@ -733,11 +747,18 @@ mod engine {
             workspace,
             Some(Git::new(&repo.clone)),
             gate,
-            AgentConfig { session_id: Some("s1".into()), ..config },
+            AgentConfig {
+                session_id: Some("s1".into()),
+                ..config
+            },
         ));
         let (events_tx, events) = mpsc::channel(4096);
         agent.catch_up(setter, &events_tx).await;
-        Engine { agent, events, events_tx }
+        Engine {
+            agent,
+            events,
+            events_tx,
+        }
     }
 
     impl Engine {
@@ -753,13 +774,20 @@ mod engine {
             let request = PromptRequest {
                 prompt_id: id.into(),
                 text: text.into(),
-                author: Author { login: "ada".into(), name: "Ada Lovelace".into(), email: "ada@example.com".into() },
+                author: Author {
+                    login: "ada".into(),
+                    name: "Ada Lovelace".into(),
+                    email: "ada@example.com".into(),
+                },
                 model: "claude-test".into(),
             };
             let cancel = CancellationToken::new();
-            tokio::time::timeout(Duration::from_secs(30), run_prompt(&self.agent, &request, &self.events_tx, &cancel))
-                .await
-                .expect("prompt finishes");
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                run_prompt(&self.agent, &request, &self.events_tx, &cancel),
+            )
+            .await
+            .expect("prompt finishes");
             self.drain()
         }
     }
@@ -774,7 +802,13 @@ mod engine {
     }
 
     fn done_step() -> Reply {
-        reply("claude-test", 100, vec![text_block(0, &["Done."])], "end_turn", 3)
+        reply(
+            "claude-test",
+            100,
+            vec![text_block(0, &["Done."])],
+            "end_turn",
+            3,
+        )
     }
 
     fn results(events: &[Event]) -> Vec<(bool, String)> {
@@ -801,7 +835,15 @@ mod engine {
     async fn catch_up_opens_the_gate_and_a_prompt_is_committed_as_its_author_and_pushed() {
         let repo = repo(&[("README.md", "hello\n")]);
         let (url, _server) = start_model(
-            vec![tool_step(&[("t1", "write_file", json!({"path": "NOTES.md", "content": "notes\n"}))]), done_step(), done_step()],
+            vec![
+                tool_step(&[(
+                    "t1",
+                    "write_file",
+                    json!({"path": "NOTES.md", "content": "notes\n"}),
+                )]),
+                done_step(),
+                done_step(),
+            ],
             None,
         )
         .await;
@@ -810,12 +852,21 @@ mod engine {
         assert_eq!(
             engine.drain(),
             [
-                Event::GitSync { state: "started".into(), commit: None },
-                Event::GitSync { state: "done".into(), commit: Some(head.trim().to_owned()) },
+                Event::GitSync {
+                    state: "started".into(),
+                    commit: None
+                },
+                Event::GitSync {
+                    state: "done".into(),
+                    commit: Some(head.trim().to_owned())
+                },
             ]
         );
         assert_eq!(engine.agent.gate.state(), SyncState::Done);
-        assert_eq!(git(&repo.clone, &["branch", "--show-current"]).trim(), "nightshift/s1");
+        assert_eq!(
+            git(&repo.clone, &["branch", "--show-current"]).trim(),
+            "nightshift/s1"
+        );
 
         let events = engine.prompt("p1", "Write notes").await;
         let push = events.iter().find_map(|e| match e {
@@ -824,16 +875,36 @@ mod engine {
         });
         let (branch, commit) = push.expect("a push event");
         assert_eq!(branch, "nightshift/s1");
-        assert!(matches!(events.last(), Some(Event::PromptFinished { status: PromptStatus::Completed, .. })));
-        let log = git(&repo.remote, &["log", "-1", "--format=%H|%an <%ae>|%cn <%ce>|%s", "nightshift/s1"]);
+        assert!(matches!(
+            events.last(),
+            Some(Event::PromptFinished {
+                status: PromptStatus::Completed,
+                ..
+            })
+        ));
+        let log = git(
+            &repo.remote,
+            &[
+                "log",
+                "-1",
+                "--format=%H|%an <%ae>|%cn <%ce>|%s",
+                "nightshift/s1",
+            ],
+        );
         assert_eq!(
             log.trim(),
             format!("{commit}|Ada Lovelace <ada@example.com>|Nightshift <agent@nightshift.dev>|Write notes")
         );
         // A prompt that changes nothing makes no commit and no push.
         let events = engine.prompt("p2", "Just look").await;
-        assert!(!events.iter().any(|e| matches!(e, Event::Push { .. })), "{events:?}");
-        assert_eq!(git(&repo.remote, &["rev-parse", "nightshift/s1"]).trim(), commit);
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Push { .. })),
+            "{events:?}"
+        );
+        assert_eq!(
+            git(&repo.remote, &["rev-parse", "nightshift/s1"]).trim(),
+            commit
+        );
     }
 
     #[tokio::test]
@@ -843,7 +914,11 @@ mod engine {
             vec![
                 tool_step(&[
                     ("t1", "read_file", json!({"path": "README.md"})),
-                    ("t2", "write_file", json!({"path": "README.md", "content": "changed\n"})),
+                    (
+                        "t2",
+                        "write_file",
+                        json!({"path": "README.md", "content": "changed\n"}),
+                    ),
                     ("t3", "bash", json!({"command": "echo changed > README.md"})),
                 ]),
                 done_step(),
@@ -851,18 +926,49 @@ mod engine {
             None,
         )
         .await;
-        let mut engine = engine(&url, &repo, AgentConfig { base_branch: Some("no-such-branch".into()), ..AgentConfig::default() }).await;
+        let mut engine = engine(
+            &url,
+            &repo,
+            AgentConfig {
+                base_branch: Some("no-such-branch".into()),
+                ..AgentConfig::default()
+            },
+        )
+        .await;
         let sync = engine.drain();
-        assert_eq!(sync[1], Event::GitSync { state: "failed".into(), commit: None });
-        assert!(notices(&sync).iter().any(|n| n.starts_with("error: Git catch-up failed")), "{sync:?}");
+        assert_eq!(
+            sync[1],
+            Event::GitSync {
+                state: "failed".into(),
+                commit: None
+            }
+        );
+        assert!(
+            notices(&sync)
+                .iter()
+                .any(|n| n.starts_with("error: Git catch-up failed")),
+            "{sync:?}"
+        );
         assert!(matches!(engine.agent.gate.state(), SyncState::Failed(_)));
 
         let events = engine.prompt("p1", "try").await;
         let results = results(&events);
-        assert!(results[0].0 && results[0].1.contains("hello"), "reads work: {results:?}");
-        assert!(!results[1].0 && results[1].1.contains("git sync failed"), "writes refused: {results:?}");
-        assert!(results[2].1.contains("Read-only file system"), "bash cannot write either: {results:?}");
-        assert_eq!(std::fs::read_to_string(repo.clone.join("README.md")).unwrap(), "hello\n");
+        assert!(
+            results[0].0 && results[0].1.contains("hello"),
+            "reads work: {results:?}"
+        );
+        assert!(
+            !results[1].0 && results[1].1.contains("git sync failed"),
+            "writes refused: {results:?}"
+        );
+        assert!(
+            results[2].1.contains("Read-only file system"),
+            "bash cannot write either: {results:?}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(repo.clone.join("README.md")).unwrap(),
+            "hello\n"
+        );
         assert!(!events.iter().any(|e| matches!(e, Event::Push { .. })));
     }
 
@@ -877,14 +983,34 @@ mod engine {
     #[tokio::test]
     async fn hooks_block_and_rewrite_tool_calls_and_clients_see_it() {
         let hooks = "[[hooks]]\nname = \"guard\"\nevent = \"tool.before\"\ntools = [\"write_file\"]\ncommand = [\".nightshift/guard.sh\"]\n";
-        let repo = repo(&[("README.md", "hello\n"), (".nightshift/hooks.toml", hooks), (".nightshift/guard.sh", GUARD)]);
+        let repo = repo(&[
+            ("README.md", "hello\n"),
+            (".nightshift/hooks.toml", hooks),
+            (".nightshift/guard.sh", GUARD),
+        ]);
         let (url, server) = start_model(
             vec![
                 tool_step(&[
-                    ("t1", "write_file", json!({"path": "a.txt", "content": "SECRET=1\n"})),
-                    ("t2", "write_file", json!({"path": "rewrite-me", "content": "x"})),
-                    ("t3", "write_file", json!({"path": ".nightshift/hooks.toml", "content": ""})),
-                    ("t4", "bash", json!({"command": "git push --force origin HEAD"})),
+                    (
+                        "t1",
+                        "write_file",
+                        json!({"path": "a.txt", "content": "SECRET=1\n"}),
+                    ),
+                    (
+                        "t2",
+                        "write_file",
+                        json!({"path": "rewrite-me", "content": "x"}),
+                    ),
+                    (
+                        "t3",
+                        "write_file",
+                        json!({"path": ".nightshift/hooks.toml", "content": ""}),
+                    ),
+                    (
+                        "t4",
+                        "bash",
+                        json!({"command": "git push --force origin HEAD"}),
+                    ),
                 ]),
                 done_step(),
             ],
@@ -895,16 +1021,39 @@ mod engine {
         engine.drain();
         let events = engine.prompt("p1", "go").await;
         let results = results(&events);
-        assert_eq!(results[0], (false, "blocked by guard: no secrets in files".to_owned()));
+        assert_eq!(
+            results[0],
+            (false, "blocked by guard: no secrets in files".to_owned())
+        );
         assert!(results[1].0, "{results:?}");
         assert!(!repo.clone.join("a.txt").exists());
         assert!(!repo.clone.join("rewrite-me").exists());
-        assert_eq!(std::fs::read_to_string(repo.clone.join("rewritten.txt")).unwrap(), "by the hook");
-        assert!(!results[2].0 && results[2].1.starts_with("blocked by policy:read_only_paths"), "{results:?}");
-        assert!(!results[3].0 && results[3].1.starts_with("blocked by policy:blocked_commands"), "{results:?}");
+        assert_eq!(
+            std::fs::read_to_string(repo.clone.join("rewritten.txt")).unwrap(),
+            "by the hook"
+        );
+        assert!(
+            !results[2].0
+                && results[2]
+                    .1
+                    .starts_with("blocked by policy:read_only_paths"),
+            "{results:?}"
+        );
+        assert!(
+            !results[3].0
+                && results[3]
+                    .1
+                    .starts_with("blocked by policy:blocked_commands"),
+            "{results:?}"
+        );
         let notices = notices(&events);
         assert!(notices.iter().any(|n| n == "warn: A `write_file` call was blocked by guard: no secrets in files"), "{notices:?}");
-        assert!(notices.iter().any(|n| n.starts_with("info: guard rewrote the arguments of `write_file`")), "{notices:?}");
+        assert!(
+            notices
+                .iter()
+                .any(|n| n.starts_with("info: guard rewrote the arguments of `write_file`")),
+            "{notices:?}"
+        );
         // The model saw the block as an error result.
         let requests = server.requests.lock().unwrap();
         let results_sent = &requests[1].1["messages"][2]["content"];
@@ -913,18 +1062,38 @@ mod engine {
 
     #[tokio::test]
     async fn an_invalid_hook_config_blocks_every_tool_call() {
-        let repo = repo(&[("README.md", "hello\n"), (".nightshift/hooks.toml", "[[hooks]]\nevent = \"tool.whenever\"\ncommand = [\"true\"]\n")]);
+        let repo = repo(&[
+            ("README.md", "hello\n"),
+            (
+                ".nightshift/hooks.toml",
+                "[[hooks]]\nevent = \"tool.whenever\"\ncommand = [\"true\"]\n",
+            ),
+        ]);
         let (url, _server) = start_model(
-            vec![tool_step(&[("t1", "read_file", json!({"path": "README.md"}))]), done_step()],
+            vec![
+                tool_step(&[("t1", "read_file", json!({"path": "README.md"}))]),
+                done_step(),
+            ],
             None,
         )
         .await;
         let mut engine = engine(&url, &repo, AgentConfig::default()).await;
         let sync = engine.drain();
-        assert!(notices(&sync).iter().any(|n| n.starts_with("error: .nightshift/hooks.toml cannot be used")), "{sync:?}");
+        assert!(
+            notices(&sync)
+                .iter()
+                .any(|n| n.starts_with("error: .nightshift/hooks.toml cannot be used")),
+            "{sync:?}"
+        );
         let events = engine.prompt("p1", "go").await;
         let results = results(&events);
-        assert!(!results[0].0 && results[0].1.starts_with("blocked by .nightshift/hooks.toml"), "{results:?}");
+        assert!(
+            !results[0].0
+                && results[0]
+                    .1
+                    .starts_with("blocked by .nightshift/hooks.toml"),
+            "{results:?}"
+        );
     }
 
     #[tokio::test]
@@ -942,8 +1111,14 @@ mod engine {
         engine.drain();
         let events = engine.prompt("p1", "go").await;
         let results = results(&events);
-        assert!(!results[0].0 && results[0].1.contains("blocked by policy:read_only_paths"), "{results:?}");
-        assert!(!repo.clone.join(".nightshift/hooks.toml").exists(), "the write was undone");
+        assert!(
+            !results[0].0 && results[0].1.contains("blocked by policy:read_only_paths"),
+            "{results:?}"
+        );
+        assert!(
+            !repo.clone.join(".nightshift/hooks.toml").exists(),
+            "the write was undone"
+        );
         assert!(repo.clone.join("fine.txt").exists(), "other writes stay");
         let changed: Vec<&str> = events
             .iter()
@@ -961,20 +1136,60 @@ mod engine {
         let repo = repo(&[("big.txt", &big)]);
         let read = |id: &str| tool_step(&[(id, "read_file", json!({"path": "big.txt"}))]);
         let (url, server) = start_model(
-            vec![read("t1"), read("t2"), read("t3"), read("t4"), read("t5"), read("t6"), read("t7"), read("t8"), read("t9"), done_step()],
+            vec![
+                read("t1"),
+                read("t2"),
+                read("t3"),
+                read("t4"),
+                read("t5"),
+                read("t6"),
+                read("t7"),
+                read("t8"),
+                read("t9"),
+                done_step(),
+            ],
             None,
         )
         .await;
-        let limits = crate::run::tools::ToolLimits { output_cap_bytes: 64 * 1024, ..Default::default() };
-        let mut engine = engine(&url, &repo, AgentConfig { context_window_tokens: Some(100_000), limits, ..AgentConfig::default() }).await;
+        let limits = crate::run::tools::ToolLimits {
+            output_cap_bytes: 64 * 1024,
+            ..Default::default()
+        };
+        let mut engine = engine(
+            &url,
+            &repo,
+            AgentConfig {
+                context_window_tokens: Some(100_000),
+                limits,
+                ..AgentConfig::default()
+            },
+        )
+        .await;
         engine.drain();
         let events = engine.prompt("p1", "read it again and again").await;
-        assert!(matches!(events.last(), Some(Event::PromptFinished { status: PromptStatus::Completed, .. })));
+        assert!(matches!(
+            events.last(),
+            Some(Event::PromptFinished {
+                status: PromptStatus::Completed,
+                ..
+            })
+        ));
         let notices = notices(&events);
-        assert!(notices.iter().any(|n| n.starts_with("info: Context compacted:")), "{notices:?}");
+        assert!(
+            notices
+                .iter()
+                .any(|n| n.starts_with("info: Context compacted:")),
+            "{notices:?}"
+        );
         let requests = server.requests.lock().unwrap();
         let last = requests.last().unwrap().1["messages"].to_string();
-        assert!(last.contains("[output compacted to save context"), "older outputs were compacted");
-        assert!(last.contains("line of a big file"), "the newest outputs are whole");
+        assert!(
+            last.contains("[output compacted to save context"),
+            "older outputs were compacted"
+        );
+        assert!(
+            last.contains("line of a big file"),
+            "the newest outputs are whole"
+        );
     }
 }

@@ -8,7 +8,9 @@ use nightshift_protocol::{Event, EventEnvelope, PromptStatus};
 use nightshift_tests::System;
 use serde_json::json;
 
-use crate::flow::{self, assert_contiguous, finished_status, join, pair, until_finished, until_ready};
+use crate::flow::{
+    self, assert_contiguous, finished_status, join, pair, until_finished, until_ready,
+};
 
 fn plan() -> String {
     let steps = [
@@ -44,8 +46,15 @@ fn git_log(system: &System, branch: &str) -> anyhow::Result<Vec<String>> {
         .arg(&git_dir)
         .args(["log", "--format=%H|%an <%ae>|%cn", branch])
         .output()?;
-    anyhow::ensure!(output.status.success(), "git log: {}", String::from_utf8_lossy(&output.stderr));
-    Ok(String::from_utf8(output.stdout)?.lines().map(str::to_owned).collect())
+    anyhow::ensure!(
+        output.status.success(),
+        "git log: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?
+        .lines()
+        .map(str::to_owned)
+        .collect())
 }
 
 fn pushes(events: &[EventEnvelope]) -> Vec<(String, String)> {
@@ -72,10 +81,20 @@ async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> a
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } == 0 {
         let log = system.host_log();
-        assert!(log.contains("sandboxes are isolated"), "the host isolates sandboxes as root:\n{log}");
-        assert!(log.contains("isolated=true"), "this session's sandbox was isolated:\n{log}");
+        assert!(
+            log.contains("sandboxes are isolated"),
+            "the host isolates sandboxes as root:\n{log}"
+        );
+        assert!(
+            log.contains("isolated=true"),
+            "this session's sandbox was isolated:\n{log}"
+        );
     }
-    assert_eq!(finished_status(&seen, &prompt_id), Some(PromptStatus::Completed), "{seen:#?}");
+    assert_eq!(
+        finished_status(&seen, &prompt_id),
+        Some(PromptStatus::Completed),
+        "{seen:#?}"
+    );
     assert_contiguous(&seen);
 
     // The catch-up ran before any write.
@@ -95,7 +114,10 @@ async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> a
             _ => None,
         })
         .collect();
-    assert_eq!(calls, ["read_file", "grep", "edit_file", "edit_file", "bash"]);
+    assert_eq!(
+        calls,
+        ["read_file", "grep", "edit_file", "edit_file", "bash"]
+    );
     let results: Vec<(bool, &str)> = seen
         .iter()
         .filter_map(|e| match &e.event {
@@ -104,10 +126,21 @@ async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> a
         })
         .collect();
     assert!(results.iter().all(|(ok, _)| *ok), "{results:#?}");
-    assert!(results[1].1.contains("hello/greet.py:"), "grep finds the definitions: {}", results[1].1);
-    assert!(results[2].1.contains("+def wave"), "edit shows a diff: {}", results[2].1);
+    assert!(
+        results[1].1.contains("hello/greet.py:"),
+        "grep finds the definitions: {}",
+        results[1].1
+    );
+    assert!(
+        results[2].1.contains("+def wave"),
+        "edit shows a diff: {}",
+        results[2].1
+    );
     let bash = results[4].1;
-    assert!(bash.contains("test_wave") && bash.contains("OK"), "the tests ran and passed: {bash}");
+    assert!(
+        bash.contains("test_wave") && bash.contains("OK"),
+        "the tests ran and passed: {bash}"
+    );
     let streamed: String = seen
         .iter()
         .filter_map(|e| match &e.event {
@@ -115,7 +148,10 @@ async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> a
             _ => None,
         })
         .collect();
-    assert!(streamed.contains("test_wave"), "bash output was streamed: {streamed:?}");
+    assert!(
+        streamed.contains("test_wave"),
+        "bash output was streamed: {streamed:?}"
+    );
     let mut changed: Vec<&str> = seen
         .iter()
         .filter_map(|e| match &e.event {
@@ -134,18 +170,34 @@ async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> a
     let log = git_log(&system, &branch)?;
     assert_eq!(
         log[0],
-        format!("{}|Ada Lovelace <ada@example.com>|Nightshift", ada_push[0].1),
+        format!(
+            "{}|Ada Lovelace <ada@example.com>|Nightshift",
+            ada_push[0].1
+        ),
         "the pushed commit is Ada's, committed by Nightshift"
     );
 
     // Bob saw everything live, and his own prompt is committed as him.
     let mut bob_seen = Vec::new();
-    let bob_prompt = flow::prompt(&mut b, "[script:write path=NOTES.md content=bob was here]", &mut bob_seen).await?;
+    let bob_prompt = flow::prompt(
+        &mut b,
+        "[script:write path=NOTES.md content=bob was here]",
+        &mut bob_seen,
+    )
+    .await?;
     bob_seen.extend(until_finished(&mut b, &bob_prompt).await?);
-    assert!(bob_seen.iter().any(|e| matches!(&e.event, Event::Push { .. })));
+    assert!(bob_seen
+        .iter()
+        .any(|e| matches!(&e.event, Event::Push { .. })));
     let log = git_log(&system, &branch)?;
-    assert!(log[0].ends_with("|Bob Noyce <bob@example.com>|Nightshift"), "{log:?}");
-    assert!(log[1].ends_with("|Ada Lovelace <ada@example.com>|Nightshift"), "{log:?}");
+    assert!(
+        log[0].ends_with("|Bob Noyce <bob@example.com>|Nightshift"),
+        "{log:?}"
+    );
+    assert!(
+        log[1].ends_with("|Ada Lovelace <ada@example.com>|Nightshift"),
+        "{log:?}"
+    );
     Ok(())
 }
 
@@ -153,7 +205,8 @@ async fn a_multi_step_task_is_streamed_committed_as_its_author_and_pushed() -> a
 async fn stop_kills_a_running_command_and_the_next_prompt_starts_cleanly() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut ada = nightshift_tests::Client::new(&system);
-    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
+        .await?;
     let session = ada.create_session(nightshift_tests::DEMO_REPO).await?;
     let (mut a, _) = join(&ada, &session, None).await?;
     let mut seen = until_ready(&mut a).await?;
@@ -163,31 +216,53 @@ async fn stop_kills_a_running_command_and_the_next_prompt_starts_cleanly() -> an
     let marker = format!("{}.{}", 900 + std::process::id() % 100, std::process::id());
     let command = json!({"tool": "bash", "input": {"command": format!("sleep {marker} & echo started; wait")}});
     let prompt_id = flow::prompt(&mut a, &format!("[script:plan]\n{command}\n"), &mut seen).await?;
-    a.wait_for_event(|e| matches!(e, Event::ToolOutput { text, .. } if text.contains("started")), flow::WAIT)
-        .await?;
+    a.wait_for_event(
+        |e| matches!(e, Event::ToolOutput { text, .. } if text.contains("started")),
+        flow::WAIT,
+    )
+    .await?;
     assert!(running(&marker), "the command runs");
 
     let stop_sent = std::time::Instant::now();
-    a.send(&nightshift_protocol::ClientMessage::Stop { scope: nightshift_protocol::StopScope::Turn }).await?;
+    a.send(&nightshift_protocol::ClientMessage::Stop {
+        scope: nightshift_protocol::StopScope::Turn,
+    })
+    .await?;
     let events = until_finished(&mut a, &prompt_id).await?;
-    eprintln!("stop -> prompt_finished at the client: {:?}", stop_sent.elapsed());
-    assert_eq!(finished_status(&events, &prompt_id), Some(PromptStatus::Stopped));
-    assert!(!running(&marker), "the command and its children were killed");
+    eprintln!(
+        "stop -> prompt_finished at the client: {:?}",
+        stop_sent.elapsed()
+    );
+    assert_eq!(
+        finished_status(&events, &prompt_id),
+        Some(PromptStatus::Stopped)
+    );
+    assert!(
+        !running(&marker),
+        "the command and its children were killed"
+    );
 
     let mut next = Vec::new();
     let again = flow::prompt(&mut a, "[script:tokens count=5 rate=0]", &mut next).await?;
     next.extend(until_finished(&mut a, &again).await?);
-    assert_eq!(finished_status(&next, &again), Some(PromptStatus::Completed));
+    assert_eq!(
+        finished_status(&next, &again),
+        Some(PromptStatus::Completed)
+    );
     Ok(())
 }
 
 /// Whether a process whose command line contains `sleep <marker>` exists on this machine.
 fn running(marker: &str) -> bool {
     let needle = format!("sleep\0{marker}");
-    std::fs::read_dir("/proc").into_iter().flatten().flatten().any(|entry| {
-        std::fs::read(entry.path().join("cmdline"))
-            .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
-    })
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|entry| {
+            std::fs::read(entry.path().join("cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains(&needle))
+        })
 }
 
 /// Kills the child on drop.
@@ -203,7 +278,9 @@ impl Drop for Child {
 #[tokio::test]
 async fn a_model_on_an_openai_compatible_server_does_the_same_work() -> anyhow::Result<()> {
     // A local OpenAI-compatible server (as Ollama or vLLM would be): the scripted model's chat completions.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let tools = nightshift_tests::system::Tools::from_env()?;
     let _server = Child(
         Command::new(&tools.agent_bin)
@@ -212,21 +289,36 @@ async fn a_model_on_an_openai_compatible_server_does_the_same_work() -> anyhow::
             .spawn()?,
     );
     let system = System::start_with(nightshift_tests::StartOptions {
-        host_env: vec![("OPENAI_BASE_URL".to_owned(), format!("http://127.0.0.1:{port}/v1"))],
+        host_env: vec![(
+            "OPENAI_BASE_URL".to_owned(),
+            format!("http://127.0.0.1:{port}/v1"),
+        )],
         ..Default::default()
     })
     .await?;
     let mut ada = nightshift_tests::Client::new(&system);
-    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
-    let session = ada.create_session_with_model(nightshift_tests::DEMO_REPO, Some("qwen2.5-coder:7b")).await?;
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
+        .await?;
+    let session = ada
+        .create_session_with_model(nightshift_tests::DEMO_REPO, Some("qwen2.5-coder:7b"))
+        .await?;
     let (mut a, _) = join(&ada, &session, None).await?;
     let mut seen = until_ready(&mut a).await?;
     let step = json!({"tool": "write_file", "input": {"path": "LOCAL.md", "content": "written through chat completions\n"}});
     let prompt_id = flow::prompt(&mut a, &format!("[script:plan]\n{step}\n"), &mut seen).await?;
     seen.extend(until_finished(&mut a, &prompt_id).await?);
-    assert_eq!(finished_status(&seen, &prompt_id), Some(PromptStatus::Completed), "{seen:#?}");
-    assert!(seen.iter().any(|e| matches!(&e.event, Event::Token { .. })), "text streamed");
-    assert!(seen.iter().any(|e| matches!(&e.event, Event::FileChanged { path, .. } if path == "LOCAL.md")));
+    assert_eq!(
+        finished_status(&seen, &prompt_id),
+        Some(PromptStatus::Completed),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter().any(|e| matches!(&e.event, Event::Token { .. })),
+        "text streamed"
+    );
+    assert!(seen
+        .iter()
+        .any(|e| matches!(&e.event, Event::FileChanged { path, .. } if path == "LOCAL.md")));
     assert!(seen.iter().any(|e| matches!(&e.event, Event::Usage { cost_usd: None, input_tokens, .. } if *input_tokens > 0)), "usage counted, no price for a local model");
     assert_eq!(pushes(&seen).len(), 1);
     Ok(())

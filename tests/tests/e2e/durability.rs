@@ -8,10 +8,12 @@ use nightshift_tests::System;
 use crate::flow::{self, assert_contiguous, finished_status, join, until_finished, until_ready};
 
 #[tokio::test]
-async fn the_log_is_intact_after_a_wrangler_restart_and_the_session_continues() -> anyhow::Result<()> {
+async fn the_log_is_intact_after_a_wrangler_restart_and_the_session_continues() -> anyhow::Result<()>
+{
     let mut system = System::start().await?;
     let mut ada = nightshift_tests::Client::new(&system);
-    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
+        .await?;
     let session = ada.create_session(nightshift_tests::DEMO_REPO).await?;
     let (mut a, _) = join(&ada, &session, None).await?;
     let mut before = until_ready(&mut a).await?;
@@ -26,9 +28,17 @@ async fn the_log_is_intact_after_a_wrangler_restart_and_the_session_continues() 
     let mut replay = Vec::new();
     let prompt = flow::prompt(&mut a, "[script:tokens count=5 rate=0]", &mut replay).await?;
     replay.extend(until_finished(&mut a, &prompt).await?);
-    assert_eq!(&replay[..before.len()], before.as_slice(), "the log replays unchanged after the restart");
+    assert_eq!(
+        &replay[..before.len()],
+        before.as_slice(),
+        "the log replays unchanged after the restart"
+    );
     assert_contiguous(&replay);
-    assert_eq!(finished_status(&replay, &prompt), Some(PromptStatus::Completed), "the agent reconnected and worked");
+    assert_eq!(
+        finished_status(&replay, &prompt),
+        Some(PromptStatus::Completed),
+        "the agent reconnected and worked"
+    );
     Ok(())
 }
 
@@ -36,7 +46,8 @@ async fn the_log_is_intact_after_a_wrangler_restart_and_the_session_continues() 
 async fn an_evicted_object_takes_the_next_prompt() -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut ada = nightshift_tests::Client::new(&system);
-    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
+        .await?;
     let session = ada.create_session(nightshift_tests::DEMO_REPO).await?;
     let (mut a, _) = join(&ada, &session, None).await?;
     until_ready(&mut a).await?;
@@ -55,6 +66,9 @@ async fn an_evicted_object_takes_the_next_prompt() -> anyhow::Result<()> {
         .await?;
     let (mut a, _) = join(&ada, &session, None).await?;
     let events = until_finished(&mut a, &accepted.prompt_id).await?;
-    assert_eq!(finished_status(&events, &accepted.prompt_id), Some(PromptStatus::Completed));
+    assert_eq!(
+        finished_status(&events, &accepted.prompt_id),
+        Some(PromptStatus::Completed)
+    );
     Ok(())
 }

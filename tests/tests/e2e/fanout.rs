@@ -10,10 +10,12 @@ use crate::flow::{self, assert_contiguous, join, until_finished, until_ready};
 const CLIENTS: usize = 20;
 
 #[tokio::test]
-async fn a_burst_to_many_clients_arrives_complete_and_in_order_even_for_a_late_joiner() -> anyhow::Result<()> {
+async fn a_burst_to_many_clients_arrives_complete_and_in_order_even_for_a_late_joiner(
+) -> anyhow::Result<()> {
     let system = System::start().await?;
     let mut ada = nightshift_tests::Client::new(&system);
-    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
+        .await?;
     let session = ada.create_session(DEMO_REPO).await?;
     let (mut first, _) = join(&ada, &session, None).await?;
     let mut first_events = until_ready(&mut first).await?;
@@ -22,7 +24,12 @@ async fn a_burst_to_many_clients_arrives_complete_and_in_order_even_for_a_late_j
         others.push(join(&ada, &session, None).await?.0);
     }
 
-    let prompt = flow::prompt(&mut first, "[script:tokens count=400 rate=400]", &mut first_events).await?;
+    let prompt = flow::prompt(
+        &mut first,
+        "[script:tokens count=400 rate=400]",
+        &mut first_events,
+    )
+    .await?;
     // Latecomers say hello while the stream is being sent, each at a different point of it.
     let mut latecomers = Vec::new();
     let mut seen_tokens = 0;
@@ -42,11 +49,20 @@ async fn a_burst_to_many_clients_arrives_complete_and_in_order_even_for_a_late_j
     }
     first_events.extend(until_finished(&mut first, &prompt).await?);
     assert_contiguous(&first_events);
-    assert_eq!(first_events.iter().filter(|e| matches!(e.event, Event::Token { .. })).count(), 400);
+    assert_eq!(
+        first_events
+            .iter()
+            .filter(|e| matches!(e.event, Event::Token { .. }))
+            .count(),
+        400
+    );
 
     for (i, late) in latecomers.iter_mut().enumerate() {
         let late_events = until_finished(late, &prompt).await?;
-        assert_eq!(late_events, first_events, "latecomer {i}: replay and live stream overlap or leave a gap");
+        assert_eq!(
+            late_events, first_events,
+            "latecomer {i}: replay and live stream overlap or leave a gap"
+        );
     }
     for (i, ws) in others.iter_mut().enumerate() {
         let events: Vec<EventEnvelope> = until_finished(ws, &prompt).await?;

@@ -24,7 +24,8 @@ async fn ten_link_cuts_during_one_prompt_lose_and_repeat_nothing() -> anyhow::Re
     proxy.set_target(system.worker_addr());
 
     let mut ada = nightshift_tests::Client::new(&system);
-    ada.dev_login("ada", "Ada Lovelace", "ada@example.com").await?;
+    ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
+        .await?;
     let session = ada.create_session(nightshift_tests::DEMO_REPO).await?;
     let (mut ws, _) = join(&ada, &session, None).await?;
     let mut seen = until_ready(&mut ws).await?;
@@ -54,7 +55,10 @@ async fn ten_link_cuts_during_one_prompt_lose_and_repeat_nothing() -> anyhow::Re
         connections_before
     );
     assert_contiguous(&seen);
-    assert_eq!(finished_status(&seen, &prompt_id), Some(PromptStatus::Completed));
+    assert_eq!(
+        finished_status(&seen, &prompt_id),
+        Some(PromptStatus::Completed)
+    );
     let tokens: Vec<&str> = seen
         .iter()
         .filter_map(|e| match &e.event {
@@ -67,7 +71,9 @@ async fn ten_link_cuts_during_one_prompt_lose_and_repeat_nothing() -> anyhow::Re
     for kind in ["prompt_started", "message", "usage", "prompt_finished"] {
         let count = seen
             .iter()
-            .filter(|e| e.event.kind() == kind && event_prompt(&e.event) == Some(prompt_id.as_str()))
+            .filter(|e| {
+                e.event.kind() == kind && event_prompt(&e.event) == Some(prompt_id.as_str())
+            })
             .count();
         assert_eq!(count, 1, "exactly one `{kind}`");
     }

@@ -3,10 +3,13 @@
 use nightshift_protocol::{Event, FileChange, PromptStatus};
 use nightshift_tests::System;
 
-use crate::flow::{self, assert_contiguous, finished_status, join, pair, until_finished, until_ready};
+use crate::flow::{
+    self, assert_contiguous, finished_status, join, pair, until_finished, until_ready,
+};
 
 #[tokio::test]
-async fn two_people_see_the_same_prompt_live_and_the_edit_lands_in_the_working_copy() -> anyhow::Result<()> {
+async fn two_people_see_the_same_prompt_live_and_the_edit_lands_in_the_working_copy(
+) -> anyhow::Result<()> {
     let system = System::start().await?;
     let flow::Pair { ada, bob, session } = pair(&system).await?;
     let (mut a, _) = join(&ada, &session, None).await?;
@@ -23,25 +26,58 @@ async fn two_people_see_the_same_prompt_live_and_the_edit_lands_in_the_working_c
     let b_events = until_finished(&mut b, &prompt_id).await?;
 
     assert_contiguous(&a_events);
-    assert_eq!(a_events.first().map(|e| e.seq), Some(1), "a client without last_seq replays from the start");
-    assert_eq!(a_events, b_events, "both clients see the same events in the same order");
-    assert_eq!(finished_status(&a_events, &prompt_id), Some(PromptStatus::Completed));
+    assert_eq!(
+        a_events.first().map(|e| e.seq),
+        Some(1),
+        "a client without last_seq replays from the start"
+    );
+    assert_eq!(
+        a_events, b_events,
+        "both clients see the same events in the same order"
+    );
+    assert_eq!(
+        finished_status(&a_events, &prompt_id),
+        Some(PromptStatus::Completed)
+    );
 
     let kinds: Vec<&str> = a_events.iter().map(|e| e.event.kind()).collect();
-    for kind in ["prompt_queued", "prompt_started", "token", "tool_call", "tool_result", "file_changed", "usage", "prompt_finished"] {
+    for kind in [
+        "prompt_queued",
+        "prompt_started",
+        "token",
+        "tool_call",
+        "tool_result",
+        "file_changed",
+        "usage",
+        "prompt_finished",
+    ] {
         assert!(kinds.contains(&kind), "missing {kind} in {kinds:?}");
     }
     let author = a_events.iter().find_map(|e| match &e.event {
         Event::PromptQueued { author, .. } => Some(author.clone()),
         _ => None,
     });
-    assert_eq!(author.map(|a| (a.login, a.email)), Some(("ada".to_owned(), "ada@example.com".to_owned())));
+    assert_eq!(
+        author.map(|a| (a.login, a.email)),
+        Some(("ada".to_owned(), "ada@example.com".to_owned()))
+    );
     assert!(a_events.iter().any(|e| matches!(&e.event,
         Event::FileChanged { path, change: FileChange::Added, additions: 1, .. } if path == "notes/hello.txt")));
 
-    let sandbox_id = flow::state(&ada, &session).await?.sandbox.id.expect("the sandbox has an id");
-    let written = system.host_data_dir().join("sandboxes").join(&sandbox_id).join("workspace/notes/hello.txt");
-    assert_eq!(std::fs::read_to_string(&written)?.trim_end(), "written for ada");
+    let sandbox_id = flow::state(&ada, &session)
+        .await?
+        .sandbox
+        .id
+        .expect("the sandbox has an id");
+    let written = system
+        .host_data_dir()
+        .join("sandboxes")
+        .join(&sandbox_id)
+        .join("workspace/notes/hello.txt");
+    assert_eq!(
+        std::fs::read_to_string(&written)?.trim_end(),
+        "written for ada"
+    );
     Ok(())
 }
 
@@ -53,7 +89,8 @@ async fn a_client_that_drops_mid_stream_gets_exactly_the_missing_events() -> any
     let mut a_events = until_ready(&mut a).await?;
     let (mut b, _) = join(&bob, &session, None).await?;
 
-    let prompt_id = flow::prompt(&mut a, "[script:tokens count=300 rate=150]", &mut a_events).await?;
+    let prompt_id =
+        flow::prompt(&mut a, "[script:tokens count=300 rate=150]", &mut a_events).await?;
     // Bob reads a few tokens, then his connection drops.
     let mut tokens_seen = 0;
     let b_before = b
@@ -74,11 +111,21 @@ async fn a_client_that_drops_mid_stream_gets_exactly_the_missing_events() -> any
     let (mut b, _) = join(&bob, &session, Some(last_seq)).await?;
     let b_after = until_finished(&mut b, &prompt_id).await?;
 
-    let expected: Vec<_> = a_events.iter().filter(|e| e.seq > last_seq).cloned().collect();
+    let expected: Vec<_> = a_events
+        .iter()
+        .filter(|e| e.seq > last_seq)
+        .cloned()
+        .collect();
     assert!(!expected.is_empty());
-    assert_eq!(b_after, expected, "the replay after last_seq is exactly what was missed");
+    assert_eq!(
+        b_after, expected,
+        "the replay after last_seq is exactly what was missed"
+    );
     assert_contiguous(&a_events);
-    let tokens = a_events.iter().filter(|e| matches!(e.event, Event::Token { .. })).count();
+    let tokens = a_events
+        .iter()
+        .filter(|e| matches!(e.event, Event::Token { .. }))
+        .count();
     assert_eq!(tokens, 300, "every streamed token is logged once");
     Ok(())
 }

@@ -23,14 +23,21 @@ fn decode<T: serde::de::DeserializeOwned>(frame: &str, known: &[&str]) -> Result
     if frame.len() > MAX_FRAME_BYTES {
         return Err(DecodeError {
             code: ErrorCode::FrameTooLarge,
-            message: format!("frame of {} bytes exceeds the limit of {MAX_FRAME_BYTES}", frame.len()),
+            message: format!(
+                "frame of {} bytes exceeds the limit of {MAX_FRAME_BYTES}",
+                frame.len()
+            ),
         });
     }
     let value: serde_json::Value = serde_json::from_str(frame).map_err(|e| DecodeError {
         code: ErrorCode::InvalidJson,
         message: format!("frame is not valid json: {e}"),
     })?;
-    let Some(kind) = value.get("type").and_then(serde_json::Value::as_str).map(str::to_owned) else {
+    let Some(kind) = value
+        .get("type")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned)
+    else {
         return Err(DecodeError {
             code: ErrorCode::InvalidMessage,
             message: "message has no string `type` field".to_owned(),
@@ -75,8 +82,14 @@ mod tests {
         check(r#"{"type": 3}"#, ErrorCode::InvalidMessage);
         check(r#"{"type":"launch_missiles"}"#, ErrorCode::UnknownType);
         check(r#"{"type":"prompt","text":1}"#, ErrorCode::InvalidMessage);
-        check(r#"{"type":"stop","scope":"galaxy"}"#, ErrorCode::InvalidMessage);
-        let big = format!(r#"{{"type":"ping","pad":"{}"}}"#, "x".repeat(MAX_FRAME_BYTES));
+        check(
+            r#"{"type":"stop","scope":"galaxy"}"#,
+            ErrorCode::InvalidMessage,
+        );
+        let big = format!(
+            r#"{{"type":"ping","pad":"{}"}}"#,
+            "x".repeat(MAX_FRAME_BYTES)
+        );
         check(&big, ErrorCode::FrameTooLarge);
     }
 
@@ -90,7 +103,8 @@ mod tests {
     fn agent_frames_decode() {
         let msg = decode_agent_message(r#"{"type":"heartbeat"}"#).unwrap();
         assert_eq!(msg, AgentMessage::Heartbeat {});
-        let err = decode_agent_message(r#"{"type":"prompt","text":"x","idempotency_key":"k"}"#).unwrap_err();
+        let err = decode_agent_message(r#"{"type":"prompt","text":"x","idempotency_key":"k"}"#)
+            .unwrap_err();
         assert_eq!(err.code, ErrorCode::UnknownType);
     }
 }

@@ -1,6 +1,9 @@
 //! Bodies of the Worker's HTTP routes.
 
-use crate::{Author, ErrorCode, EventEnvelope, Participant, QueuedPrompt, SandboxStatus, SessionInfo, StopScope};
+use crate::{
+    Author, ErrorCode, EventEnvelope, Participant, QueuedPrompt, SandboxStatus, SessionInfo,
+    StopScope,
+};
 
 /// `POST /api/sessions`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -171,7 +174,12 @@ pub struct ErrorDetail {
 impl ErrorBody {
     /// Build an error body.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ErrorBody { error: ErrorDetail { code, message: message.into() } }
+        ErrorBody {
+            error: ErrorDetail {
+                code,
+                message: message.into(),
+            },
+        }
     }
 }
 

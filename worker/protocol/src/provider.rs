@@ -50,6 +50,27 @@ pub struct SandboxInfo {
     /// first; only the latest ones are kept.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub refused: Vec<RefusedEgress>,
+    /// The newest snapshot of the sandbox (taken on request, after a prompt, or when it ended), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_snapshot: Option<String>,
+}
+
+/// `POST /sandbox/{session}/ended`, from the provider to the session a sandbox served, authenticated
+/// with that sandbox's token: the sandbox ended (stopped, timed out, or its agent died) and, when it
+/// could be, was snapshotted first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SandboxEnded {
+    /// Provider's sandbox id.
+    pub sandbox_id: String,
+    /// `stopped` (asked to stop, timed out, or the provider shut down) or `exited` (the agent ended
+    /// on its own: crashed or was killed).
+    pub status: String,
+    /// Human detail (exit status, the reason for the stop).
+    #[serde(default)]
+    pub detail: String,
+    /// The snapshot taken as it ended (or the newest before), to restore the session from.
+    #[serde(default)]
+    pub snapshot_id: Option<String>,
 }
 
 /// One outbound connection a sandbox's egress proxy refused.

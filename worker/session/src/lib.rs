@@ -12,7 +12,7 @@ pub mod store;
 
 pub use presence::ClientIdentity;
 pub use session::{Effects, Session, Submitted, MAX_UNFINISHED_PROMPTS};
-pub use store::{MemoryStore, Member, PromptRecord, SandboxRecord, Store, StoreError};
+pub use store::{Member, MemoryStore, PromptRecord, SandboxRecord, Store, StoreError};
 
 use nightshift_protocol::ErrorCode;
 

@@ -6,7 +6,8 @@
 //! [`RepoState::next_alarm_ms`]. Nothing here reads a clock or does I/O.
 
 use nightshift_protocol::http::{
-    BuildStatus, RepoBuild, RepoImage, RepoSummary, RepoWarm, RepoWarning, RepoWarningKind, WarmOutcome,
+    BuildStatus, RepoBuild, RepoImage, RepoSummary, RepoWarm, RepoWarning, RepoWarningKind,
+    WarmOutcome,
 };
 use nightshift_protocol::provider::{ImageInfo, ImageList, ImageStatus};
 
@@ -131,13 +132,19 @@ impl RepoState {
 
     /// The cadence in force.
     pub fn cadence_ms(&self) -> u64 {
-        self.cadence_override_ms.unwrap_or(self.default_cadence_ms).max(1)
+        self.cadence_override_ms
+            .unwrap_or(self.default_cadence_ms)
+            .max(1)
     }
 
     /// Set the repository's own cadence.
     pub fn set_cadence(&mut self, cadence_ms: u64) -> Result<(), RepoError> {
         if !(MIN_CADENCE_MS..=MAX_CADENCE_MS).contains(&cadence_ms) {
-            return Err(RepoError::CadenceOutOfRange { cadence_ms, min_ms: MIN_CADENCE_MS, max_ms: MAX_CADENCE_MS });
+            return Err(RepoError::CadenceOutOfRange {
+                cadence_ms,
+                min_ms: MIN_CADENCE_MS,
+                max_ms: MAX_CADENCE_MS,
+            });
         }
         self.cadence_override_ms = Some(cadence_ms);
         Ok(())
@@ -145,14 +152,19 @@ impl RepoState {
 
     /// Whether a build is running.
     pub fn building(&self) -> bool {
-        self.build.as_ref().is_some_and(|b| b.status == BuildStatus::Building)
+        self.build
+            .as_ref()
+            .is_some_and(|b| b.status == BuildStatus::Building)
     }
 
     /// When the next build is due: a cadence after the newest image (or the last successful build), and
     /// never before the backoff after a failure; `None` while a build runs.
     pub fn next_build_ms(&self) -> Option<u64> {
         let cadence_ms = self.cadence_ms();
-        let fresh_until = self.image.as_ref().map_or(0, |i| i.created_ms.saturating_add(cadence_ms));
+        let fresh_until = self
+            .image
+            .as_ref()
+            .map_or(0, |i| i.created_ms.saturating_add(cadence_ms));
         let not_before = match &self.build {
             None => 0,
             Some(build) => {
@@ -160,7 +172,9 @@ impl RepoState {
                 match build.status {
                     BuildStatus::Building => return None,
                     BuildStatus::Succeeded => build.started_ms.saturating_add(cadence_ms),
-                    BuildStatus::Failed => ended.saturating_add(backoff_ms(self.failures, cadence_ms)),
+                    BuildStatus::Failed => {
+                        ended.saturating_add(backoff_ms(self.failures, cadence_ms))
+                    }
                     // The provider cannot build images: asking again once a cadence is enough.
                     BuildStatus::Unsupported => ended.saturating_add(cadence_ms),
                 }
@@ -180,8 +194,15 @@ impl RepoState {
         match &self.build {
             Some(build) if build.status == BuildStatus::Building => {
                 let running_ms = now_ms.saturating_sub(build.started_ms);
-                let poll_ms = if running_ms < MINUTE_MS { BUILD_POLL_FAST_MS } else { BUILD_POLL_SLOW_MS };
-                now_ms.saturating_add(poll_ms).min(build.started_ms.saturating_add(BUILD_TIMEOUT_MS)).max(now_ms)
+                let poll_ms = if running_ms < MINUTE_MS {
+                    BUILD_POLL_FAST_MS
+                } else {
+                    BUILD_POLL_SLOW_MS
+                };
+                now_ms
+                    .saturating_add(poll_ms)
+                    .min(build.started_ms.saturating_add(BUILD_TIMEOUT_MS))
+                    .max(now_ms)
             }
             _ => self.next_build_ms().unwrap_or(now_ms).max(now_ms),
         }
@@ -194,14 +215,21 @@ impl RepoState {
         if self.building() {
             return false;
         }
-        self.build =
-            Some(BuildRecord { id: None, status: BuildStatus::Building, started_ms: now_ms, finished_ms: None, error: None });
+        self.build = Some(BuildRecord {
+            id: None,
+            status: BuildStatus::Building,
+            started_ms: now_ms,
+            finished_ms: None,
+            error: None,
+        });
         true
     }
 
     /// The provider accepted the build; it may already say how it ended.
     pub fn build_accepted(&mut self, now_ms: u64, answer: &ImageInfo) {
-        let Some(build) = self.build.as_mut() else { return };
+        let Some(build) = self.build.as_mut() else {
+            return;
+        };
         build.id = Some(answer.id.clone());
         match answer.status {
             ImageStatus::Ready => {
@@ -210,7 +238,10 @@ impl RepoState {
                 self.failures = 0;
             }
             ImageStatus::Failed => {
-                let error = answer.error.clone().unwrap_or_else(|| "the provider reported the build as failed".to_owned());
+                let error = answer
+                    .error
+                    .clone()
+                    .unwrap_or_else(|| "the provider reported the build as failed".to_owned());
                 self.build_failed(now_ms, error);
             }
             ImageStatus::Building | ImageStatus::Missing => {}
@@ -221,8 +252,13 @@ impl RepoState {
     pub fn build_failed(&mut self, now_ms: u64, error: String) {
         let started_ms = self.build.as_ref().map_or(now_ms, |b| b.started_ms);
         let id = self.build.as_ref().and_then(|b| b.id.clone());
-        self.build =
-            Some(BuildRecord { id, status: BuildStatus::Failed, started_ms, finished_ms: Some(now_ms), error: Some(error) });
+        self.build = Some(BuildRecord {
+            id,
+            status: BuildStatus::Failed,
+            started_ms,
+            finished_ms: Some(now_ms),
+            error: Some(error),
+        });
         self.failures = self.failures.saturating_add(1);
     }
 
@@ -235,14 +271,20 @@ impl RepoState {
             status: BuildStatus::Unsupported,
             started_ms,
             finished_ms: Some(now_ms),
-            error: Some("the provider does not build images yet (POST /v1/images answered 404)".to_owned()),
+            error: Some(
+                "the provider does not build images yet (POST /v1/images answered 404)".to_owned(),
+            ),
         });
     }
 
     /// Take in the provider's list of images: the newest ready one becomes the image, and a running build
     /// ends when its image appears (success) or the provider's latest failure is it (failure).
     pub fn observe(&mut self, now_ms: u64, list: &ImageList) {
-        let ready: Vec<&ImageInfo> = list.images.iter().filter(|i| i.status == ImageStatus::Ready).collect();
+        let ready: Vec<&ImageInfo> = list
+            .images
+            .iter()
+            .filter(|i| i.status == ImageStatus::Ready)
+            .collect();
         match ready.iter().min_by_key(|i| i.age_ms) {
             Some(newest) => {
                 let known = self.image.as_ref().is_some_and(|i| i.id == newest.id);
@@ -257,13 +299,16 @@ impl RepoState {
             // The provider's list is the truth: an image it dropped is gone.
             None => self.image = None,
         }
-        let Some(build) = self.build.as_mut() else { return };
+        let Some(build) = self.build.as_mut() else {
+            return;
+        };
         if build.status != BuildStatus::Building {
             return;
         }
         let ours = |id: Option<&str>, age_ms: Option<u64>| {
             let same_id = id.is_some() && id == build.id.as_deref();
-            let since_start = age_ms.is_some_and(|age| now_ms.saturating_sub(age) >= build.started_ms);
+            let since_start =
+                age_ms.is_some_and(|age| now_ms.saturating_sub(age) >= build.started_ms);
             same_id || since_start
         };
         if ready.iter().any(|i| ours(Some(&i.id), Some(i.age_ms))) {
@@ -271,7 +316,11 @@ impl RepoState {
             build.finished_ms = Some(now_ms);
             build.error = None;
             self.failures = 0;
-        } else if let Some(failure) = list.latest_failure.as_ref().filter(|f| ours(Some(&f.id), Some(f.age_ms))) {
+        } else if let Some(failure) = list
+            .latest_failure
+            .as_ref()
+            .filter(|f| ours(Some(&f.id), Some(f.age_ms)))
+        {
             let error = match failure.error.as_deref().map(str::trim) {
                 Some(error) if !error.is_empty() => error.to_owned(),
                 _ => "the provider reported the build as failed".to_owned(),
@@ -282,12 +331,18 @@ impl RepoState {
 
     /// A build running for longer than [`BUILD_TIMEOUT_MS`] counts as failed; `true` when that happened.
     pub fn expire_build(&mut self, now_ms: u64) -> bool {
-        let expired = self
-            .build
-            .as_ref()
-            .is_some_and(|b| b.status == BuildStatus::Building && now_ms >= b.started_ms.saturating_add(BUILD_TIMEOUT_MS));
+        let expired = self.build.as_ref().is_some_and(|b| {
+            b.status == BuildStatus::Building
+                && now_ms >= b.started_ms.saturating_add(BUILD_TIMEOUT_MS)
+        });
         if expired {
-            self.build_failed(now_ms, format!("the build did not finish within {}", human_duration(BUILD_TIMEOUT_MS)));
+            self.build_failed(
+                now_ms,
+                format!(
+                    "the build did not finish within {}",
+                    human_duration(BUILD_TIMEOUT_MS)
+                ),
+            );
         }
         expired
     }
@@ -296,7 +351,11 @@ impl RepoState {
     /// stale image (older than [`STALE_AFTER_CADENCES`] cadences), no image at all.
     pub fn warning(&self, now_ms: u64) -> Option<RepoWarning> {
         let repo = &self.repo;
-        if let Some(build) = self.build.as_ref().filter(|b| b.status == BuildStatus::Failed) {
+        if let Some(build) = self
+            .build
+            .as_ref()
+            .filter(|b| b.status == BuildStatus::Failed)
+        {
             let error = build.error.as_deref().unwrap_or("no detail");
             return Some(RepoWarning {
                 kind: RepoWarningKind::BuildFailed,
@@ -326,7 +385,10 @@ impl RepoState {
                     ),
                     _ => format!("{repo} has no image yet: sessions start from a fresh clone."),
                 };
-                Some(RepoWarning { kind: RepoWarningKind::NoImage, message })
+                Some(RepoWarning {
+                    kind: RepoWarningKind::NoImage,
+                    message,
+                })
             }
         }
     }
@@ -335,7 +397,12 @@ impl RepoState {
     /// (that is the normal state of a new repository and of a provider without images).
     pub fn session_notice(&self, now_ms: u64) -> Option<String> {
         self.warning(now_ms)
-            .filter(|w| matches!(w.kind, RepoWarningKind::Stale | RepoWarningKind::BuildFailed))
+            .filter(|w| {
+                matches!(
+                    w.kind,
+                    RepoWarningKind::Stale | RepoWarningKind::BuildFailed
+                )
+            })
             .map(|w| w.message)
     }
 
@@ -374,7 +441,9 @@ impl RepoState {
 /// the cadence.
 pub fn backoff_ms(failures: u32, cadence_ms: u64) -> u64 {
     let doublings = failures.saturating_sub(1).min(32);
-    RETRY_BASE_MS.saturating_mul(1u64 << doublings).min(cadence_ms)
+    RETRY_BASE_MS
+        .saturating_mul(1u64 << doublings)
+        .min(cadence_ms)
 }
 
 /// Whether a caller that last asked for a warm-up at `last_ms` may ask again at `now_ms`.
@@ -409,22 +478,31 @@ pub struct WarmLedger {
 impl WarmLedger {
     /// Decide on `caller`'s request at `now_ms`; when it is sent, it is recorded.
     pub fn request(&mut self, caller: &str, now_ms: u64) -> WarmDecision {
-        let last_ms = self.requests.iter().find(|(key, _)| key == caller).map(|(_, ms)| *ms);
+        let last_ms = self
+            .requests
+            .iter()
+            .find(|(key, _)| key == caller)
+            .map(|(_, ms)| *ms);
         if !warm_allowed(last_ms, now_ms) {
             let waited_ms = now_ms.saturating_sub(last_ms.unwrap_or(now_ms));
-            return WarmDecision::TooSoon { retry_after_ms: WARM_INTERVAL_MS.saturating_sub(waited_ms) };
+            return WarmDecision::TooSoon {
+                retry_after_ms: WARM_INTERVAL_MS.saturating_sub(waited_ms),
+            };
         }
         self.requests.retain(|(key, _)| key != caller);
         self.requests.push((caller.to_owned(), now_ms));
         self.prune(now_ms);
         let demand = self.requests.len();
-        let target = u32::try_from(demand).unwrap_or(MAX_POOL_TARGET).clamp(1, MAX_POOL_TARGET);
+        let target = u32::try_from(demand)
+            .unwrap_or(MAX_POOL_TARGET)
+            .clamp(1, MAX_POOL_TARGET);
         WarmDecision::Send { target }
     }
 
     /// Forget callers whose last request is older than the demand window.
     pub fn prune(&mut self, now_ms: u64) {
-        self.requests.retain(|(_, ms)| now_ms.saturating_sub(*ms) < WARM_DEMAND_WINDOW_MS);
+        self.requests
+            .retain(|(_, ms)| now_ms.saturating_sub(*ms) < WARM_DEMAND_WINDOW_MS);
     }
 }
 
@@ -448,7 +526,9 @@ mod tests {
     #[test]
     fn backoff_doubles_from_a_minute_up_to_the_cadence() {
         let cadence = DEFAULT_CADENCE_MS;
-        let waits: Vec<u64> = (1..=7).map(|f| backoff_ms(f, cadence) / MINUTE_MS).collect();
+        let waits: Vec<u64> = (1..=7)
+            .map(|f| backoff_ms(f, cadence) / MINUTE_MS)
+            .collect();
         assert_eq!(waits, [1, 2, 4, 8, 16, 30, 30]);
         assert_eq!(backoff_ms(u32::MAX, cadence), cadence);
         assert_eq!(backoff_ms(0, cadence), RETRY_BASE_MS);
@@ -456,7 +536,12 @@ mod tests {
 
     #[test]
     fn durations_read_as_people_say_them() {
-        let cases = [(45 * SECOND_MS, "45 s"), (75 * MINUTE_MS, "75 min"), (5 * HOUR_MS, "5 h"), (72 * HOUR_MS, "3 days")];
+        let cases = [
+            (45 * SECOND_MS, "45 s"),
+            (75 * MINUTE_MS, "75 min"),
+            (5 * HOUR_MS, "5 h"),
+            (72 * HOUR_MS, "3 days"),
+        ];
         for (ms, text) in cases {
             assert_eq!(human_duration(ms), text);
         }

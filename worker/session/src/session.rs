@@ -6,8 +6,8 @@
 
 use nightshift_protocol::http::{SandboxState, SessionState, UsageTotals};
 use nightshift_protocol::{
-    Author, ErrorCode, Event, EventEnvelope, Participant, PromptStatus, QueuedPrompt, Role, SandboxStatus,
-    ServerToAgent, SessionInfo, StopScope, MAX_PROMPT_BYTES,
+    Author, ErrorCode, Event, EventEnvelope, Participant, PromptStatus, QueuedPrompt, Role,
+    SandboxStatus, ServerToAgent, SessionInfo, StopScope, MAX_PROMPT_BYTES,
 };
 
 use crate::store::{Member, PromptRecord, SandboxRecord, Store};
@@ -52,12 +52,20 @@ impl<'s, S: Store> Session<'s, S> {
     }
 
     /// Create the session: record it, make `creator` its owner, and log `sandbox_status{starting}`.
-    pub fn create(&mut self, info: SessionInfo, sandbox_token_hash: String) -> Result<Effects, SessionError> {
+    pub fn create(
+        &mut self,
+        info: SessionInfo,
+        sandbox_token_hash: String,
+    ) -> Result<Effects, SessionError> {
         if self.store.session()?.is_some() {
             return Err(SessionError::AlreadyExists);
         }
         self.store.insert_session(&info)?;
-        self.store.upsert_member(&Member { author: info.created_by.clone(), role: Role::Owner, joined_ms: self.now_ms })?;
+        self.store.upsert_member(&Member {
+            author: info.created_by.clone(),
+            role: Role::Owner,
+            joined_ms: self.now_ms,
+        })?;
         self.store.save_sandbox(&SandboxRecord {
             sandbox_id: None,
             status: SandboxStatus::Starting,
@@ -68,7 +76,10 @@ impl<'s, S: Store> Session<'s, S> {
         let mut effects = Effects::default();
         self.log(
             &mut effects,
-            Event::SandboxStatus { status: SandboxStatus::Starting, detail: "requesting a sandbox".to_owned() },
+            Event::SandboxStatus {
+                status: SandboxStatus::Starting,
+                detail: "requesting a sandbox".to_owned(),
+            },
         )?;
         Ok(effects)
     }
@@ -80,15 +91,26 @@ impl<'s, S: Store> Session<'s, S> {
 
     /// The member with this login, if any.
     pub fn member(&self, login: &str) -> Result<Option<Member>, SessionError> {
-        Ok(self.store.members()?.into_iter().find(|m| m.author.login == login))
+        Ok(self
+            .store
+            .members()?
+            .into_iter()
+            .find(|m| m.author.login == login))
     }
 
     /// Add `author` as a member (no-op for an existing member, whose name and email are refreshed).
     pub fn join(&mut self, author: &Author) -> Result<Member, SessionError> {
         self.info()?;
         let member = match self.member(&author.login)? {
-            Some(existing) => Member { author: author.clone(), ..existing },
-            None => Member { author: author.clone(), role: Role::Member, joined_ms: self.now_ms },
+            Some(existing) => Member {
+                author: author.clone(),
+                ..existing
+            },
+            None => Member {
+                author: author.clone(),
+                role: Role::Member,
+                joined_ms: self.now_ms,
+            },
         };
         self.store.upsert_member(&member)?;
         Ok(member)
@@ -97,7 +119,9 @@ impl<'s, S: Store> Session<'s, S> {
     /// Record an invite by the hash of its secret.
     pub fn add_invite(&mut self, secret_hash: &str, created_by: &str) -> Result<(), SessionError> {
         self.info()?;
-        Ok(self.store.insert_invite(secret_hash, created_by, self.now_ms)?)
+        Ok(self
+            .store
+            .insert_invite(secret_hash, created_by, self.now_ms)?)
     }
 
     /// Whether an invite with this secret hash exists.
@@ -107,7 +131,10 @@ impl<'s, S: Store> Session<'s, S> {
 
     /// Everyone in the session, with `online` set for the logins in `online_logins`.
     pub fn participants(&self, online_logins: &[String]) -> Result<Vec<Participant>, SessionError> {
-        Ok(crate::presence::participants(&self.store.members()?, online_logins))
+        Ok(crate::presence::participants(
+            &self.store.members()?,
+            online_logins,
+        ))
     }
 
     /// Queued and running prompts, oldest first.
@@ -137,7 +164,11 @@ impl<'s, S: Store> Session<'s, S> {
     }
 
     /// The whole state, as `GET /api/sessions/{id}` shows it.
-    pub fn state(&self, online_logins: &[String], agent_connected: bool) -> Result<SessionState, SessionError> {
+    pub fn state(
+        &self,
+        online_logins: &[String],
+        agent_connected: bool,
+    ) -> Result<SessionState, SessionError> {
         let sandbox = self.sandbox()?;
         Ok(SessionState {
             session: self.info()?,
@@ -172,7 +203,9 @@ impl<'s, S: Store> Session<'s, S> {
             return Err(SessionError::Invalid("prompt text is empty".to_owned()));
         }
         if text.len() > MAX_PROMPT_BYTES {
-            return Err(SessionError::Invalid(format!("prompt text exceeds {MAX_PROMPT_BYTES} bytes")));
+            return Err(SessionError::Invalid(format!(
+                "prompt text exceeds {MAX_PROMPT_BYTES} bytes"
+            )));
         }
         if idempotency_key.is_empty() || idempotency_key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
             return Err(SessionError::Invalid(format!(
@@ -181,10 +214,19 @@ impl<'s, S: Store> Session<'s, S> {
         }
         if let Some(existing) = self.store.prompt_by_key(&author.login, idempotency_key)? {
             let position = self.position(&existing.prompt_id)?;
-            return Ok((Submitted { prompt_id: existing.prompt_id, position, duplicate: true }, Effects::default()));
+            return Ok((
+                Submitted {
+                    prompt_id: existing.prompt_id,
+                    position,
+                    duplicate: true,
+                },
+                Effects::default(),
+            ));
         }
         if self.store.unfinished_prompts()?.len() >= MAX_UNFINISHED_PROMPTS {
-            return Err(SessionError::QueueFull { limit: MAX_UNFINISHED_PROMPTS });
+            return Err(SessionError::QueueFull {
+                limit: MAX_UNFINISHED_PROMPTS,
+            });
         }
         let prompt_id = format!("p{}", self.store.prompt_count()? + 1);
         self.store.insert_prompt(&PromptRecord {
@@ -199,30 +241,54 @@ impl<'s, S: Store> Session<'s, S> {
         let mut effects = Effects::default();
         self.log(
             &mut effects,
-            Event::PromptQueued { prompt_id: prompt_id.clone(), author: author.clone(), text: text.to_owned() },
+            Event::PromptQueued {
+                prompt_id: prompt_id.clone(),
+                author: author.clone(),
+                text: text.to_owned(),
+            },
         )?;
         if agent_online {
             self.dispatch(&mut effects)?;
         }
         let position = self.position(&prompt_id)?;
-        Ok((Submitted { prompt_id, position, duplicate: false }, effects))
+        Ok((
+            Submitted {
+                prompt_id,
+                position,
+                duplicate: false,
+            },
+            effects,
+        ))
     }
 
     /// Remove a queued prompt. A running prompt is stopped with `stop{turn}` instead.
     pub fn cancel_prompt(&mut self, by: &Author, prompt_id: &str) -> Result<Effects, SessionError> {
-        let prompt = self.store.prompt(prompt_id)?.ok_or(SessionError::UnknownPrompt(prompt_id.to_owned()))?;
+        let prompt = self
+            .store
+            .prompt(prompt_id)?
+            .ok_or(SessionError::UnknownPrompt(prompt_id.to_owned()))?;
         match prompt.status {
             PromptStatus::Queued => {}
             PromptStatus::Running => {
-                return Err(SessionError::Conflict(format!("prompt {prompt_id} is running; stop the turn instead")))
+                return Err(SessionError::Conflict(format!(
+                    "prompt {prompt_id} is running; stop the turn instead"
+                )))
             }
-            _ => return Err(SessionError::Conflict(format!("prompt {prompt_id} has already finished"))),
+            _ => {
+                return Err(SessionError::Conflict(format!(
+                    "prompt {prompt_id} has already finished"
+                )))
+            }
         }
-        self.store.set_prompt_status(prompt_id, PromptStatus::Cancelled, self.now_ms)?;
+        self.store
+            .set_prompt_status(prompt_id, PromptStatus::Cancelled, self.now_ms)?;
         let mut effects = Effects::default();
         self.log(
             &mut effects,
-            Event::PromptCancelled { prompt_id: prompt_id.to_owned(), by: Some(by.login.clone()) },
+            Event::PromptCancelled {
+                prompt_id: prompt_id.to_owned(),
+                by: Some(by.login.clone()),
+            },
         )?;
         Ok(effects)
     }
@@ -233,16 +299,31 @@ impl<'s, S: Store> Session<'s, S> {
         let mut effects = Effects::default();
         let unfinished = self.store.unfinished_prompts()?;
         if matches!(scope, StopScope::Session | StopScope::Tree) {
-            for prompt in unfinished.iter().filter(|p| p.status == PromptStatus::Queued) {
-                self.store.set_prompt_status(&prompt.prompt_id, PromptStatus::Cancelled, self.now_ms)?;
+            for prompt in unfinished
+                .iter()
+                .filter(|p| p.status == PromptStatus::Queued)
+            {
+                self.store.set_prompt_status(
+                    &prompt.prompt_id,
+                    PromptStatus::Cancelled,
+                    self.now_ms,
+                )?;
                 self.log(
                     &mut effects,
-                    Event::PromptCancelled { prompt_id: prompt.prompt_id.clone(), by: Some(by.login.clone()) },
+                    Event::PromptCancelled {
+                        prompt_id: prompt.prompt_id.clone(),
+                        by: Some(by.login.clone()),
+                    },
                 )?;
             }
         }
-        if let Some(running) = unfinished.iter().find(|p| p.status == PromptStatus::Running) {
-            effects.to_agent.push(ServerToAgent::Stop { prompt_id: Some(running.prompt_id.clone()) });
+        if let Some(running) = unfinished
+            .iter()
+            .find(|p| p.status == PromptStatus::Running)
+        {
+            effects.to_agent.push(ServerToAgent::Stop {
+                prompt_id: Some(running.prompt_id.clone()),
+            });
         }
         Ok(effects)
     }
@@ -266,7 +347,13 @@ impl<'s, S: Store> Session<'s, S> {
     pub fn notice(&mut self, level: &str, text: &str) -> Result<Effects, SessionError> {
         self.info()?;
         let mut effects = Effects::default();
-        self.log(&mut effects, Event::Notice { level: level.to_owned(), text: text.to_owned() })?;
+        self.log(
+            &mut effects,
+            Event::Notice {
+                level: level.to_owned(),
+                text: text.to_owned(),
+            },
+        )?;
         Ok(effects)
     }
 
@@ -284,7 +371,9 @@ impl<'s, S: Store> Session<'s, S> {
         }
         // A prompt dispatched before a reconnect is sent again; the agent ignores prompt ids it already has.
         if let Some(running) = self.running()? {
-            effects.to_agent.push(run_prompt(&running, &self.info()?.model));
+            effects
+                .to_agent
+                .push(run_prompt(&running, &self.info()?.model));
         } else {
             self.dispatch(&mut effects)?;
         }
@@ -292,12 +381,18 @@ impl<'s, S: Store> Session<'s, S> {
     }
 
     /// Apply one event from the agent, exactly once per `producer_seq`.
-    pub fn apply_agent_event(&mut self, producer_seq: u64, event: Event) -> Result<Effects, SessionError> {
+    pub fn apply_agent_event(
+        &mut self,
+        producer_seq: u64,
+        event: Event,
+    ) -> Result<Effects, SessionError> {
         let mut effects = Effects::default();
         let last = self.sandbox()?.last_producer_seq;
         if producer_seq != last + 1 {
             // A duplicate is acknowledged again; a gap gets the highest applied seq so the agent re-sends.
-            effects.to_agent.push(ServerToAgent::Ack { producer_seq: last });
+            effects
+                .to_agent
+                .push(ServerToAgent::Ack { producer_seq: last });
             return Ok(effects);
         }
         self.store.set_last_producer_seq(producer_seq)?;
@@ -306,13 +401,20 @@ impl<'s, S: Store> Session<'s, S> {
             Event::PromptQueued { .. } | Event::PromptCancelled { .. } => {
                 effects.to_agent.push(ServerToAgent::Error {
                     code: ErrorCode::InvalidMessage,
-                    message: format!("`{}` events are logged by the session, not the agent", event.kind()),
+                    message: format!(
+                        "`{}` events are logged by the session, not the agent",
+                        event.kind()
+                    ),
                 });
             }
             Event::PromptStarted { .. } => {
                 self.log(&mut effects, event)?;
             }
-            Event::PromptFinished { ref prompt_id, status, .. } => {
+            Event::PromptFinished {
+                ref prompt_id,
+                status,
+                ..
+            } => {
                 if !self.is_running(prompt_id)? {
                     // Already settled (e.g. the agent re-sent after a restart): keep the record, change nothing.
                     self.log(&mut effects, event)?;
@@ -323,13 +425,24 @@ impl<'s, S: Store> Session<'s, S> {
                 } else {
                     PromptStatus::Failed
                 };
-                self.store.set_prompt_status(prompt_id, status, self.now_ms)?;
+                self.store
+                    .set_prompt_status(prompt_id, status, self.now_ms)?;
                 self.log(&mut effects, event)?;
                 self.dispatch(&mut effects)?;
             }
-            Event::Usage { prompt_id, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, cost_usd, .. } => {
+            Event::Usage {
+                prompt_id,
+                input_tokens,
+                output_tokens,
+                cache_read_tokens,
+                cache_write_tokens,
+                cost_usd,
+                ..
+            } => {
                 let previous = self.store.usage()?;
-                let first = previous.input_tokens == 0 && previous.output_tokens == 0 && previous.cost_usd.is_none();
+                let first = previous.input_tokens == 0
+                    && previous.output_tokens == 0
+                    && previous.cost_usd.is_none();
                 let total_cost_usd = match (previous.cost_usd, cost_usd) {
                     (Some(total), Some(cost)) => Some(total + cost),
                     (None, Some(cost)) if first => Some(cost),
@@ -365,7 +478,10 @@ impl<'s, S: Store> Session<'s, S> {
     }
 
     fn is_running(&self, prompt_id: &str) -> Result<bool, SessionError> {
-        Ok(self.store.prompt(prompt_id)?.is_some_and(|p| p.status == PromptStatus::Running))
+        Ok(self
+            .store
+            .prompt(prompt_id)?
+            .is_some_and(|p| p.status == PromptStatus::Running))
     }
 
     fn set_sandbox_status(
@@ -378,7 +494,13 @@ impl<'s, S: Store> Session<'s, S> {
         sandbox.status = status;
         sandbox.detail = detail.to_owned();
         self.store.save_sandbox(&sandbox)?;
-        self.log(effects, Event::SandboxStatus { status, detail: detail.to_owned() })?;
+        self.log(
+            effects,
+            Event::SandboxStatus {
+                status,
+                detail: detail.to_owned(),
+            },
+        )?;
         Ok(())
     }
 
@@ -387,7 +509,11 @@ impl<'s, S: Store> Session<'s, S> {
     }
 
     fn running(&self) -> Result<Option<PromptRecord>, SessionError> {
-        Ok(self.store.unfinished_prompts()?.into_iter().find(|p| p.status == PromptStatus::Running))
+        Ok(self
+            .store
+            .unfinished_prompts()?
+            .into_iter()
+            .find(|p| p.status == PromptStatus::Running))
     }
 
     /// Send the oldest queued prompt to the agent when nothing runs.
@@ -399,22 +525,35 @@ impl<'s, S: Store> Session<'s, S> {
         if self.sandbox()?.status != SandboxStatus::Ready {
             return Ok(());
         }
-        if let Some(next) = unfinished.into_iter().find(|p| p.status == PromptStatus::Queued) {
-            self.store.set_prompt_status(&next.prompt_id, PromptStatus::Running, self.now_ms)?;
-            effects.to_agent.push(run_prompt(&next, &self.info()?.model));
+        if let Some(next) = unfinished
+            .into_iter()
+            .find(|p| p.status == PromptStatus::Queued)
+        {
+            self.store
+                .set_prompt_status(&next.prompt_id, PromptStatus::Running, self.now_ms)?;
+            effects
+                .to_agent
+                .push(run_prompt(&next, &self.info()?.model));
         }
         Ok(())
     }
 
     fn position(&self, prompt_id: &str) -> Result<u32, SessionError> {
         let unfinished = self.store.unfinished_prompts()?;
-        let index = unfinished.iter().position(|p| p.prompt_id == prompt_id).unwrap_or(0);
+        let index = unfinished
+            .iter()
+            .position(|p| p.prompt_id == prompt_id)
+            .unwrap_or(0);
         Ok(u32::try_from(index).unwrap_or(u32::MAX))
     }
 
     fn log(&mut self, effects: &mut Effects, event: Event) -> Result<(), SessionError> {
         let seq = self.store.append_event(self.now_ms, &event)?;
-        effects.events.push(EventEnvelope { seq, ts_ms: self.now_ms, event });
+        effects.events.push(EventEnvelope {
+            seq,
+            ts_ms: self.now_ms,
+            event,
+        });
         Ok(())
     }
 }

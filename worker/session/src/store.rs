@@ -6,7 +6,9 @@
 use std::collections::BTreeMap;
 
 use nightshift_protocol::http::UsageTotals;
-use nightshift_protocol::{Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo};
+use nightshift_protocol::{
+    Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
+};
 
 /// A storage failure, with the backend's message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -79,9 +81,18 @@ pub trait Store {
     /// A prompt by id.
     fn prompt(&self, prompt_id: &str) -> Result<Option<PromptRecord>, StoreError>;
     /// A prompt by its author's idempotency key.
-    fn prompt_by_key(&self, login: &str, idempotency_key: &str) -> Result<Option<PromptRecord>, StoreError>;
+    fn prompt_by_key(
+        &self,
+        login: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<PromptRecord>, StoreError>;
     /// Change a prompt's status.
-    fn set_prompt_status(&mut self, prompt_id: &str, status: PromptStatus, ts_ms: u64) -> Result<(), StoreError>;
+    fn set_prompt_status(
+        &mut self,
+        prompt_id: &str,
+        status: PromptStatus,
+        ts_ms: u64,
+    ) -> Result<(), StoreError>;
     /// Queued and running prompts, oldest first.
     fn unfinished_prompts(&self) -> Result<Vec<PromptRecord>, StoreError>;
 
@@ -103,7 +114,12 @@ pub trait Store {
     fn save_usage(&mut self, usage: &UsageTotals) -> Result<(), StoreError>;
 
     /// Record an invite by the hash of its secret.
-    fn insert_invite(&mut self, secret_hash: &str, created_by: &str, ts_ms: u64) -> Result<(), StoreError>;
+    fn insert_invite(
+        &mut self,
+        secret_hash: &str,
+        created_by: &str,
+        ts_ms: u64,
+    ) -> Result<(), StoreError>;
     /// Whether an invite with this secret hash exists.
     fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError>;
 }
@@ -142,12 +158,22 @@ impl Store for MemoryStore {
 
     fn append_event(&mut self, ts_ms: u64, event: &Event) -> Result<u64, StoreError> {
         let seq = self.events.len() as u64 + 1;
-        self.events.push(EventEnvelope { seq, ts_ms, event: event.clone() });
+        self.events.push(EventEnvelope {
+            seq,
+            ts_ms,
+            event: event.clone(),
+        });
         Ok(seq)
     }
 
     fn events_after(&self, after_seq: u64, limit: u32) -> Result<Vec<EventEnvelope>, StoreError> {
-        Ok(self.events.iter().filter(|e| e.seq > after_seq).take(limit as usize).cloned().collect())
+        Ok(self
+            .events
+            .iter()
+            .filter(|e| e.seq > after_seq)
+            .take(limit as usize)
+            .cloned()
+            .collect())
     }
 
     fn last_seq(&self) -> Result<u64, StoreError> {
@@ -164,10 +190,18 @@ impl Store for MemoryStore {
     }
 
     fn prompt(&self, prompt_id: &str) -> Result<Option<PromptRecord>, StoreError> {
-        Ok(self.prompts.iter().find(|p| p.prompt_id == prompt_id).cloned())
+        Ok(self
+            .prompts
+            .iter()
+            .find(|p| p.prompt_id == prompt_id)
+            .cloned())
     }
 
-    fn prompt_by_key(&self, login: &str, idempotency_key: &str) -> Result<Option<PromptRecord>, StoreError> {
+    fn prompt_by_key(
+        &self,
+        login: &str,
+        idempotency_key: &str,
+    ) -> Result<Option<PromptRecord>, StoreError> {
         Ok(self
             .prompts
             .iter()
@@ -175,7 +209,12 @@ impl Store for MemoryStore {
             .cloned())
     }
 
-    fn set_prompt_status(&mut self, prompt_id: &str, status: PromptStatus, ts_ms: u64) -> Result<(), StoreError> {
+    fn set_prompt_status(
+        &mut self,
+        prompt_id: &str,
+        status: PromptStatus,
+        ts_ms: u64,
+    ) -> Result<(), StoreError> {
         let prompt = self
             .prompts
             .iter_mut()
@@ -187,7 +226,12 @@ impl Store for MemoryStore {
     }
 
     fn unfinished_prompts(&self) -> Result<Vec<PromptRecord>, StoreError> {
-        Ok(self.prompts.iter().filter(|p| !p.status.is_final()).cloned().collect())
+        Ok(self
+            .prompts
+            .iter()
+            .filter(|p| !p.status.is_final())
+            .cloned()
+            .collect())
     }
 
     fn members(&self) -> Result<Vec<Member>, StoreError> {
@@ -195,7 +239,11 @@ impl Store for MemoryStore {
     }
 
     fn upsert_member(&mut self, member: &Member) -> Result<(), StoreError> {
-        match self.members.iter_mut().find(|m| m.author.login == member.author.login) {
+        match self
+            .members
+            .iter_mut()
+            .find(|m| m.author.login == member.author.login)
+        {
             Some(existing) => existing.author = member.author.clone(),
             None => self.members.push(member.clone()),
         }
@@ -212,7 +260,10 @@ impl Store for MemoryStore {
     }
 
     fn set_last_producer_seq(&mut self, producer_seq: u64) -> Result<(), StoreError> {
-        let sandbox = self.sandbox.as_mut().ok_or_else(|| StoreError("no sandbox".to_owned()))?;
+        let sandbox = self
+            .sandbox
+            .as_mut()
+            .ok_or_else(|| StoreError("no sandbox".to_owned()))?;
         sandbox.last_producer_seq = producer_seq;
         Ok(())
     }
@@ -226,8 +277,14 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn insert_invite(&mut self, secret_hash: &str, created_by: &str, ts_ms: u64) -> Result<(), StoreError> {
-        self.invites.insert(secret_hash.to_owned(), (created_by.to_owned(), ts_ms));
+    fn insert_invite(
+        &mut self,
+        secret_hash: &str,
+        created_by: &str,
+        ts_ms: u64,
+    ) -> Result<(), StoreError> {
+        self.invites
+            .insert(secret_hash.to_owned(), (created_by.to_owned(), ts_ms));
         Ok(())
     }
 

@@ -339,7 +339,7 @@ async fn no_network_but_the_egress_socket() {
     allow
         .allow_url(&format!("http://{allowed_address}"))
         .unwrap();
-    let proxy = EgressProxy::start(&dirs.egress_socket, allow, "net-test").unwrap();
+    let proxy = EgressProxy::start(&dirs.egress_socket, allow, "net-test", None).unwrap();
     isolation.hand_over(&dirs.egress_socket).unwrap();
     let socket = EGRESS_SOCKET_PATH;
     let script = format!(

@@ -110,7 +110,9 @@ fn files_under(
     if cancel.is_cancelled() {
         return Err(ToolError::Cancelled { tool });
     }
-    let mut files = files.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut files = files
+        .into_inner()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     files.sort();
     Ok((files, stopped.into_inner()))
 }
@@ -134,8 +136,10 @@ fn search_in_order(
 ) -> Vec<String> {
     use std::sync::atomic::{AtomicUsize, Ordering};
     let chunks: Vec<&[(String, std::path::PathBuf)]> = files.chunks(SEARCH_CHUNK_FILES).collect();
-    let results: Vec<std::sync::Mutex<Vec<String>>> =
-        chunks.iter().map(|_| std::sync::Mutex::new(Vec::new())).collect();
+    let results: Vec<std::sync::Mutex<Vec<String>>> = chunks
+        .iter()
+        .map(|_| std::sync::Mutex::new(Vec::new()))
+        .collect();
     let next = AtomicUsize::new(0);
     let found = AtomicUsize::new(0);
     std::thread::scope(|scope| {
@@ -180,7 +184,10 @@ fn search_in_order(
         if merged.len() > limit {
             break;
         }
-        merged.extend(slot.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        merged.extend(
+            slot.into_inner()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
     }
     merged
 }

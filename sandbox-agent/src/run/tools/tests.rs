@@ -915,15 +915,31 @@ async fn live_output_stops_at_its_limit_with_a_notice() {
     let (sender, mut chunks) = mpsc::unbounded_channel();
     ctx.output = Some(sender);
     // ~1 MiB of output, four times the live limit.
-    let out = ok(&ctx, "bash", json!({"command": "yes 0123456789abcdef | head -c 1048576"})).await;
+    let out = ok(
+        &ctx,
+        "bash",
+        json!({"command": "yes 0123456789abcdef | head -c 1048576"}),
+    )
+    .await;
     drop(ctx);
     let mut streamed = String::new();
     while let Some(chunk) = chunks.recv().await {
         streamed.push_str(&chunk);
     }
-    assert!(streamed.len() < super::bash::STREAM_LIMIT_BYTES + 1024, "{} bytes streamed", streamed.len());
-    assert!(streamed.ends_with("KiB; the result keeps the head and tail of the rest]\n"), "{}", &streamed[streamed.len() - 200..]);
-    assert!(out.output.ends_with("exit code 0"), "the command ran to its end");
+    assert!(
+        streamed.len() < super::bash::STREAM_LIMIT_BYTES + 1024,
+        "{} bytes streamed",
+        streamed.len()
+    );
+    assert!(
+        streamed.ends_with("KiB; the result keeps the head and tail of the rest]\n"),
+        "{}",
+        &streamed[streamed.len() - 200..]
+    );
+    assert!(
+        out.output.ends_with("exit code 0"),
+        "the command ran to its end"
+    );
 }
 
 /// A `sleep` argument no other process has: seconds with a unique fraction.
@@ -1205,20 +1221,47 @@ fn missing_programs_are_not_found() {
 async fn grep_in_parallel_returns_the_first_matches_in_path_order() {
     let f = repo();
     for i in 0..700 {
-        write(&f.root, &format!("many/f{i:04}.txt"), "a needle\nno\nanother needle\n");
+        write(
+            &f.root,
+            &format!("many/f{i:04}.txt"),
+            "a needle\nno\nanother needle\n",
+        );
     }
     let ctx = ctx(&f);
-    let out = ok(&ctx, "grep", json!({"pattern": "needle", "path": "many", "max_results": 301})).await;
+    let out = ok(
+        &ctx,
+        "grep",
+        json!({"pattern": "needle", "path": "many", "max_results": 301}),
+    )
+    .await;
     let lines: Vec<&str> = out.output.lines().collect();
     let expected: Vec<String> = (0..151)
-        .flat_map(|i| [format!("many/f{i:04}.txt:1:a needle"), format!("many/f{i:04}.txt:3:another needle")])
+        .flat_map(|i| {
+            [
+                format!("many/f{i:04}.txt:1:a needle"),
+                format!("many/f{i:04}.txt:3:another needle"),
+            ]
+        })
         .take(301)
         .collect();
     assert_eq!(&lines[..301], expected.as_slice());
-    assert!(lines[301].starts_with("[more matches: stopped at max_results=301"), "{}", lines[301]);
+    assert!(
+        lines[301].starts_with("[more matches: stopped at max_results=301"),
+        "{}",
+        lines[301]
+    );
     // Without a limit in sight every file is searched, still in order.
-    let all = ok(&ctx, "grep", json!({"pattern": "another", "path": "many", "max_results": 5000})).await;
-    let files: Vec<&str> = all.output.lines().map(|l| l.split(':').next().unwrap()).collect();
+    let all = ok(
+        &ctx,
+        "grep",
+        json!({"pattern": "another", "path": "many", "max_results": 5000}),
+    )
+    .await;
+    let files: Vec<&str> = all
+        .output
+        .lines()
+        .map(|l| l.split(':').next().unwrap())
+        .collect();
     let mut sorted = files.clone();
     sorted.sort_unstable();
     assert_eq!(files.len(), 700);

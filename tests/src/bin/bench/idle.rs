@@ -32,7 +32,13 @@ fn available_bytes() -> u64 {
     meminfo
         .lines()
         .find_map(|line| line.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |kib| kib * 1024)
 }
 
@@ -42,7 +48,13 @@ fn rss_bytes(pid: u32) -> u64 {
     status
         .lines()
         .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map_or(0, |kib| kib * 1024)
 }
 
@@ -54,17 +66,30 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
     let available_before = available_bytes();
     let shm_before = shm_used_bytes();
     let rss_before = rss_bytes(host_pid);
-    let before = provider.pool(DEMO_REPO).await?["ready"].as_u64().unwrap_or(0);
+    let before = provider.pool(DEMO_REPO).await?["ready"]
+        .as_u64()
+        .unwrap_or(0);
     provider.warm(DEMO_REPO, TARGET, TARGET).await?;
-    let ready = provider.pool(DEMO_REPO).await?["ready"].as_u64().unwrap_or(0);
+    let ready = provider.pool(DEMO_REPO).await?["ready"]
+        .as_u64()
+        .unwrap_or(0);
     let added = ready.saturating_sub(before).max(1);
     let shm_per = shm_used_bytes().saturating_sub(shm_before) as f64 / added as f64;
     let rss_per = rss_bytes(host_pid).saturating_sub(rss_before) as f64 / added as f64;
     let machine_per = available_before.saturating_sub(available_bytes()) as f64 / added as f64;
     let mut extra = serde_json::Map::new();
-    extra.insert("tmpfs_kib_per_sandbox".into(), round3(shm_per / 1024.0).into());
-    extra.insert("host_rss_kib_per_sandbox".into(), round3(rss_per / 1024.0).into());
-    extra.insert("memory_kib_per_sandbox".into(), round3(machine_per / 1024.0).into());
+    extra.insert(
+        "tmpfs_kib_per_sandbox".into(),
+        round3(shm_per / 1024.0).into(),
+    );
+    extra.insert(
+        "host_rss_kib_per_sandbox".into(),
+        round3(rss_per / 1024.0).into(),
+    );
+    extra.insert(
+        "memory_kib_per_sandbox".into(),
+        round3(machine_per / 1024.0).into(),
+    );
     Ok(Row {
         id: "idle_sandboxes",
         what: format!(

@@ -59,7 +59,10 @@ async fn bench() -> anyhow::Result<()> {
     eprintln!("bench: starting wrangler dev and the sandbox host");
     // Room for `idle_sandboxes`' pool.
     let system = System::start_with(nightshift_tests::StartOptions {
-        host_env: vec![("NIGHTSHIFT_POOL_MAX".to_owned(), (idle::TARGET + 16).to_string())],
+        host_env: vec![(
+            "NIGHTSHIFT_POOL_MAX".to_owned(),
+            (idle::TARGET + 16).to_string(),
+        )],
         ..Default::default()
     })
     .await

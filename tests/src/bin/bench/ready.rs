@@ -36,12 +36,23 @@ impl Provider {
         }
     }
 
-    pub async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> anyhow::Result<(u16, Value)> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token);
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token);
         if let Some(body) = body {
             request = request.json(&body);
         }
-        let response = request.send().await.with_context(|| format!("provider {path}"))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("provider {path}"))?;
         let status = response.status().as_u16();
         let body = response.json().await.unwrap_or(Value::Null);
         Ok((status, body))
@@ -51,18 +62,28 @@ impl Provider {
     /// ready; how long that took.
     pub async fn image(&self, repo: &str) -> anyhow::Result<f64> {
         let started = Instant::now();
-        let (status, info) = self.call(reqwest::Method::POST, "/v1/images", Some(json!({"repo": repo}))).await?;
+        let (status, info) = self
+            .call(
+                reqwest::Method::POST,
+                "/v1/images",
+                Some(json!({"repo": repo})),
+            )
+            .await?;
         if status != 202 {
             bail!("POST /v1/images for {repo} answered {status}: {info}");
         }
         let id = info["id"].as_str().unwrap_or_default().to_owned();
         let deadline = Instant::now() + PREPARE_WAIT;
         loop {
-            let (_, info) = self.call(reqwest::Method::GET, &format!("/v1/images/{id}"), None).await?;
+            let (_, info) = self
+                .call(reqwest::Method::GET, &format!("/v1/images/{id}"), None)
+                .await?;
             match info["status"].as_str() {
                 Some("ready") => return Ok(ms(started.elapsed())),
                 Some("failed") => bail!("the image of {repo} failed: {}", info["error"]),
-                _ if Instant::now() > deadline => bail!("the image of {repo} was not ready within {PREPARE_WAIT:?}"),
+                _ if Instant::now() > deadline => {
+                    bail!("the image of {repo} was not ready within {PREPARE_WAIT:?}")
+                }
                 _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
@@ -74,14 +95,27 @@ impl Provider {
         if status != 200 {
             bail!("GET /v1/pools answered {status}: {list}");
         }
-        let pools = list.get("pools").unwrap_or(&list).as_array().cloned().unwrap_or_default();
-        Ok(pools.into_iter().find(|p| p["repo"] == repo).unwrap_or(Value::Null))
+        let pools = list
+            .get("pools")
+            .unwrap_or(&list)
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        Ok(pools
+            .into_iter()
+            .find(|p| p["repo"] == repo)
+            .unwrap_or(Value::Null))
     }
 
     /// Ask for `target` ready sandboxes of `repo` and wait until `ready` of them are.
     pub async fn warm(&self, repo: &str, target: u64, ready: u64) -> anyhow::Result<()> {
-        let (status, answer) =
-            self.call(reqwest::Method::POST, &format!("/v1/pools/{repo}"), Some(json!({"target": target}))).await?;
+        let (status, answer) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/pools/{repo}"),
+                Some(json!({"target": target})),
+            )
+            .await?;
         if status != 202 {
             bail!("POST /v1/pools/{repo} answered {status}: {answer}");
         }
@@ -131,22 +165,23 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
         naive.push(build_ms + ready_ms);
     }
 
-    let row = |id: &'static str, what: &str, latency: &Latency, target: &'static str, target_ms: f64| {
-        let p50 = latency.p50();
-        let mut extra = serde_json::Map::new();
-        extra.insert("samples".into(), latency.count().into());
-        Row {
-            id,
-            what: what.to_owned(),
-            unit: "ms",
-            p50: p50.map(round3),
-            p99: latency.p99().map(round3),
-            value: None,
-            target,
-            ok: Some(p50.is_some_and(|p50| p50 <= target_ms)),
-            extra,
-        }
-    };
+    let row =
+        |id: &'static str, what: &str, latency: &Latency, target: &'static str, target_ms: f64| {
+            let p50 = latency.p50();
+            let mut extra = serde_json::Map::new();
+            extra.insert("samples".into(), latency.count().into());
+            Row {
+                id,
+                what: what.to_owned(),
+                unit: "ms",
+                p50: p50.map(round3),
+                p99: latency.p99().map(round3),
+                value: None,
+                target,
+                ok: Some(p50.is_some_and(|p50| p50 <= target_ms)),
+                extra,
+            }
+        };
     let ratio = match (naive.p50(), warm.p50()) {
         (Some(naive), Some(warm)) if warm > 0.0 => Some(naive / warm),
         _ => None,

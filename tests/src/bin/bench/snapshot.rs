@@ -23,7 +23,10 @@ const TARGET_P50_MS: f64 = 50.0;
 
 pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
     let provider = Provider::of(system);
-    provider.image(LARGE_REPO).await.context("the large repository's image")?;
+    provider
+        .image(LARGE_REPO)
+        .await
+        .context("the large repository's image")?;
     let ada = session::person(system, "snapshot-ada").await?;
     let session_id = ada.create_session(LARGE_REPO).await?;
     let mut ws = session::join(&ada, &session_id).await?;
@@ -34,12 +37,24 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
         "for i in $(seq 0 {stride} {}); do echo '// edited' >> generated/d$((i/100))/item_$i.rs; done",
         stride * (EDITED_FILES - 1)
     );
-    let plan = format!("[script:plan]\n{}\n", json!({"tool": "bash", "input": {"command": command, "timeout_ms": 120000}}));
+    let plan = format!(
+        "[script:plan]\n{}\n",
+        json!({"tool": "bash", "input": {"command": command, "timeout_ms": 120000}})
+    );
     let prompt_id = session::post_prompt(&ada, &session_id, &plan).await?;
     let finished = ws
-        .wait_for_event(|e| matches!(e, Event::PromptFinished { prompt_id: p, .. } if *p == prompt_id), Duration::from_secs(300))
+        .wait_for_event(
+            |e| matches!(e, Event::PromptFinished { prompt_id: p, .. } if *p == prompt_id),
+            Duration::from_secs(300),
+        )
         .await?;
-    if !matches!(finished.event, Event::PromptFinished { status: PromptStatus::Completed, .. }) {
+    if !matches!(
+        finished.event,
+        Event::PromptFinished {
+            status: PromptStatus::Completed,
+            ..
+        }
+    ) {
         bail!("the editing prompt ended {:?}", finished.event);
     }
     let state: SessionState = ada
@@ -57,7 +72,11 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
     for _ in 0..SAMPLES {
         let started = Instant::now();
         let (status, info) = provider
-            .call(reqwest::Method::POST, &format!("/v1/sandboxes/{sandbox_id}/snapshot"), Some(json!({"reason": "bench"})))
+            .call(
+                reqwest::Method::POST,
+                &format!("/v1/sandboxes/{sandbox_id}/snapshot"),
+                Some(json!({"reason": "bench"})),
+            )
             .await?;
         snapshot.push(ms(started.elapsed()));
         if status != 201 {
@@ -75,13 +94,21 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
             "sandbox_token": "bench-restore", "timeout_ms": 60_000,
         });
         let started = Instant::now();
-        let (status, info) = provider.call(reqwest::Method::POST, "/v1/sandboxes", Some(body)).await?;
+        let (status, info) = provider
+            .call(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+            .await?;
         restore.push(ms(started.elapsed()));
         if status != 201 && status != 200 {
             bail!("restore answered {status}: {info}");
         }
         if let Some(id) = info["id"].as_str() {
-            provider.call(reqwest::Method::DELETE, &format!("/v1/sandboxes/{id}"), None).await?;
+            provider
+                .call(
+                    reqwest::Method::DELETE,
+                    &format!("/v1/sandboxes/{id}"),
+                    None,
+                )
+                .await?;
         }
     }
 

@@ -21,7 +21,8 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
     let mut ws = session::join(&ada, &session_id).await?;
     session::until_ready(&mut ws).await?;
 
-    let command = json!({"tool": "bash", "input": {"command": "echo running; sleep 600 & sleep 600; wait"}});
+    let command =
+        json!({"tool": "bash", "input": {"command": "echo running; sleep 600 & sleep 600; wait"}});
     let mut latency = Latency::default();
     for _ in 0..STOPS {
         let prompt_id =

@@ -32,7 +32,10 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
         .seed_with(LARGE_REPO, LARGE_REPO_FILES)
         .await
         .context("seeding the large repository")?;
-    eprintln!("bench:   seeded {LARGE_REPO} ({LARGE_REPO_FILES} files) in {:.1} s", seeded.elapsed().as_secs_f64());
+    eprintln!(
+        "bench:   seeded {LARGE_REPO} ({LARGE_REPO_FILES} files) in {:.1} s",
+        seeded.elapsed().as_secs_f64()
+    );
     let ada = session::person(system, "tool-ada").await?;
     let session_id = ada.create_session(LARGE_REPO).await?;
     let mut ws = session::join(&ada, &session_id).await?;
@@ -68,19 +71,37 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
         };
         let now = Instant::now();
         match envelope.event {
-            Event::ToolCall { call_id, tool, prompt_id: p, .. } if p == prompt_id => {
+            Event::ToolCall {
+                call_id,
+                tool,
+                prompt_id: p,
+                ..
+            } if p == prompt_id => {
                 started.insert(call_id, (tool, now));
             }
-            Event::ToolResult { call_id, ok, output, .. } => {
+            Event::ToolResult {
+                call_id,
+                ok,
+                output,
+                ..
+            } => {
                 if let Some((tool, at)) = started.remove(&call_id) {
                     if !ok {
                         failures.push(format!("{tool}: {output}"));
                     }
-                    let key = if tool == "read_file" { "read_file" } else { "grep" };
+                    let key = if tool == "read_file" {
+                        "read_file"
+                    } else {
+                        "grep"
+                    };
                     samples.entry(key).or_default().push(ms(now - at));
                 }
             }
-            Event::PromptFinished { prompt_id: p, status, error } if p == prompt_id => {
+            Event::PromptFinished {
+                prompt_id: p,
+                status,
+                error,
+            } if p == prompt_id => {
                 if !failures.is_empty() {
                     bail!("tool calls failed: {failures:?}");
                 }

@@ -1,11 +1,15 @@
 //! Round trips of every message type through its JSON form, in the contract's exact shapes.
 
-use nightshift_protocol::{decode_agent_message, decode_client_message, AgentMessage, ClientMessage, ServerMessage, ServerToAgent};
+use nightshift_protocol::{
+    decode_agent_message, decode_client_message, AgentMessage, ClientMessage, ServerMessage,
+    ServerToAgent,
+};
 use serde_json::{json, Value};
 
 /// Decode `value` as `T`, encode it again, and require the same JSON.
 fn check<T: serde::de::DeserializeOwned + serde::Serialize>(value: Value) -> T {
-    let decoded: T = serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{value}: {e}"));
+    let decoded: T =
+        serde_json::from_value(value.clone()).unwrap_or_else(|e| panic!("{value}: {e}"));
     let encoded = serde_json::to_value(&decoded).unwrap();
     assert_eq!(encoded, value);
     decoded
@@ -44,7 +48,9 @@ fn every_event_round_trips() {
     for event in events() {
         let decoded: nightshift_protocol::Event = check(event.clone());
         assert_eq!(Some(decoded.kind()), event["type"].as_str());
-        check::<ServerMessage>(json!({"type": "event", "seq": 4, "ts_ms": 1700000000000u64, "event": event}));
+        check::<ServerMessage>(
+            json!({"type": "event", "seq": 4, "ts_ms": 1700000000000u64, "event": event}),
+        );
     }
 }
 
@@ -64,7 +70,10 @@ fn every_client_message_round_trips() {
     ];
     for message in messages {
         let decoded: ClientMessage = check(message.clone());
-        assert_eq!(decode_client_message(&message.to_string()).unwrap(), decoded);
+        assert_eq!(
+            decode_client_message(&message.to_string()).unwrap(),
+            decoded
+        );
     }
 }
 
@@ -123,11 +132,17 @@ fn every_agent_message_round_trips() {
 fn http_bodies_round_trip() {
     use nightshift_protocol::http::*;
     use nightshift_protocol::provider::*;
-    check::<CreateSessionRequest>(json!({"repo": "demo/hello", "base_branch": "main", "title": null, "model": null, "parent_session_id": null}));
+    check::<CreateSessionRequest>(
+        json!({"repo": "demo/hello", "base_branch": "main", "title": null, "model": null, "parent_session_id": null}),
+    );
     check::<ErrorBody>(json!({"error": {"code": "not_found", "message": "session not found"}}));
-    check::<CreateSandboxRequest>(json!({"repo": "demo/hello", "snapshot": null, "base_branch": "main", "session_id": "s1",
-        "connect_url": "ws://127.0.0.1:8787/sandbox/s1/ws", "sandbox_token": "t", "timeout_ms": 14400000u64}));
-    check::<SandboxInfo>(json!({"id": "sb1", "session_id": "s1", "repo": "demo/hello", "status": "running", "created_ms": 1, "detail": ""}));
+    check::<CreateSandboxRequest>(
+        json!({"repo": "demo/hello", "snapshot": null, "base_branch": "main", "session_id": "s1",
+        "connect_url": "ws://127.0.0.1:8787/sandbox/s1/ws", "sandbox_token": "t", "timeout_ms": 14400000u64}),
+    );
+    check::<SandboxInfo>(
+        json!({"id": "sb1", "session_id": "s1", "repo": "demo/hello", "status": "running", "created_ms": 1, "detail": ""}),
+    );
     check::<ImageRequest>(json!({"repo": "demo/hello", "ref": "main", "setup": "make deps"}));
     let image = json!({"id": "i1", "repo": "demo/hello", "ref": "main", "commit": "abc", "created_ms": 1,
         "finished_ms": 2, "age_ms": 5, "status": "ready", "setup": null, "setup_log": "ok\n", "size_bytes": 10,
@@ -157,10 +172,14 @@ fn repository_bodies_round_trip() {
     for kind in ["stale", "build_failed", "no_image"] {
         check::<RepoWarning>(json!({"kind": kind, "message": "m"}));
     }
-    check::<RepoSummary>(json!({"repo": "a/b", "base_branch": "main", "image": null, "building": true, "warning": null,
-        "cadence_ms": 60000, "last_build": null, "next_build_ms": null, "warm": null}));
+    check::<RepoSummary>(
+        json!({"repo": "a/b", "base_branch": "main", "image": null, "building": true, "warning": null,
+        "cadence_ms": 60000, "last_build": null, "next_build_ms": null, "warm": null}),
+    );
     check::<WarmRequest>(json!({"repo": "demo/hello"}));
-    check::<WarmResponse>(json!({"repo": "demo/hello", "requested": false, "target": null, "retry_after_ms": 30000}));
+    check::<WarmResponse>(
+        json!({"repo": "demo/hello", "requested": false, "target": null, "retry_after_ms": 30000}),
+    );
     check::<RepoSettingsRequest>(json!({"cadence_ms": 600000, "base_branch": "trunk"}));
     // The provider side of warm-ups.
     check::<PoolTargetRequest>(json!({"target": 1}));

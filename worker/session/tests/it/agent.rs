@@ -7,50 +7,76 @@ use nightshift_session::{Session, Store};
 use crate::{author, created, ready, render};
 
 fn token(text: &str) -> Event {
-    Event::Token { prompt_id: "p1".to_owned(), text: text.to_owned() }
+    Event::Token {
+        prompt_id: "p1".to_owned(),
+        text: text.to_owned(),
+    }
 }
 
 #[test]
 fn duplicate_producer_seq_is_acknowledged_and_ignored() {
     let mut store = ready();
-    Session::new(&mut store, 3_000).submit_prompt(&author("ada"), "go", "k", true).unwrap();
-    let first = Session::new(&mut store, 3_001).apply_agent_event(1, token("a")).unwrap();
+    Session::new(&mut store, 3_000)
+        .submit_prompt(&author("ada"), "go", "k", true)
+        .unwrap();
+    let first = Session::new(&mut store, 3_001)
+        .apply_agent_event(1, token("a"))
+        .unwrap();
     assert_eq!(first.events.len(), 1);
     let last_seq = store.last_seq().unwrap();
-    let again = Session::new(&mut store, 3_002).apply_agent_event(1, token("a")).unwrap();
+    let again = Session::new(&mut store, 3_002)
+        .apply_agent_event(1, token("a"))
+        .unwrap();
     assert!(again.events.is_empty());
     assert_eq!(again.to_agent, vec![ServerToAgent::Ack { producer_seq: 1 }]);
     assert_eq!(store.last_seq().unwrap(), last_seq);
     // A gap is not applied: the ack names the highest applied seq so the agent re-sends from there.
-    let gap = Session::new(&mut store, 3_003).apply_agent_event(3, token("c")).unwrap();
+    let gap = Session::new(&mut store, 3_003)
+        .apply_agent_event(3, token("c"))
+        .unwrap();
     assert!(gap.events.is_empty());
     assert_eq!(gap.to_agent, vec![ServerToAgent::Ack { producer_seq: 1 }]);
-    let next = Session::new(&mut store, 3_004).apply_agent_event(2, token("b")).unwrap();
+    let next = Session::new(&mut store, 3_004)
+        .apply_agent_event(2, token("b"))
+        .unwrap();
     assert_eq!(next.events.len(), 1);
 }
 
 #[test]
 fn replay_after_n_returns_exactly_the_rest() {
     let mut store = ready();
-    Session::new(&mut store, 3_000).submit_prompt(&author("ada"), "go", "k", true).unwrap();
+    Session::new(&mut store, 3_000)
+        .submit_prompt(&author("ada"), "go", "k", true)
+        .unwrap();
     for (i, text) in ["a", "b", "c", "d"].iter().enumerate() {
-        Session::new(&mut store, 3_100 + i as u64).apply_agent_event(i as u64 + 1, token(text)).unwrap();
+        Session::new(&mut store, 3_100 + i as u64)
+            .apply_agent_event(i as u64 + 1, token(text))
+            .unwrap();
     }
     let session = Session::new(&mut store, 4_000);
     let all = session.replay(0, 1_000).unwrap();
     let seqs: Vec<u64> = all.iter().map(|e| e.seq).collect();
-    assert_eq!(seqs, (1..=all.len() as u64).collect::<Vec<_>>(), "seq is contiguous from 1");
+    assert_eq!(
+        seqs,
+        (1..=all.len() as u64).collect::<Vec<_>>(),
+        "seq is contiguous from 1"
+    );
     let after = session.replay(3, 1_000).unwrap();
     assert_eq!(after.as_slice(), &all[3..]);
     assert_eq!(session.replay(3, 2).unwrap().as_slice(), &all[3..5]);
     assert!(session.replay(all.len() as u64, 10).unwrap().is_empty());
-    assert_debug_snapshot!(all.iter().map(|e| serde_json::to_string(e).unwrap()).collect::<Vec<_>>());
+    assert_debug_snapshot!(all
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .collect::<Vec<_>>());
 }
 
 #[test]
 fn agent_connect_marks_ready_once_and_resends_the_running_prompt() {
     let mut store = created();
-    Session::new(&mut store, 1_500).submit_prompt(&author("ada"), "go", "k", false).unwrap();
+    Session::new(&mut store, 1_500)
+        .submit_prompt(&author("ada"), "go", "k", false)
+        .unwrap();
     let first = Session::new(&mut store, 2_000).agent_connected().unwrap();
     let again = Session::new(&mut store, 2_500).agent_connected().unwrap();
     assert_debug_snapshot!((render(&first), render(&again)));
@@ -58,7 +84,15 @@ fn agent_connect_marks_ready_once_and_resends_the_running_prompt() {
         .events_after(0, 100)
         .unwrap()
         .into_iter()
-        .filter(|e| matches!(e.event, Event::SandboxStatus { status: SandboxStatus::Ready, .. }))
+        .filter(|e| {
+            matches!(
+                e.event,
+                Event::SandboxStatus {
+                    status: SandboxStatus::Ready,
+                    ..
+                }
+            )
+        })
         .count();
     assert_eq!(ready_events, 1);
 }
@@ -75,23 +109,50 @@ fn usage_totals_accumulate_and_unknown_cost_stays_unknown() {
         cost_usd: cost,
         total_cost_usd: None,
     };
-    let a = Session::new(&mut store, 3_000).apply_agent_event(1, usage(Some(0.5))).unwrap();
-    let b = Session::new(&mut store, 3_001).apply_agent_event(2, usage(Some(0.25))).unwrap();
+    let a = Session::new(&mut store, 3_000)
+        .apply_agent_event(1, usage(Some(0.5)))
+        .unwrap();
+    let b = Session::new(&mut store, 3_001)
+        .apply_agent_event(2, usage(Some(0.25)))
+        .unwrap();
     assert!(matches!(a.events[0].event, Event::Usage { total_cost_usd: Some(t), .. } if t == 0.5));
     assert!(matches!(b.events[0].event, Event::Usage { total_cost_usd: Some(t), .. } if t == 0.75));
-    let c = Session::new(&mut store, 3_002).apply_agent_event(3, usage(None)).unwrap();
-    assert!(matches!(c.events[0].event, Event::Usage { total_cost_usd: None, .. }));
+    let c = Session::new(&mut store, 3_002)
+        .apply_agent_event(3, usage(None))
+        .unwrap();
+    assert!(matches!(
+        c.events[0].event,
+        Event::Usage {
+            total_cost_usd: None,
+            ..
+        }
+    ));
     let totals = store.usage().unwrap();
-    assert_eq!((totals.input_tokens, totals.output_tokens, totals.cost_usd), (30, 15, None));
+    assert_eq!(
+        (totals.input_tokens, totals.output_tokens, totals.cost_usd),
+        (30, 15, None)
+    );
 }
 
 #[test]
 fn agents_cannot_log_queue_events() {
     let mut store = ready();
-    let forged = Event::PromptQueued { prompt_id: "p7".to_owned(), author: author("mallory"), text: "x".to_owned() };
-    let effects = Session::new(&mut store, 3_000).apply_agent_event(1, forged).unwrap();
+    let forged = Event::PromptQueued {
+        prompt_id: "p7".to_owned(),
+        author: author("mallory"),
+        text: "x".to_owned(),
+    };
+    let effects = Session::new(&mut store, 3_000)
+        .apply_agent_event(1, forged)
+        .unwrap();
     assert!(effects.events.is_empty());
-    assert!(matches!(effects.to_agent.as_slice(), [ServerToAgent::Ack { producer_seq: 1 }, ServerToAgent::Error { .. }]));
+    assert!(matches!(
+        effects.to_agent.as_slice(),
+        [
+            ServerToAgent::Ack { producer_seq: 1 },
+            ServerToAgent::Error { .. }
+        ]
+    ));
 }
 
 #[test]

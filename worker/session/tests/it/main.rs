@@ -8,7 +8,11 @@ use nightshift_protocol::{Author, PromptStatus, SessionInfo};
 use nightshift_session::{Effects, MemoryStore, Session};
 
 pub fn author(login: &str) -> Author {
-    Author { login: login.to_owned(), name: format!("{login} name"), email: format!("{login}@example.com") }
+    Author {
+        login: login.to_owned(),
+        name: format!("{login} name"),
+        email: format!("{login}@example.com"),
+    }
 }
 
 pub fn created() -> MemoryStore {
@@ -24,7 +28,9 @@ pub fn created() -> MemoryStore {
         created_ms: 1_000,
         parent_session_id: None,
     };
-    Session::new(&mut store, 1_000).create(info, "hash".to_owned()).unwrap();
+    Session::new(&mut store, 1_000)
+        .create(info, "hash".to_owned())
+        .unwrap();
     store
 }
 
@@ -42,7 +48,12 @@ pub fn render(effects: &Effects) -> Vec<String> {
         .iter()
         .map(|e| format!("event {}", serde_json::to_string(e).unwrap()))
         .collect();
-    lines.extend(effects.to_agent.iter().map(|m| format!("agent {}", serde_json::to_string(m).unwrap())));
+    lines.extend(
+        effects
+            .to_agent
+            .iter()
+            .map(|m| format!("agent {}", serde_json::to_string(m).unwrap())),
+    );
     lines
 }
 

@@ -4,8 +4,8 @@ use insta::assert_debug_snapshot;
 use nightshift_protocol::http::{BuildStatus, RepoWarningKind};
 use nightshift_protocol::provider::{ImageInfo, ImageList, ImageStatus};
 use nightshift_session::repo::{
-    RepoError, RepoState, WarmDecision, WarmLedger, BUILD_TIMEOUT_MS, DEFAULT_CADENCE_MS, MAX_POOL_TARGET,
-    WARM_DEMAND_WINDOW_MS, WARM_INTERVAL_MS,
+    RepoError, RepoState, WarmDecision, WarmLedger, BUILD_TIMEOUT_MS, DEFAULT_CADENCE_MS,
+    MAX_POOL_TARGET, WARM_DEMAND_WINDOW_MS, WARM_INTERVAL_MS,
 };
 
 const MIN: u64 = 60_000;
@@ -50,8 +50,13 @@ fn rel(ms: u64) -> String {
 
 /// One line of a timeline: what the repository would do at `now`.
 fn line(what: &str, repo: &RepoState, now: u64) -> String {
-    let build = repo.build.as_ref().map_or("none".to_owned(), |b| format!("{:?}", b.status));
-    let warning = repo.warning(now).map_or("-".to_owned(), |w| format!("{:?}", w.kind));
+    let build = repo
+        .build
+        .as_ref()
+        .map_or("none".to_owned(), |b| format!("{:?}", b.status));
+    let warning = repo
+        .warning(now)
+        .map_or("-".to_owned(), |w| format!("{:?}", w.kind));
     format!(
         "{} {what}: build={build} failures={} due={} alarm={} warning={warning}",
         rel(now),
@@ -113,8 +118,15 @@ fn a_new_repository_builds_at_once_then_every_cadence() {
     repo.observe(now, &listing(&[("img-1", 2_000)]));
     lines.push(line("poll, listed", &repo, now));
     let image_created = now - 2_000;
-    assert_eq!(repo.image.as_ref().map(|i| i.created_ms), Some(image_created));
-    assert_eq!(repo.next_alarm_ms(now), image_created + DEFAULT_CADENCE_MS, "armed a cadence after the image");
+    assert_eq!(
+        repo.image.as_ref().map(|i| i.created_ms),
+        Some(image_created)
+    );
+    assert_eq!(
+        repo.next_alarm_ms(now),
+        image_created + DEFAULT_CADENCE_MS,
+        "armed a cadence after the image"
+    );
     // Just before the cadence nothing is due; at it, a build is.
     let now = clock.set(image_created + DEFAULT_CADENCE_MS - 1);
     lines.push(line("just before the cadence", &repo, now));
@@ -129,8 +141,15 @@ fn an_image_built_elsewhere_moves_the_next_build() {
     let clock = Clock::new();
     let mut repo = RepoState::new("demo/hello", DEFAULT_CADENCE_MS);
     // The provider already has an image 10 min old: the next build is 20 min away, not now.
-    repo.observe(clock.now_ms, &listing(&[("older", 40 * MIN), ("img-0", 10 * MIN)]));
-    assert_eq!(repo.image.as_ref().map(|i| i.id.as_str()), Some("img-0"), "the newest is kept");
+    repo.observe(
+        clock.now_ms,
+        &listing(&[("older", 40 * MIN), ("img-0", 10 * MIN)]),
+    );
+    assert_eq!(
+        repo.image.as_ref().map(|i| i.id.as_str()),
+        Some("img-0"),
+        "the newest is kept"
+    );
     assert!(!repo.build_due(clock.now_ms));
     assert_eq!(repo.next_alarm_ms(clock.now_ms), clock.now_ms + 20 * MIN);
 }
@@ -172,14 +191,22 @@ fn a_failure_reported_by_the_provider_ends_the_build() {
     list.latest_failure = Some(image("b-1", 60_000, ImageStatus::Failed, Some("old")));
     repo.observe(now, &list);
     assert!(repo.building());
-    list.latest_failure = Some(image("b-2", 1_000, ImageStatus::Failed, Some("npm install exited with 1")));
+    list.latest_failure = Some(image(
+        "b-2",
+        1_000,
+        ImageStatus::Failed,
+        Some("npm install exited with 1"),
+    ));
     repo.observe(now, &list);
     let build = repo.build.clone().unwrap();
     assert_eq!(build.status, BuildStatus::Failed);
     assert_eq!(build.error.as_deref(), Some("npm install exited with 1"));
     let warning = repo.warning(now).unwrap();
     assert_eq!(warning.kind, RepoWarningKind::BuildFailed);
-    assert_eq!(repo.session_notice(now).as_deref(), Some("The last image build of demo/hello failed: npm install exited with 1"));
+    assert_eq!(
+        repo.session_notice(now).as_deref(),
+        Some("The last image build of demo/hello failed: npm install exited with 1")
+    );
     assert_eq!(repo.next_alarm_ms(now), now + MIN, "retried after a minute");
 }
 
@@ -199,7 +226,10 @@ fn a_build_that_never_ends_times_out_as_a_failure() {
         repo.expire_build(now);
     }
     assert_eq!(now, T0 + BUILD_TIMEOUT_MS);
-    assert_eq!(polls.iter().take(12).copied().collect::<Vec<_>>(), [5_000; 12]);
+    assert_eq!(
+        polls.iter().take(12).copied().collect::<Vec<_>>(),
+        [5_000; 12]
+    );
     assert!(polls.iter().skip(12).all(|p| *p == 30_000));
     assert_eq!(repo.failures, 1);
     assert_debug_snapshot!(repo.warning(now).unwrap().message);
@@ -211,7 +241,12 @@ fn an_image_is_stale_after_twice_the_cadence() {
     let mut repo = RepoState::new("demo/hello", DEFAULT_CADENCE_MS);
     repo.observe(clock.now_ms, &listing(&[("img-1", 0)]));
     let mut lines = vec![line("image built", &repo, clock.now_ms)];
-    for at in [DEFAULT_CADENCE_MS, 2 * DEFAULT_CADENCE_MS, 2 * DEFAULT_CADENCE_MS + 1, 75 * MIN] {
+    for at in [
+        DEFAULT_CADENCE_MS,
+        2 * DEFAULT_CADENCE_MS,
+        2 * DEFAULT_CADENCE_MS + 1,
+        75 * MIN,
+    ] {
         let now = clock.set(T0 + at);
         lines.push(line("later", &repo, now));
     }
@@ -229,8 +264,15 @@ fn a_repository_cadence_overrides_the_default_within_bounds() {
     let clock = Clock::new();
     let mut repo = RepoState::new("demo/hello", DEFAULT_CADENCE_MS);
     repo.observe(clock.now_ms, &listing(&[("img-1", 0)]));
-    assert!(matches!(repo.set_cadence(1_000), Err(RepoError::CadenceOutOfRange { .. })));
-    assert_eq!(repo.cadence_ms(), DEFAULT_CADENCE_MS, "a refused setting changes nothing");
+    assert!(matches!(
+        repo.set_cadence(1_000),
+        Err(RepoError::CadenceOutOfRange { .. })
+    ));
+    assert_eq!(
+        repo.cadence_ms(),
+        DEFAULT_CADENCE_MS,
+        "a refused setting changes nothing"
+    );
     repo.set_cadence(10 * MIN).unwrap();
     assert_eq!(repo.next_alarm_ms(clock.now_ms), T0 + 10 * MIN);
     assert_eq!(repo.summary(clock.now_ms).cadence_ms, 10 * MIN);
@@ -254,7 +296,11 @@ fn a_provider_without_images_is_a_clear_state_asked_once_a_cadence() {
     }
     let now = clock.now_ms;
     assert_eq!(repo.failures, 0, "not a failure of the repository's setup");
-    assert_eq!(repo.session_notice(now), None, "no image is not worth a notice in every session");
+    assert_eq!(
+        repo.session_notice(now),
+        None,
+        "no image is not worth a notice in every session"
+    );
     lines.push(repo.warning(now).unwrap().message);
     assert_debug_snapshot!(lines);
 }
@@ -269,22 +315,36 @@ fn warm_ups_are_limited_per_caller_and_the_target_follows_demand() {
         lines.push(format!("{} {caller}: {decision:?}", rel(now)));
         decision
     };
-    assert_eq!(ask(&mut ledger, "session:a", clock.now_ms), WarmDecision::Send { target: 1 });
+    assert_eq!(
+        ask(&mut ledger, "session:a", clock.now_ms),
+        WarmDecision::Send { target: 1 }
+    );
     // More typing in the same session within the interval sends nothing.
     ask(&mut ledger, "session:a", clock.advance(1_000));
     ask(&mut ledger, "session:a", clock.advance(29_000));
     // Another session typing at the same time raises the target.
-    assert_eq!(ask(&mut ledger, "session:b", clock.advance(10_000)), WarmDecision::Send { target: 2 });
+    assert_eq!(
+        ask(&mut ledger, "session:b", clock.advance(10_000)),
+        WarmDecision::Send { target: 2 }
+    );
     // Session a may ask again once the interval has passed.
-    assert_eq!(ask(&mut ledger, "session:a", clock.set(T0 + WARM_INTERVAL_MS)), WarmDecision::Send { target: 2 });
+    assert_eq!(
+        ask(&mut ledger, "session:a", clock.set(T0 + WARM_INTERVAL_MS)),
+        WarmDecision::Send { target: 2 }
+    );
     // Many callers: the target is bounded.
     for i in 0..6 {
         ask(&mut ledger, &format!("user:u{i}"), clock.advance(1_000));
     }
     // Long after, demand has passed: back to one.
     let later = clock.advance(WARM_DEMAND_WINDOW_MS);
-    assert_eq!(ask(&mut ledger, "session:a", later), WarmDecision::Send { target: 1 });
+    assert_eq!(
+        ask(&mut ledger, "session:a", later),
+        WarmDecision::Send { target: 1 }
+    );
     assert!(ledger.requests.len() == 1, "old callers are forgotten");
-    assert!(lines.iter().all(|l| !l.contains(&format!("target: {}", MAX_POOL_TARGET + 1))));
+    assert!(lines
+        .iter()
+        .all(|l| !l.contains(&format!("target: {}", MAX_POOL_TARGET + 1))));
     assert_debug_snapshot!(lines);
 }
