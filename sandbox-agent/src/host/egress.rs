@@ -867,6 +867,59 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_sandbox_asks_its_host_for_snapshots_on_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let control: Control = {
+            let asked = Arc::clone(&asked);
+            Arc::new(move |reason: String| {
+                asked.lock().unwrap().push(reason.clone());
+                Box::pin(async move {
+                    match reason.as_str() {
+                        "gone" => Err((409, "no overlay".to_owned())),
+                        _ => Ok(r#"{"id":"abc"}"#.to_owned()),
+                    }
+                })
+            })
+        };
+        let _proxy = EgressProxy::start(
+            &dir.path().join("egress.sock"),
+            AllowList::default(),
+            "test-sandbox",
+            Some(control),
+        )
+        .unwrap();
+        let answer = exchange(
+            dir.path(),
+            b"POST /sandbox/snapshot?reason=prompt_finished HTTP/1.1\r\nHost: h\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 201 "), "{answer}");
+        assert!(answer.ends_with(r#"{"id":"abc"}"#), "{answer}");
+        let answer = exchange(
+            dir.path(),
+            b"POST /sandbox/snapshot?reason=gone HTTP/1.1\r\n\r\n",
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 409 "), "{answer}");
+        for bad in [
+            "POST /sandbox/snapshot?reason=Bad%20Reason HTTP/1.1\r\n\r\n",
+            "GET /sandbox/snapshot HTTP/1.1\r\n\r\n",
+            "POST /elsewhere HTTP/1.1\r\n\r\n",
+        ] {
+            let answer = exchange(dir.path(), bad.as_bytes()).await;
+            assert!(answer.starts_with("HTTP/1.1 400 "), "{bad}: {answer}");
+        }
+        assert_eq!(*asked.lock().unwrap(), ["prompt_finished", "gone"]);
+
+        // A proxy without a control refuses such requests.
+        let other = tempfile::tempdir().unwrap();
+        let _plain = start_proxy(other.path(), &[]);
+        let answer = exchange(other.path(), b"POST /sandbox/snapshot HTTP/1.1\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 404 "), "{answer}");
+    }
+
+    #[tokio::test]
     async fn connect_tunnels_to_an_allowed_target() {
         let dir = tempfile::tempdir().unwrap();
         let upstream = echo_server().await;
