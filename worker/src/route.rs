@@ -214,6 +214,20 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             }
             forward(env, id, &req, "/agent-ws", None, None).await
         }
+        (Method::Post, ["sandbox", id, "ended"]) => {
+            // The provider's report that the sandbox ended; the same trust boundary as the socket.
+            if !is_session_id(id) || auth::bearer(&req).is_none() {
+                return Err(AppError::unauthorized());
+            }
+            let body = req.text().await?;
+            if body.len() > SMALL_BODY_BYTES {
+                return Err(AppError::client(
+                    ErrorCode::FrameTooLarge,
+                    "report too large",
+                ));
+            }
+            forward(env, id, &req, "/sandbox-ended", None, Some(body)).await
+        }
         (_, ["api", ..]) | (_, ["auth", ..]) | (_, ["sandbox", ..]) | (_, ["webhooks", ..]) => {
             Err(AppError::client(ErrorCode::NotFound, "no such route"))
         }

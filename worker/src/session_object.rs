@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 use nightshift_protocol::http::{EventsPage, PromptRequest, PromptResponse, StopRequest};
-use nightshift_protocol::provider::{CreateSandboxRequest, SandboxInfo};
+use nightshift_protocol::provider::{CreateSandboxRequest, SandboxEnded, SandboxInfo};
 use nightshift_protocol::{
     decode_agent_message, decode_client_message, AgentMessage, Author, ClientMessage, ErrorCode,
     ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES, PROTOCOL_VERSION,
@@ -369,6 +369,13 @@ impl SessionObject {
                 self.create(user, body).await
             }
             (Method::Get, "/agent-ws") => self.accept_agent(&req),
+            (Method::Post, "/sandbox-ended") => {
+                self.check_sandbox_token(&req)?;
+                let ended: SandboxEnded = parse_body(&req.text().await?, 16 * 1024)?;
+                let effects = Session::new(&mut self.store(), now_ms()).sandbox_ended(&ended)?;
+                self.deliver(effects);
+                Ok(Response::empty()?.with_status(204))
+            }
             (Method::Post, "/join") => {
                 let user = caller(&req)?;
                 let secret: String = parse_body(&req.text().await?, 4096)?;
@@ -604,7 +611,8 @@ impl SessionObject {
         Ok(Response::from_websocket(pair.client)?)
     }
 
-    fn accept_agent(&self, req: &Request) -> Result<Response, AppError> {
+    /// The request carries this session's sandbox token (compared by hash, in constant time).
+    fn check_sandbox_token(&self, req: &Request) -> Result<(), AppError> {
         let token = crate::auth::bearer(req).ok_or_else(AppError::unauthorized)?;
         let mut store = self.store();
         let expected = match Session::new(&mut store, now_ms()).sandbox_token_hash() {
@@ -615,6 +623,11 @@ impl SessionObject {
         if !constant_time_eq(sha256_hex(&token).as_bytes(), expected.as_bytes()) {
             return Err(AppError::unauthorized());
         }
+        Ok(())
+    }
+
+    fn accept_agent(&self, req: &Request) -> Result<Response, AppError> {
+        self.check_sandbox_token(req)?;
         // One agent at a time: a reconnecting agent replaces its stale socket.
         for old in self.state.get_websockets_with_tag(AGENT_TAG) {
             let _ = old.close(Some(4000), Some("replaced by a newer agent connection"));

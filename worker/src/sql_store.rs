@@ -61,6 +61,8 @@ const MIGRATIONS: &[&str] = &[
         created_by TEXT NOT NULL,
         created_ms INTEGER NOT NULL
     );",
+    // v2: the newest snapshot of the session's work.
+    "ALTER TABLE sandbox ADD COLUMN last_snapshot TEXT;",
 ];
 
 /// Bring the session schema to the newest version. Cheap when it already is: one read.
@@ -231,6 +233,7 @@ struct SandboxRow {
     detail: String,
     token_hash: String,
     last_producer_seq: u64,
+    last_snapshot: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -411,7 +414,7 @@ impl Store for SqlStore {
     fn sandbox(&self) -> Result<Option<SandboxRecord>, StoreError> {
         let found: Vec<SandboxRow> = rows(
             &self.sql,
-            "SELECT sandbox_id, status, detail, token_hash, last_producer_seq FROM sandbox WHERE singleton = 1",
+            "SELECT sandbox_id, status, detail, token_hash, last_producer_seq, last_snapshot FROM sandbox WHERE singleton = 1",
             vec![],
         )?;
         found
@@ -424,6 +427,7 @@ impl Store for SqlStore {
                     detail: r.detail,
                     token_hash: r.token_hash,
                     last_producer_seq: r.last_producer_seq,
+                    last_snapshot: r.last_snapshot,
                 })
             })
             .transpose()
@@ -434,16 +438,21 @@ impl Store for SqlStore {
             Some(id) => id.as_str().into(),
             None => SqlStorageValue::Null,
         };
+        let last_snapshot = match &sandbox.last_snapshot {
+            Some(id) => id.as_str().into(),
+            None => SqlStorageValue::Null,
+        };
         exec(
             &self.sql,
-            "INSERT OR REPLACE INTO sandbox (singleton, sandbox_id, status, detail, token_hash, last_producer_seq)
-             VALUES (1, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO sandbox (singleton, sandbox_id, status, detail, token_hash, last_producer_seq, last_snapshot)
+             VALUES (1, ?, ?, ?, ?, ?, ?)",
             vec![
                 sandbox_id,
                 enum_name(&sandbox.status)?.into(),
                 sandbox.detail.as_str().into(),
                 sandbox.token_hash.as_str().into(),
                 int(sandbox.last_producer_seq)?,
+                last_snapshot,
             ],
         )
     }

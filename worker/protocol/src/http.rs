@@ -114,6 +114,9 @@ pub struct SandboxState {
     pub detail: String,
     /// Whether the agent is connected now.
     pub agent_connected: bool,
+    /// The newest snapshot of the session's work, if any.
+    #[serde(default)]
+    pub last_snapshot: Option<String>,
 }
 
 /// Usage totals of a session.

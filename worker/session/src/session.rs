@@ -5,6 +5,7 @@
 //! itself and decides nothing; it only delivers.
 
 use nightshift_protocol::http::{SandboxState, SessionState, UsageTotals};
+use nightshift_protocol::provider::SandboxEnded;
 use nightshift_protocol::{
     Author, ErrorCode, Event, EventEnvelope, Participant, PromptStatus, QueuedPrompt, Role,
     SandboxStatus, ServerToAgent, SessionInfo, StopScope, MAX_PROMPT_BYTES,
@@ -72,6 +73,7 @@ impl<'s, S: Store> Session<'s, S> {
             detail: String::new(),
             token_hash: sandbox_token_hash,
             last_producer_seq: 0,
+            last_snapshot: None,
         })?;
         let mut effects = Effects::default();
         self.log(
@@ -179,6 +181,7 @@ impl<'s, S: Store> Session<'s, S> {
                 status: sandbox.status,
                 detail: sandbox.detail,
                 agent_connected,
+                last_snapshot: sandbox.last_snapshot,
             },
             last_seq: self.last_seq()?,
             usage: self.store.usage()?,
@@ -343,6 +346,61 @@ impl<'s, S: Store> Session<'s, S> {
         Ok(effects)
     }
 
+    /// The provider reports that the session's sandbox ended — stopped (on request, at its time
+    /// limit, at the provider's shutdown) or exited (its agent crashed or was killed) — with the
+    /// snapshot taken as it ended. The snapshot becomes the session's newest (a `snapshot` event when
+    /// the agent did not log it already), the sandbox's status says how it ended and names the
+    /// snapshot, and an unexpected end is a warning everyone sees. A report about another sandbox
+    /// than the session's current one (a late report of a replaced sandbox) changes nothing.
+    pub fn sandbox_ended(&mut self, ended: &SandboxEnded) -> Result<Effects, SessionError> {
+        let mut effects = Effects::default();
+        let mut sandbox = self.sandbox()?;
+        if sandbox.sandbox_id.as_deref() != Some(ended.sandbox_id.as_str()) {
+            return Ok(effects);
+        }
+        if let Some(id) = &ended.snapshot_id {
+            if sandbox.last_snapshot.as_deref() != Some(id.as_str()) {
+                sandbox.last_snapshot = Some(id.clone());
+                self.store.save_sandbox(&sandbox)?;
+                self.log(
+                    &mut effects,
+                    Event::Snapshot {
+                        id: id.clone(),
+                        reason: "sandbox_ended".to_owned(),
+                    },
+                )?;
+            }
+        }
+        let saved = match &ended.snapshot_id {
+            Some(id) => format!("its work is in snapshot {}", short_id(id)),
+            None => "no snapshot could be taken".to_owned(),
+        };
+        let detail = ended.detail.chars().take(300).collect::<String>();
+        let crashed = ended.status != "stopped";
+        let (status, detail) = if crashed {
+            (
+                SandboxStatus::Failed,
+                format!("the sandbox ended unexpectedly ({detail}); {saved}"),
+            )
+        } else {
+            (
+                SandboxStatus::Stopped,
+                format!("the sandbox stopped ({detail}); {saved}"),
+            )
+        };
+        self.set_sandbox_status(&mut effects, status, &detail)?;
+        if crashed {
+            self.log(
+                &mut effects,
+                Event::Notice {
+                    level: "warn".to_owned(),
+                    text: detail,
+                },
+            )?;
+        }
+        Ok(effects)
+    }
+
     /// Log a `notice` that everyone in the session sees (`level`: `info`, `warn` or `error`).
     pub fn notice(&mut self, level: &str, text: &str) -> Result<Effects, SessionError> {
         self.info()?;
@@ -408,6 +466,12 @@ impl<'s, S: Store> Session<'s, S> {
                 });
             }
             Event::PromptStarted { .. } => {
+                self.log(&mut effects, event)?;
+            }
+            Event::Snapshot { ref id, .. } => {
+                let mut sandbox = self.sandbox()?;
+                sandbox.last_snapshot = Some(id.clone());
+                self.store.save_sandbox(&sandbox)?;
                 self.log(&mut effects, event)?;
             }
             Event::PromptFinished {
@@ -565,4 +629,9 @@ fn run_prompt(prompt: &PromptRecord, model: &str) -> ServerToAgent {
         author: prompt.author.clone(),
         model: model.to_owned(),
     }
+}
+
+/// The first 12 characters of a content id, as people read it.
+fn short_id(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
 }

@@ -58,6 +58,9 @@ pub struct SandboxRecord {
     pub token_hash: String,
     /// Highest `producer_seq` applied.
     pub last_producer_seq: u64,
+    /// The newest snapshot of the session's work (from the agent's `snapshot` events and the
+    /// provider's end report), to restore it from.
+    pub last_snapshot: Option<String>,
 }
 
 /// What the session logic persists. Implementations must make `append_event` assign contiguous `seq`s.

@@ -1,6 +1,7 @@
 //! Agent link: exactly-once application of producer_seq, replay, usage totals.
 
 use insta::assert_debug_snapshot;
+use nightshift_protocol::provider::SandboxEnded;
 use nightshift_protocol::{Event, SandboxStatus, ServerToAgent};
 use nightshift_session::{Session, Store};
 
@@ -163,4 +164,77 @@ fn members_join_once() {
     session.join(&author("bob")).unwrap();
     let participants = session.participants(&["bob".to_owned()]).unwrap();
     assert_debug_snapshot!(participants);
+}
+
+fn ended(sandbox_id: &str, status: &str, snapshot_id: Option<&str>) -> SandboxEnded {
+    SandboxEnded {
+        sandbox_id: sandbox_id.to_owned(),
+        status: status.to_owned(),
+        detail: match status {
+            "stopped" => "stopped by request".to_owned(),
+            _ => "exit code 137 (the agent was killed by signal 9)".to_owned(),
+        },
+        snapshot_id: snapshot_id.map(str::to_owned),
+    }
+}
+
+#[test]
+fn snapshots_are_remembered_and_a_sandbox_end_is_reported() {
+    let mut store = ready();
+    Session::new(&mut store, 2_100)
+        .sandbox_requested("sb-1")
+        .unwrap();
+    let snap = |n: u8| format!("{n:0>64}");
+    // The agent's snapshot after a prompt is logged and becomes the newest.
+    Session::new(&mut store, 2_200)
+        .apply_agent_event(
+            1,
+            Event::Snapshot {
+                id: snap(1),
+                reason: "prompt_finished".to_owned(),
+            },
+        )
+        .unwrap();
+    let state = Session::new(&mut store, 2_300).state(&[], true).unwrap();
+    assert_eq!(state.sandbox.last_snapshot, Some(snap(1)));
+
+    // A late report about another sandbox changes nothing.
+    let stale = Session::new(&mut store, 2_400)
+        .sandbox_ended(&ended("sb-0", "exited", Some(&snap(9))))
+        .unwrap();
+    assert!(stale.events.is_empty());
+
+    // The agent died: the host's snapshot is logged, the sandbox failed, and everyone is warned.
+    let crashed = Session::new(&mut store, 2_500)
+        .sandbox_ended(&ended("sb-1", "exited", Some(&snap(2))))
+        .unwrap();
+    assert_debug_snapshot!(render(&crashed));
+    let state = Session::new(&mut store, 2_600).state(&[], false).unwrap();
+    assert_eq!(
+        (state.sandbox.status, state.sandbox.last_snapshot),
+        (SandboxStatus::Failed, Some(snap(2)))
+    );
+
+    // Stopped on purpose, with the snapshot the agent already logged: no second event, no warning.
+    let mut store = ready();
+    Session::new(&mut store, 2_100)
+        .sandbox_requested("sb-1")
+        .unwrap();
+    Session::new(&mut store, 2_200)
+        .apply_agent_event(
+            1,
+            Event::Snapshot {
+                id: snap(3),
+                reason: "shutdown".to_owned(),
+            },
+        )
+        .unwrap();
+    let stopped = Session::new(&mut store, 2_500)
+        .sandbox_ended(&ended("sb-1", "stopped", Some(&snap(3))))
+        .unwrap();
+    assert_debug_snapshot!(render(&stopped));
+    let without = Session::new(&mut store, 2_600)
+        .sandbox_ended(&ended("sb-1", "stopped", None))
+        .unwrap();
+    assert!(render(&without)[0].contains("no snapshot could be taken"));
 }
