@@ -323,3 +323,137 @@ async fn a_model_on_an_openai_compatible_server_does_the_same_work() -> anyhow::
     assert_eq!(pushes(&seen).len(), 1);
     Ok(())
 }
+
+/// Build the demo repository's image through the provider API and wait until it is ready.
+async fn build_image(system: &System) -> anyhow::Result<()> {
+    let http = reqwest::Client::new();
+    let base = system.host_url();
+    let build: serde_json::Value = http
+        .post(format!("{base}/v1/images"))
+        .bearer_auth(system.provider_token())
+        .json(&json!({"repo": nightshift_tests::DEMO_REPO}))
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let id = build["id"].as_str().unwrap_or_default().to_owned();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let image: serde_json::Value = http
+            .get(format!("{base}/v1/images/{id}"))
+            .bearer_auth(system.provider_token())
+            .send()
+            .await?
+            .json()
+            .await?;
+        match image["status"].as_str() {
+            Some("ready") => return Ok(()),
+            Some("building") if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            _ => anyhow::bail!("the demo image did not become ready: {image}"),
+        }
+    }
+}
+
+/// The host pid of the agent serving sandbox `sandbox_id` (its command line and its cgroup).
+fn agent_pid(sandbox_id: &str) -> Option<libc::pid_t> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: libc::pid_t = entry.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+            (cmdline.starts_with(b"/opt/nightshift/sandbox-agent\0run\0")
+                && cgroup.contains(&format!("/nightshift/{sandbox_id}\n")))
+            .then_some(pid)
+        })
+}
+
+/// Extraction through the real Worker: a snapshot follows the prompt and becomes the session's newest;
+/// when the agent is killed (`kill -9`), the host snapshots what it left and reports the end, and the
+/// session shows the failure with the snapshot that holds the work. (Isolated sandboxes only: as
+/// root, as CI runs.)
+#[tokio::test]
+async fn a_killed_agent_is_reported_to_its_session_with_its_last_snapshot() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: no isolated sandboxes, so no snapshots to check");
+        return Ok(());
+    }
+    let system = System::start().await?;
+    // Snapshots are deltas against an image: the repository has one before the session starts.
+    build_image(&system).await?;
+    let people = pair(&system).await?;
+    let (mut a, _) = join(&people.ada, &people.session, None).await?;
+    let mut seen = until_ready(&mut a).await?;
+    let prompt_id = flow::prompt(
+        &mut a,
+        "[script:write path=KEEP.md content=worth keeping]",
+        &mut seen,
+    )
+    .await?;
+    seen.extend(until_finished(&mut a, &prompt_id).await?);
+    let snapshot = a
+        .wait_for_event(
+            |e| matches!(e, Event::Snapshot { .. }),
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+    let Event::Snapshot {
+        id: after_prompt,
+        reason,
+    } = snapshot.event
+    else {
+        unreachable!()
+    };
+    assert_eq!(reason, "prompt_finished");
+    let state = flow::state(&people.ada, &people.session).await?;
+    assert_eq!(
+        state.sandbox.last_snapshot.as_deref(),
+        Some(after_prompt.as_str())
+    );
+
+    let sandbox_id = state.sandbox.id.clone().expect("the session has a sandbox");
+    let pid = agent_pid(&sandbox_id).expect("the agent runs in its cgroup");
+    // SAFETY: sends a signal to the agent this test's host started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let events = a
+        .events_until(
+            |e| matches!(e, Event::Notice { level, .. } if level == "warn"),
+            std::time::Duration::from_secs(30),
+        )
+        .await?;
+    let failed = events
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::SandboxStatus { status, detail } => Some((*status, detail.clone())),
+            _ => None,
+        })
+        .expect("a sandbox_status");
+    assert_eq!(
+        failed.0,
+        nightshift_protocol::SandboxStatus::Failed,
+        "{failed:?}"
+    );
+    assert!(failed.1.contains("killed by signal 9"), "{failed:?}");
+    // The host's snapshot at the end: the prompt's one when nothing changed since (content-addressed),
+    // else a new one in the log. The status names it, and it is the session's newest.
+    let at_end = events
+        .iter()
+        .find_map(|e| match &e.event {
+            Event::Snapshot { id, reason } if reason == "sandbox_ended" => Some(id.clone()),
+            _ => None,
+        })
+        .unwrap_or(after_prompt);
+    assert!(failed.1.contains(&at_end[..12]), "{failed:?}");
+    let state = flow::state(&people.ada, &people.session).await?;
+    assert_eq!(
+        state.sandbox.last_snapshot.as_deref(),
+        Some(at_end.as_str())
+    );
+    assert!(system.host_log().contains("end reported to the session"));
+    Ok(())
+}
