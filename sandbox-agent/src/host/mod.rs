@@ -146,6 +146,10 @@ pub struct HostArgs {
     /// Most warm sandboxes a repository's pool keeps (ready plus being prepared); isolated hosts only.
     #[arg(long, env = env::POOL_MAX, default_value_t = DEFAULT_POOL_MAX)]
     pub pool_max: usize,
+    /// A URL (`https://registry.npmjs.org`) whose host and port image setups may reach through their
+    /// egress proxy; repeatable. None by default: setups of isolated hosts have no network.
+    #[arg(long = "setup-allow", value_name = "URL")]
+    pub setup_allow: Vec<String>,
 }
 
 /// Default `--pool-max`.
@@ -407,6 +411,42 @@ struct Shared {
     warm: warm::WarmPools,
 }
 
+/// The warm pools' bounds: at most `--pool-max` each; demand counted over the isolation's window.
+fn pool_config(config: &HostConfig) -> pool::PoolConfig {
+    let window_ms = config
+        .isolation
+        .as_ref()
+        .map_or(pool::DEFAULT_WINDOW_MS, |isolation| {
+            isolation.pool_window_ms
+        });
+    pool::PoolConfig {
+        max: config.pool_max,
+        window_ms,
+        request_ttl_ms: window_ms,
+        ..pool::PoolConfig::default()
+    }
+}
+
+/// How image setups run: inside sandbox isolation when the host has it, otherwise as plain processes.
+fn setup_runner(
+    config: &HostConfig,
+    isolation: Option<&Isolation>,
+) -> Result<Arc<dyn image::SetupRunner>, HostError> {
+    let Some(isolation) = isolation else {
+        return Ok(Arc::new(image::ProcessRunner));
+    };
+    let mut allow = egress::AllowList::default();
+    for url in &isolation.config().setup_allow {
+        allow.allow_url(url)?;
+    }
+    tracing::info!(allow = ?allow.targets(), "image setups run isolated; their egress allow-list");
+    Ok(Arc::new(isolation::setup::IsolatedRunner::new(
+        isolation.clone(),
+        &config.agent_bin,
+        allow,
+    )))
+}
+
 /// Create the data directory if needed; its canonical path.
 fn canonical_data_dir(config: &HostConfig) -> Result<PathBuf, HostError> {
     std::fs::create_dir_all(&config.data_dir)
@@ -490,7 +530,7 @@ impl AppState {
                 settings: image::ImageSettings::default(),
                 tree_owner: isolation.as_ref().map(Isolation::sandbox_ids),
             },
-            Arc::new(image::ProcessRunner),
+            setup_runner(&config, isolation.as_ref())?,
         )?;
         // Before any build: the images snapshots name are pinned, so retirement never takes them.
         let snapshots = snapshot::Snapshots::open(&data_dir.join("snapshots"), images.clone())?;
@@ -501,10 +541,7 @@ impl AppState {
                 sandboxes_root,
                 sandboxes: Default::default(),
                 images,
-                warm: warm::WarmPools::new(pool::PoolConfig {
-                    max: config.pool_max,
-                    ..pool::PoolConfig::default()
-                }),
+                warm: warm::WarmPools::new(pool_config(&config)),
                 config,
                 snapshots,
                 isolation,
@@ -697,6 +734,7 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
             sandbox_gid: args.sandbox_gid,
             memory_limit_bytes: args.memory_limit_bytes,
             pids_limit: args.pids_limit,
+            setup_allow: args.setup_allow,
             ..IsolationConfig::default()
         }),
     };

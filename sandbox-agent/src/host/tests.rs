@@ -1148,7 +1148,7 @@ async fn snapshot_route_archives_an_overlay_sandbox_and_refuses_others() {
 
 /// The built `sandbox-agent` binary, beside the directory of this test binary (`target/<profile>/deps`).
 /// Cargo builds it with the crate's tests, because the crate has an integration test.
-fn agent_binary() -> PathBuf {
+pub(super) fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe
         .parent()
