@@ -15,6 +15,9 @@
 //! <runtime>/sandboxes/<id>/egress.sock   the egress proxy (super::egress), seen as /run/nightshift/egress.sock
 //! ```
 //!
+//! An image's setup uses the same layout under the id `setup-<16 hex>`, with the image's staging tree
+//! bind-mounted at `merged/` instead of an overlay ([`setup`]).
+//!
 //! **Process.** [`IsolatedCommand`] starts a program under bubblewrap with new user, pid, ipc, uts,
 //! network and (where possible) cgroup namespaces. Its root is an empty tmpfs with, read-only: `/usr`
 //! (and the `/bin`, `/sbin`, `/lib*` beside it, as the symlinks or directories they are on the host), a

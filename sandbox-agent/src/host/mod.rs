@@ -23,10 +23,11 @@
 //!
 //! Warm pools ([`pool`], [`warm`]; isolated hosts only): per repository, sandboxes prepared ahead
 //! (overlay on the latest image, base branch caught up), so `POST /v1/sandboxes` only starts the agent
-//! in one; sized by demand and `POST /v1/pools/{repo}`, at most `--pool-max` each; retired when a
-//! newer image is published, released at shutdown.
+//! in one; sized by demand and `POST /v1/pools/{repo}`, at most `--pool-max` each, shrinking again
+//! when demand fades; retired when a newer image is published, released at shutdown.
 //!
-//! Images ([`image`]) are full-history clones after the repository's setup, published on tmpfs
+//! Images ([`image`]) are full-history clones after the repository's setup (run, where the host
+//! isolates sandboxes, inside the same isolation: [`isolation::setup`]), published on tmpfs
 //! under the runtime directory; snapshots ([`snapshot`]) are a sandbox's overlay upper directory as
 //! a content-addressed `tar.zst`, restorable only onto the image they name.
 //!
