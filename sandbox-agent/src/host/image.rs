@@ -1123,6 +1123,7 @@ impl BuildTask {
             output,
             timeout: settings.setup_timeout,
         };
+        let setup_started = std::time::Instant::now();
         let exit = self
             .images
             .inner
@@ -1143,7 +1144,13 @@ impl BuildTask {
                 status: exit.describe(),
             }),
             _ => {
-                note(out, "setup finished");
+                note(
+                    out,
+                    &format!(
+                        "setup finished in {} ms",
+                        setup_started.elapsed().as_millis()
+                    ),
+                );
                 self.count(&tree).await
             }
         }

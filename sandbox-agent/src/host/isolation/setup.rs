@@ -5,7 +5,7 @@
 //! (`<runtime>/sandboxes/setup-<16 hex>/`, swept like any other after a crash), and
 //!
 //! - **filesystem:** the image's staging tree bind-mounted (as root, on the host) at that
-//!   directory's `merged/`, which bubblewrap binds at [`WORKSPACE_PATH`] — the path every sandbox
+//!   directory's `merged/`, which bubblewrap binds at [`WORKSPACE_PATH`](super::WORKSPACE_PATH) — the path every sandbox
 //!   sees its workspace at, so whatever the setup caches with an absolute path (virtualenvs, build
 //!   directories) is right in sandboxes too. The tree belongs to the sandbox uid before the setup
 //!   starts ([`super::super::image`] hands it over), so the setup, root in its user namespace, can
