@@ -2425,13 +2425,13 @@ async fn wait_for_pool(
     }
 }
 
-/// Pools follow fading demand down: with a 4 s window, `POST /v1/pools {target: 3}` fills 3; a claim
-/// keeps the pool at 3 while the request holds; once the request's window passed the surplus entry is
+/// Pools follow fading demand down: with a 6 s window, `POST /v1/pools {target: 3}` fills 3; a claim
+/// half a window later keeps the pool at 3 while the request holds; once the request's window passed the surplus entry is
 /// released (target 2: the claim's demand), and once the claim's window passed too, the rest
 /// (target 0). Released entries are unmounted and their directories removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pools_shrink_when_demand_fades() {
-    const WINDOW_MS: u64 = 4_000;
+    const WINDOW_MS: u64 = 6_000;
     let Some(env) = IsolatedHost::start_with("the pool shrink test", |config| {
         config.pool_window_ms = WINDOW_MS;
     })
@@ -2460,7 +2460,10 @@ async fn pools_shrink_when_demand_fades() {
     );
     let prepared = runtime_sandboxes(&env);
 
-    // A claim: demand of its own (target 2), under the request's floor of 3; the pool refills to 3.
+    // Half a window later, a claim: demand of its own (target 2), under the request's floor of 3; the
+    // pool refills to 3. (Half a window apart, so the claim outlives the request by many ticks.)
+    tokio::time::sleep(Duration::from_millis(WINDOW_MS / 2).saturating_sub(requested.elapsed()))
+        .await;
     let claimed_at = Instant::now();
     let (status, info) = env
         .host
@@ -2500,8 +2503,16 @@ async fn pools_shrink_when_demand_fades() {
         (Some(0), Some(0)),
         "{pool}"
     );
-    let left = runtime_sandboxes(&env);
-    assert_eq!(left, [claimed.clone()].into_iter().collect(), "{left:?}");
+    // Taken out of the pool under its lock, released right after: wait for the release to finish.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = runtime_sandboxes(&env);
+        if left == [claimed.clone()].into_iter().collect() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never released: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for id in full.iter().filter(|id| **id != claimed) {
         assert!(!mounted(&env.sandbox_root(id).join("merged")), "{id}");
         assert!(!env.sandbox_root(id).exists(), "{id}");
