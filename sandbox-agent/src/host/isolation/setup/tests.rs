@@ -145,15 +145,34 @@ async fn a_setup_over_its_time_limit_is_killed_with_everything_it_started() {
         AllowList::default(),
     );
     let tree = tree(runtime.path(), &isolation);
-    // Note the setup's id (its runtime directory's name) while it runs, to look for its cgroups later.
+    // Note the setup's id (its runtime directory's name) while it runs, to look for its cgroups later,
+    // and the most processes its pids cgroup held, with the limit it had.
     let seen = Arc::new(Mutex::new(HashSet::new()));
+    let cgroup_peak = Arc::new(Mutex::new((0usize, String::new())));
     let watching = Arc::new(AtomicBool::new(true));
     let watcher = {
-        let (seen, watching) = (Arc::clone(&seen), Arc::clone(&watching));
+        let (seen, cgroup_peak, watching) = (
+            Arc::clone(&seen),
+            Arc::clone(&cgroup_peak),
+            Arc::clone(&watching),
+        );
         let runtime = runtime.path().to_owned();
         std::thread::spawn(move || {
             while watching.load(Ordering::SeqCst) {
-                seen.lock().unwrap().extend(setup_dirs_left(&runtime));
+                for id in setup_dirs_left(&runtime) {
+                    let cgroup = Path::new("/sys/fs/cgroup/pids/nightshift").join(&id);
+                    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs"))
+                        .unwrap_or_default()
+                        .lines()
+                        .count();
+                    let limit =
+                        std::fs::read_to_string(cgroup.join("pids.max")).unwrap_or_default();
+                    let mut peak = cgroup_peak.lock().unwrap();
+                    if procs > peak.0 {
+                        *peak = (procs, limit.trim().to_owned());
+                    }
+                    seen.lock().unwrap().insert(id);
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
         })
@@ -189,6 +208,15 @@ async fn a_setup_over_its_time_limit_is_killed_with_everything_it_started() {
     watcher.join().unwrap();
     let seen = seen.lock().unwrap().clone();
     assert_eq!(seen.len(), 1, "one setup ran: {seen:?}");
+    let (procs, limit) = cgroup_peak.lock().unwrap().clone();
+    assert!(
+        procs >= 4,
+        "the setup and everything it started ran in its pids cgroup: {procs}"
+    );
+    assert_eq!(
+        limit,
+        crate::host::isolation::DEFAULT_PIDS_LIMIT.to_string()
+    );
     for id in &seen {
         for controller in ["memory", "pids"] {
             let cgroup = Path::new("/sys/fs/cgroup")
