@@ -33,6 +33,10 @@ enum Command {
     Seed(seed::SeedArgs),
     /// Print the agent's tool catalogue (markdown), generated from the table the agent runs its tools from.
     Tools,
+    /// Inside an isolated image setup (started by the host): relay the egress socket to a loopback
+    /// proxy port and run the setup with the proxy variables.
+    #[command(hide = true)]
+    SetupExec(host::isolation::setup::SetupExecArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -58,6 +62,7 @@ fn main() -> anyhow::Result<()> {
             Command::Host(args) => host::main(args).await,
             Command::ScriptedModel(args) => scripted_model::main(args).await,
             Command::Seed(args) => seed::main(args).await,
+            Command::SetupExec(args) => host::isolation::setup::exec_main(args).await,
             Command::Tools => {
                 print!("{}", run::tools::catalogue());
                 Ok(())

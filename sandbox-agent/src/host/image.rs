@@ -22,12 +22,17 @@
 //! images can be flagged. A failed build is never used as an image.
 //!
 //! The tree is built at `.staging-<id>/tree` and renamed when published, and sandboxes see it at
-//! their own workspace path: a setup must not record the tree's absolute path (the isolation layer
-//! can mount it at the sandbox's path while the setup runs).
+//! their own workspace path (`/workspace`).
 //!
-//! The setup runs through a [`SetupRunner`]. [`ProcessRunner`] runs it as a plain process in its own
-//! process group (killed with the group at the time limit); the host's sandbox isolation (bubblewrap
-//! launcher) is meant to be plugged in here, so a setup runs inside the same isolation as a sandbox.
+//! The setup runs through a [`SetupRunner`]. On an isolated host it is
+//! [`IsolatedRunner`](super::isolation::setup::IsolatedRunner): the setup runs in the same isolation
+//! as a sandbox — bubblewrap namespaces as the sandbox uid, the tree at `/workspace` (so what it
+//! caches by absolute path matches sandboxes), an environment built from nothing, the sandbox
+//! cgroups, and network only through an egress proxy whose allow-list is empty unless configured
+//! (`--setup-allow`); with [`ImagesConfig::tree_owner`] set, the tree is handed to the sandbox uid
+//! before the setup starts. Elsewhere [`ProcessRunner`] runs it as a plain process in its own
+//! process group (killed with the group at the time limit), isolated by nothing but the cleared
+//! environment.
 //!
 //! Invariants:
 //! - One build per repository at a time: a second request while one runs gets the running build.
@@ -1087,6 +1092,17 @@ impl BuildTask {
                     return self.count(&tree).await;
                 }
             };
+        if let Some((uid, gid)) = self.images.config().tree_owner {
+            // The setup runs as the sandbox uid: the tree must be its own before it starts.
+            let owned = tree.clone();
+            tokio::task::spawn_blocking(move || chown_tree(&owned, uid, gid))
+                .await
+                .map_err(|err| ImageError::Io {
+                    action: "change owner of",
+                    path: tree.clone(),
+                    source: io::Error::other(err.to_string()),
+                })??;
+        }
         note(out, &format!("$ {line}"));
         let output = out.try_clone().map_err(|source| ImageError::Spawn {
             command: line.clone(),
@@ -1107,6 +1123,7 @@ impl BuildTask {
             output,
             timeout: settings.setup_timeout,
         };
+        let setup_started = std::time::Instant::now();
         let exit = self
             .images
             .inner
@@ -1127,7 +1144,13 @@ impl BuildTask {
                 status: exit.describe(),
             }),
             _ => {
-                note(out, "setup finished");
+                note(
+                    out,
+                    &format!(
+                        "setup finished in {} ms",
+                        setup_started.elapsed().as_millis()
+                    ),
+                );
                 self.count(&tree).await
             }
         }

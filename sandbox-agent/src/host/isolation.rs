@@ -15,6 +15,9 @@
 //! <runtime>/sandboxes/<id>/egress.sock   the egress proxy (super::egress), seen as /run/nightshift/egress.sock
 //! ```
 //!
+//! An image's setup uses the same layout under the id `setup-<16 hex>`, with the image's staging tree
+//! bind-mounted at `merged/` instead of an overlay ([`setup`]).
+//!
 //! **Process.** [`IsolatedCommand`] starts a program under bubblewrap with new user, pid, ipc, uts,
 //! network and (where possible) cgroup namespaces. Its root is an empty tmpfs with, read-only: `/usr`
 //! (and the `/bin`, `/sbin`, `/lib*` beside it, as the symlinks or directories they are on the host), a
@@ -121,6 +124,12 @@ pub struct IsolationConfig {
     pub pids_limit: u64,
     /// Where the cgroup v1 hierarchies are mounted (`/sys/fs/cgroup`).
     pub cgroup_root: PathBuf,
+    /// What an image's setup may reach through its egress proxy (URLs: `https://registry.npmjs.org`);
+    /// empty by default, so a setup has no network at all. See [`setup`].
+    pub setup_allow: Vec<String>,
+    /// How far back claims count as demand on a warm pool, and how long a `POST /v1/pools/{repo}`
+    /// holds its floor (warm pools exist only on isolated hosts); see [`super::pool`].
+    pub pool_window_ms: u64,
 }
 
 impl Default for IsolationConfig {
@@ -132,6 +141,8 @@ impl Default for IsolationConfig {
             memory_limit_bytes: DEFAULT_MEMORY_LIMIT_BYTES,
             pids_limit: DEFAULT_PIDS_LIMIT,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            setup_allow: Vec::new(),
+            pool_window_ms: super::pool::DEFAULT_WINDOW_MS,
         }
     }
 }
@@ -145,7 +156,7 @@ pub fn default_runtime_dir(canonical_data_dir: &Path) -> PathBuf {
 }
 
 /// Isolation that was proven to work on this machine.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Isolation {
     config: IsolationConfig,
     runtime_dir: PathBuf,
@@ -256,6 +267,11 @@ impl Isolation {
             (Some(roots), Some(limits)) => roots.create(id, limits).map(Some),
             _ => Ok(None),
         }
+    }
+
+    /// The configuration isolation was detected with.
+    pub fn config(&self) -> &IsolationConfig {
+        &self.config
     }
 
     /// A bubblewrap command for this host's sandbox uid.
@@ -526,6 +542,33 @@ pub fn mount_overlay(
         Err(HostError::Mount {
             action: "mount an overlay on",
             path: merged.to_owned(),
+            source: std::io::Error::last_os_error(),
+        })
+    }
+}
+
+/// Bind `source` (a directory) at `target`, as root, in the host's mount namespace: how an image's
+/// staging tree, which the sandbox uid cannot reach where it is, becomes a sandbox's bind source.
+/// [`unmount`] (or [`Isolation::remove_dirs`]) undoes it.
+pub fn bind_mount(source: &Path, target: &Path) -> Result<(), HostError> {
+    let (from, to) = (c_path(source)?, c_path(target)?);
+    // SAFETY: both pointers are valid nul-terminated strings that outlive the call; a bind mount
+    // reads neither the filesystem type nor the data argument.
+    let result = unsafe {
+        libc::mount(
+            from.as_ptr(),
+            to.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(HostError::Mount {
+            action: "bind-mount onto",
+            path: target.to_owned(),
             source: std::io::Error::last_os_error(),
         })
     }
@@ -806,5 +849,6 @@ impl IsolatedCommand {
     }
 }
 
+pub mod setup;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -23,10 +23,11 @@
 //!
 //! Warm pools ([`pool`], [`warm`]; isolated hosts only): per repository, sandboxes prepared ahead
 //! (overlay on the latest image, base branch caught up), so `POST /v1/sandboxes` only starts the agent
-//! in one; sized by demand and `POST /v1/pools/{repo}`, at most `--pool-max` each; retired when a
-//! newer image is published, released at shutdown.
+//! in one; sized by demand and `POST /v1/pools/{repo}`, at most `--pool-max` each, shrinking again
+//! when demand fades; retired when a newer image is published, released at shutdown.
 //!
-//! Images ([`image`]) are full-history clones after the repository's setup, published on tmpfs
+//! Images ([`image`]) are full-history clones after the repository's setup (run, where the host
+//! isolates sandboxes, inside the same isolation: [`isolation::setup`]), published on tmpfs
 //! under the runtime directory; snapshots ([`snapshot`]) are a sandbox's overlay upper directory as
 //! a content-addressed `tar.zst`, restorable only onto the image they name.
 //!
@@ -146,6 +147,10 @@ pub struct HostArgs {
     /// Most warm sandboxes a repository's pool keeps (ready plus being prepared); isolated hosts only.
     #[arg(long, env = env::POOL_MAX, default_value_t = DEFAULT_POOL_MAX)]
     pub pool_max: usize,
+    /// A URL (`https://registry.npmjs.org`) whose host and port image setups may reach through their
+    /// egress proxy; repeatable. None by default: setups of isolated hosts have no network.
+    #[arg(long = "setup-allow", value_name = "URL")]
+    pub setup_allow: Vec<String>,
 }
 
 /// Default `--pool-max`.
@@ -417,6 +422,42 @@ struct Shared {
     http: reqwest::Client,
 }
 
+/// The warm pools' bounds: at most `--pool-max` each; demand counted over the isolation's window.
+fn pool_config(config: &HostConfig) -> pool::PoolConfig {
+    let window_ms = config
+        .isolation
+        .as_ref()
+        .map_or(pool::DEFAULT_WINDOW_MS, |isolation| {
+            isolation.pool_window_ms
+        });
+    pool::PoolConfig {
+        max: config.pool_max,
+        window_ms,
+        request_ttl_ms: window_ms,
+        ..pool::PoolConfig::default()
+    }
+}
+
+/// How image setups run: inside sandbox isolation when the host has it, otherwise as plain processes.
+fn setup_runner(
+    config: &HostConfig,
+    isolation: Option<&Isolation>,
+) -> Result<Arc<dyn image::SetupRunner>, HostError> {
+    let Some(isolation) = isolation else {
+        return Ok(Arc::new(image::ProcessRunner));
+    };
+    let mut allow = egress::AllowList::default();
+    for url in &isolation.config().setup_allow {
+        allow.allow_url(url)?;
+    }
+    tracing::info!(allow = ?allow.targets(), "image setups run isolated; their egress allow-list");
+    Ok(Arc::new(isolation::setup::IsolatedRunner::new(
+        isolation.clone(),
+        &config.agent_bin,
+        allow,
+    )))
+}
+
 /// Create the data directory if needed; its canonical path.
 fn canonical_data_dir(config: &HostConfig) -> Result<PathBuf, HostError> {
     std::fs::create_dir_all(&config.data_dir)
@@ -500,7 +541,7 @@ impl AppState {
                 settings: image::ImageSettings::default(),
                 tree_owner: isolation.as_ref().map(Isolation::sandbox_ids),
             },
-            Arc::new(image::ProcessRunner),
+            setup_runner(&config, isolation.as_ref())?,
         )?;
         // Before any build: the images snapshots name are pinned, so retirement never takes them.
         let snapshots = snapshot::Snapshots::open(&data_dir.join("snapshots"), images.clone())?;
@@ -518,10 +559,7 @@ impl AppState {
                 sandboxes_root,
                 sandboxes: Default::default(),
                 images,
-                warm: warm::WarmPools::new(pool::PoolConfig {
-                    max: config.pool_max,
-                    ..pool::PoolConfig::default()
-                }),
+                warm: warm::WarmPools::new(pool_config(&config)),
                 config,
                 snapshots,
                 isolation,
@@ -715,6 +753,7 @@ pub async fn main(args: HostArgs) -> anyhow::Result<()> {
             sandbox_gid: args.sandbox_gid,
             memory_limit_bytes: args.memory_limit_bytes,
             pids_limit: args.pids_limit,
+            setup_allow: args.setup_allow,
             ..IsolationConfig::default()
         }),
     };

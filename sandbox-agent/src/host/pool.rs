@@ -4,7 +4,12 @@
 //! This module is the bookkeeping, generic over what a warm entry is: the queue of ready entries, the
 //! number being prepared, and the target the pool refills to. The target follows demand: the claims of
 //! the recent window (plus one, so the next claim finds one ready), floored by explicit requests (a
-//! `POST /v1/pools/{repo}` or a warm-up on typing, which expire), within `min..=max`.
+//! `POST /v1/pools/{repo}` or a warm-up on typing, which count as demand for `request_ttl_ms`), within
+//! `min..=max`. It follows demand both ways: claims raise it at once ([`RepoPool::plan_refill`]); when
+//! they fade — a claim leaves the window, a request expires — it falls, and [`RepoPool::shrink`] hands
+//! out the ready entries above it (oldest first) for release, down to `min`. The shell
+//! ([`super::warm`]) runs the shrink every [`PoolConfig::tick_ms`], so a surplus entry lives at most
+//! one window (or request) plus one tick after the demand that asked for it.
 //!
 //! The entries of an isolated host are [`super::warm::WarmSandbox`]es; [`super::warm`] prepares,
 //! claims, retires and releases them, and serves `POST /v1/pools/{repo}` and `GET /v1/pools`.
@@ -15,6 +20,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+
+/// Default [`PoolConfig::window_ms`] and [`PoolConfig::request_ttl_ms`]: 10 minutes.
+pub const DEFAULT_WINDOW_MS: u64 = 10 * 60 * 1000;
+/// Shortest pause between two looks at fading demand.
+const MIN_TICK_MS: u64 = 50;
+/// Longest pause between two looks at fading demand.
+const MAX_TICK_MS: u64 = 30 * 1000;
 
 /// Bounds and horizon of every pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,9 +46,17 @@ impl Default for PoolConfig {
         Self {
             min: 0,
             max: 8,
-            window_ms: 10 * 60 * 1000,
-            request_ttl_ms: 10 * 60 * 1000,
+            window_ms: DEFAULT_WINDOW_MS,
+            request_ttl_ms: DEFAULT_WINDOW_MS,
         }
+    }
+}
+
+impl PoolConfig {
+    /// How often the shell should look for fading demand: a tenth of the shorter horizon, within
+    /// 50 ms … 30 s.
+    pub fn tick_ms(&self) -> u64 {
+        (self.window_ms.min(self.request_ttl_ms) / 10).clamp(MIN_TICK_MS, MAX_TICK_MS)
     }
 }
 
@@ -144,11 +164,8 @@ impl<E> RepoPool<E> {
         retired.into()
     }
 
-    /// Entries above the target, oldest first, for teardown when demand fell.
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "shrinking on fading demand is not scheduled yet")
-    )]
+    /// Ready entries above the target (counting those being prepared), oldest first, taken out for
+    /// teardown when demand fell.
     pub fn shrink(&mut self, config: &PoolConfig, now_ms: u64) -> Vec<E> {
         let target = self.target(config, now_ms);
         let mut extra = Vec::new();
@@ -303,6 +320,89 @@ mod tests {
             vec![2, 2],
             "the request expired"
         );
+    }
+
+    /// A fake clock's worth of demand: a request, claims, then silence. The pool rises with demand
+    /// at once and gives back its surplus only after the request's ttl and the claims' window pass.
+    #[test]
+    fn the_pool_shrinks_when_demand_fades_and_not_before() {
+        let mut pool: RepoPool<u32> = RepoPool::default();
+        let mut next = 0u32;
+        let mut fill = |pool: &mut RepoPool<u32>, now_ms: u64| {
+            for _ in 0..pool.plan_refill(&CONFIG, now_ms) {
+                next += 1;
+                pool.prepared(Some(next));
+            }
+        };
+        pool.request(&CONFIG, 4, 0);
+        fill(&mut pool, 0);
+        assert_eq!(pool.counts(&CONFIG, 0).ready, 4);
+        // Two claims while the request holds: the pool refills to 4.
+        assert_eq!(pool.claim(&CONFIG, 100), Some(1));
+        assert_eq!(pool.claim(&CONFIG, 200), Some(2));
+        fill(&mut pool, 200);
+        assert_eq!(pool.counts(&CONFIG, 200).ready, 4);
+        assert!(
+            pool.shrink(&CONFIG, 499).is_empty(),
+            "the request still holds"
+        );
+        // The request expired (ttl 500); two claims in the window: target 3, one surplus, the oldest.
+        assert_eq!(pool.target(&CONFIG, 500), 3);
+        assert_eq!(pool.shrink(&CONFIG, 500), vec![3]);
+        assert!(
+            pool.shrink(&CONFIG, 1_100).is_empty(),
+            "the first claim is still in the window (1 000 ms)"
+        );
+        // The first claim left the window: target 2.
+        assert_eq!(pool.shrink(&CONFIG, 1_101), vec![4]);
+        // The second too: no demand, down to the minimum (0 here, 1 with a floor).
+        let floored = PoolConfig { min: 1, ..CONFIG };
+        assert_eq!(pool.shrink(&floored, 1_201), vec![5]);
+        assert_eq!(pool.counts(&floored, 1_201).ready, 1);
+        assert_eq!(pool.shrink(&CONFIG, 1_201), vec![6]);
+        let counts = pool.counts(&CONFIG, 1_201);
+        assert_eq!(
+            (counts.ready, counts.target, counts.recent_claims),
+            (0, 0, 0)
+        );
+        // Demand comes back: the pool follows it up again.
+        pool.claim(&CONFIG, 2_000);
+        fill(&mut pool, 2_000);
+        assert_eq!(pool.counts(&CONFIG, 2_000).ready, 2);
+        assert!(pool.shrink(&CONFIG, 2_500).is_empty());
+    }
+
+    #[test]
+    fn shrinking_counts_entries_being_prepared_and_never_takes_them() {
+        let mut pool: RepoPool<u32> = RepoPool::default();
+        pool.request(&CONFIG, 3, 0);
+        assert_eq!(pool.plan_refill(&CONFIG, 0), 3);
+        pool.prepared(Some(1));
+        // Two still preparing, the request gone: the one ready entry is the surplus.
+        assert_eq!(pool.shrink(&CONFIG, 600), vec![1]);
+        assert_eq!(pool.counts(&CONFIG, 600).preparing, 2);
+        assert!(
+            pool.shrink(&CONFIG, 600).is_empty(),
+            "nothing ready to take"
+        );
+    }
+
+    #[test]
+    fn the_tick_is_a_tenth_of_the_horizon_within_bounds() {
+        assert_eq!(CONFIG.tick_ms(), 50, "a tenth of 500 ms");
+        assert_eq!(PoolConfig::default().tick_ms(), 30_000);
+        let short = PoolConfig {
+            window_ms: 100,
+            request_ttl_ms: 100,
+            ..CONFIG
+        };
+        assert_eq!(short.tick_ms(), 50);
+        let medium = PoolConfig {
+            window_ms: 20_000,
+            request_ttl_ms: 60_000,
+            ..CONFIG
+        };
+        assert_eq!(medium.tick_ms(), 2_000);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -1149,7 +1149,7 @@ async fn snapshot_route_archives_an_overlay_sandbox_and_refuses_others() {
 
 /// The built `sandbox-agent` binary, beside the directory of this test binary (`target/<profile>/deps`).
 /// Cargo builds it with the crate's tests, because the crate has an integration test.
-fn agent_binary() -> PathBuf {
+pub(super) fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let path = exe
         .parent()
@@ -1596,6 +1596,14 @@ struct IsolatedHost {
 impl IsolatedHost {
     /// `None` (with a notice) when not root.
     async fn start(test: &str) -> Option<Self> {
+        Self::start_with(test, |_| {}).await
+    }
+
+    /// [`IsolatedHost::start`] with the isolation settings changed by `configure`.
+    async fn start_with(
+        test: &str,
+        configure: impl FnOnce(&mut isolation::IsolationConfig),
+    ) -> Option<Self> {
         // SAFETY: `geteuid` has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("not root: skipping {test} (CI runs it as root)");
@@ -1609,10 +1617,12 @@ impl IsolatedHost {
         let worker = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut host_config = config(data.path(), &agent_binary());
         host_config.runtime_dir = runtime.path().to_owned();
-        host_config.isolation = Some(isolation::IsolationConfig {
+        let mut isolation_config = isolation::IsolationConfig {
             runtime_dir: Some(runtime.path().to_owned()),
             ..isolation::IsolationConfig::default()
-        });
+        };
+        configure(&mut isolation_config);
+        host_config.isolation = Some(isolation_config);
         let host = RunningHost::start_with(host_config).await;
         Some(IsolatedHost {
             host,
@@ -2123,6 +2133,482 @@ async fn warm_pools_prepare_claim_retire_and_release() {
     }
     assert!(std::fs::read_dir(&sandboxes_dir).map_or(true, |mut dir| dir.next().is_none()));
     drop(runtime);
+}
+
+/// Commit `files` (path, contents; `.sh` files executable) on `main` of the bare repository `git_dir`.
+fn commit_to_repo(git_dir: &Path, files: &[(&str, &str)]) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let work = tempfile::tempdir().unwrap();
+    git(
+        work.path(),
+        &["clone", "--quiet", git_dir.to_str().unwrap(), "c"],
+    );
+    let clone = work.path().join("c");
+    for (path, contents) in files {
+        let path = clone.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(&path, contents).unwrap();
+        if path.extension().is_some_and(|e| e == "sh") {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    git(&clone, &["add", "--all"]);
+    git(
+        &clone,
+        &[
+            "-c",
+            "user.name=Test",
+            "-c",
+            "user.email=test@example.com",
+            "commit",
+            "--quiet",
+            "-m",
+            "setup",
+        ],
+    );
+    git(&clone, &["push", "--quiet", "origin", "main"]);
+}
+
+/// Start a build of `demo/hello` and wait for its end; the image's record.
+async fn build_to_the_end(env: &IsolatedHost) -> Value {
+    let (status, build) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            "/v1/images",
+            Some(json!({"repo": "demo/hello"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{build}");
+    let id = build["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (_, image) = env
+            .host
+            .api(reqwest::Method::GET, &format!("/v1/images/{id}"), None)
+            .await;
+        if image["status"] != "building" {
+            return image;
+        }
+        assert!(Instant::now() < deadline, "the build never ended: {image}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An image's setup runs in the isolation of a sandbox: at `/workspace`, as the sandbox uid, with an
+/// environment built from nothing (no variable of the host, no token); it cannot read a host file
+/// outside its tree, see the host's processes, or open a connection but through its egress proxy,
+/// whose allow-list is empty; its output is in the log; what it writes is in the published tree.
+/// A failing setup fails the build and publishes nothing; no setup leaves anything behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_setups_run_inside_sandbox_isolation() {
+    let Some(env) = IsolatedHost::start("the isolated setup test").await else {
+        return;
+    };
+    let secret_file = env.data.path().join("host-secret.txt");
+    std::fs::write(&secret_file, "host-secret-contents").unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let connected = Arc::clone(&connected);
+        tokio::spawn(async move {
+            while listener.accept().await.is_ok() {
+                connected.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
+    let host_comm = std::fs::read_to_string("/proc/self/comm")
+        .unwrap()
+        .trim()
+        .to_owned();
+    let script = format!(
+        "#!/bin/bash\n\
+         echo \"setup at $(pwd) as uid $(id -u)\"\n\
+         for p in {secret} {data} {runtime} {runtime}/images /root /home; do \
+           if [ -e \"$p\" ]; then echo \"VISIBLE $p\"; fi; done\n\
+         cat {secret} 2>/dev/null\n\
+         for p in /proc/[0-9]*; do echo \"process $(cat $p/comm)\"; done\n\
+         if (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null; then echo CONNECTED-DIRECTLY; fi\n\
+         curl -sS --max-time 10 http://127.0.0.1:{port}/; echo\n\
+         env | cut -d= -f1 | sort | sed 's/^/variable /'\n\
+         env | grep -c {token} | sed 's/^/token-seen /'\n\
+         echo \"$PWD\" > setup-path.txt\n\
+         echo SETUP-DONE\n",
+        secret = secret_file.display(),
+        data = env.data.path().display(),
+        runtime = env.runtime.path().display(),
+        token = TOKEN,
+    );
+    commit_to_repo(&env.bare, &[(".nightshift/setup.sh", &script)]);
+    let image = build_to_the_end(&env).await;
+    let log = image["setup_log"].as_str().unwrap();
+    assert_eq!(image["status"], "ready", "{image}");
+    assert!(log.contains("setup at /workspace as uid 0\n"), "{log}");
+    assert!(!log.contains("VISIBLE"), "{log}");
+    assert!(!log.contains("host-secret-contents"), "{log}");
+    let processes: Vec<&str> = log.lines().filter(|l| l.starts_with("process ")).collect();
+    assert!(
+        !processes.is_empty() && processes.len() <= 6,
+        "only the setup's own processes: {processes:?}"
+    );
+    assert!(
+        !processes.contains(&format!("process {host_comm}").as_str()),
+        "{processes:?}"
+    );
+    assert!(!log.contains("CONNECTED-DIRECTLY"), "{log}");
+    assert!(
+        log.contains("is not on this sandbox's allow-list"),
+        "egress only through the proxy, which lets nothing through: {log}"
+    );
+    assert!(!connected.load(std::sync::atomic::Ordering::SeqCst));
+    let variables: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.strip_prefix("variable "))
+        .collect();
+    let allowed = [
+        "ALL_PROXY",
+        "HOME",
+        "HTTPS_PROXY",
+        "HTTP_PROXY",
+        "NO_PROXY",
+        "OLDPWD",
+        "PATH",
+        "PWD",
+        "SHLVL",
+        "_",
+        "all_proxy",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+    ];
+    assert!(
+        variables.iter().all(|v| allowed.contains(v)) && variables.contains(&"PATH"),
+        "an environment built from nothing: {variables:?}"
+    );
+    assert!(log.contains("token-seen 0"), "{log}");
+    assert!(log.contains("SETUP-DONE"), "{log}");
+    let tree = env
+        .runtime
+        .path()
+        .join("images/demo/hello")
+        .join(image["id"].as_str().unwrap())
+        .join("tree");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("setup-path.txt")).unwrap(),
+        "/workspace\n"
+    );
+
+    // A failing setup: the build fails, its output is in the log, nothing is published.
+    commit_to_repo(
+        &env.bare,
+        &[(
+            ".nightshift/setup.sh",
+            "#!/bin/sh\necho failing-setup-output\nexit 3\n",
+        )],
+    );
+    let failed = build_to_the_end(&env).await;
+    assert_eq!(failed["status"], "failed", "{failed}");
+    assert!(
+        failed["setup_log"]
+            .as_str()
+            .unwrap()
+            .contains("failing-setup-output"),
+        "{failed}"
+    );
+    assert!(
+        failed["error"].as_str().unwrap().contains("exit code 3"),
+        "{failed}"
+    );
+    let published: Vec<String> = std::fs::read_dir(env.runtime.path().join("images/demo/hello"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(published, [image["id"].as_str().unwrap()], "nothing new");
+    let (_, list) = env
+        .host
+        .api(reqwest::Method::GET, "/v1/images?repo=demo/hello", None)
+        .await;
+    assert_eq!(list["images"][0]["id"], image["id"], "{list}");
+    assert!(
+        runtime_sandboxes(&env).is_empty(),
+        "no setup leaves its runtime directory: {:?}",
+        runtime_sandboxes(&env)
+    );
+    env.host.stop().await;
+}
+
+/// Send a bash step to the agent without waiting for it.
+async fn send_bash(socket: &mut AgentSocket, command: &str) {
+    use nightshift_protocol::{Author, ServerToAgent};
+    let step = json!({"tool": "bash", "input": {"command": command}});
+    send_to_agent(
+        socket,
+        &ServerToAgent::RunPrompt {
+            prompt_id: format!("p{}", rand::random::<u32>()),
+            text: format!("[script:plan]\n{step}"),
+            author: Author {
+                login: "ada".into(),
+                name: "Ada".into(),
+                email: "ada@example.com".into(),
+            },
+            model: crate::scripted_model::MODEL.to_owned(),
+        },
+    )
+    .await;
+}
+
+/// The host pids running exactly `argv` (NUL-separated).
+fn pids_running(argv: &[u8]) -> Vec<libc::pid_t> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            (cmdline == argv).then_some(pid)
+        })
+        .collect()
+}
+
+/// Two running sandboxes: from the second, bash can neither list nor read the first's workspace or
+/// runtime directory (by any path the host knows them by), and sees none of its processes, not even
+/// one the first is running at that moment; the two agents are in different pid and mount
+/// namespaces.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_cannot_see_another_sandboxs_files_or_processes() {
+    let Some(env) = IsolatedHost::start("the cross-sandbox test").await else {
+        return;
+    };
+    env.build_image().await;
+    let mut ids = Vec::new();
+    let mut sockets = Vec::new();
+    for session in ["session-a", "session-b"] {
+        let mut body = env.create_body();
+        body["session_id"] = json!(session);
+        let (status, info) = env
+            .host
+            .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        let mut socket = accept_agent(&env.worker).await;
+        ids.push(welcome(&mut socket).await);
+        sockets.push(socket);
+    }
+    let [first, second] = [ids[0].clone(), ids[1].clone()];
+    let (mut first_socket, mut second_socket) = {
+        let mut sockets = sockets.into_iter();
+        (sockets.next().unwrap(), sockets.next().unwrap())
+    };
+    let (output, _) = run_bash(
+        &mut first_socket,
+        "echo first-sandbox-secret > first-marker.txt && echo WRITTEN",
+        || env.agent_log(&first),
+    )
+    .await;
+    assert!(output.contains("WRITTEN"), "{output}");
+    // The first sandbox runs a process with a name of its own while the second looks around.
+    send_bash(
+        &mut first_socket,
+        "exec -a first-sandbox-waiter-3599 sleep 600",
+    )
+    .await;
+    let waiter = b"first-sandbox-waiter-3599\x00600\x00";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while pids_running(waiter).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the first sandbox's process never started: {}",
+            env.agent_log(&first)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let first_root = env.sandbox_root(&first);
+    let first_workspace = env
+        .data
+        .path()
+        .join("sandboxes")
+        .join(&first)
+        .join("workspace");
+    let probe = format!(
+        "for p in {root} {root}/merged {root}/upper {root}/state {workspace} {runtime}/sandboxes; do \
+           ls \"$p\" >/dev/null 2>&1 && echo \"LIST\"\"ED $p\"; done; \
+         cat {root}/merged/first-marker.txt {root}/upper/first-marker.txt {workspace}/first-marker.txt 2>/dev/null; \
+         find / -name first-marker.txt -not -path '/proc/*' 2>/dev/null | sed 's/^/FOU''ND /'; \
+         ps -eo args | sed 's/^/ps /'; \
+         cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; echo; echo PROBED",
+        root = first_root.display(),
+        workspace = first_workspace.display(),
+        runtime = env.runtime.path().display(),
+    );
+    let (output, _) = run_bash(&mut second_socket, &probe, || env.agent_log(&second)).await;
+    assert!(output.contains("PROBED"), "{output}");
+    assert!(!output.contains("LISTED"), "{output}");
+    assert!(!output.contains("FOUND"), "{output}");
+    assert!(!output.contains("first-sandbox-secret"), "{output}");
+    assert!(output.contains("ps "), "ps ran: {output}");
+    assert!(!output.contains("first-sandbox-waiter"), "{output}");
+    // And on the host: the agents live in namespaces of their own.
+    let namespace = |pid: libc::pid_t, kind: &str| {
+        std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).unwrap()
+    };
+    let (first_pid, second_pid) = (agent_pid(&first).unwrap(), agent_pid(&second).unwrap());
+    for kind in ["pid", "mnt", "net"] {
+        assert_ne!(
+            namespace(first_pid, kind),
+            namespace(second_pid, kind),
+            "{kind} namespace"
+        );
+    }
+    // Stop the first sandbox's waiter (its prompt then ends).
+    for pid in pids_running(waiter) {
+        // SAFETY: only sends a signal, to the test's own waiter process.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    drop((first_socket, second_socket));
+    for id in [&first, &second] {
+        let (status, _) = env
+            .host
+            .api(
+                reqwest::Method::DELETE,
+                &format!("/v1/sandboxes/{id}"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    env.host.stop().await;
+}
+
+/// Pool state of `demo/hello` from `GET /v1/pools` once `done` holds, or panic after `timeout`.
+async fn wait_for_pool(
+    env: &IsolatedHost,
+    timeout: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (_, list) = env.host.api(reqwest::Method::GET, "/v1/pools", None).await;
+        let pool = list["pools"]
+            .as_array()
+            .and_then(|pools| pools.iter().find(|pool| pool["repo"] == "demo/hello"))
+            .cloned()
+            .unwrap_or(Value::Null);
+        if done(&pool) {
+            return pool;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pool never got there: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Pools follow fading demand down: with a 6 s window, `POST /v1/pools {target: 3}` fills 3; a claim
+/// half a window later keeps the pool at 3 while the request holds; once the request's window passed the surplus entry is
+/// released (target 2: the claim's demand), and once the claim's window passed too, the rest
+/// (target 0). Released entries are unmounted and their directories removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pools_shrink_when_demand_fades() {
+    const WINDOW_MS: u64 = 6_000;
+    let Some(env) = IsolatedHost::start_with("the pool shrink test", |config| {
+        config.pool_window_ms = WINDOW_MS;
+    })
+    .await
+    else {
+        return;
+    };
+    env.build_image().await;
+    let requested = Instant::now();
+    let (status, pool) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            "/v1/pools/demo/hello",
+            Some(json!({"target": 3})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{pool}");
+    wait_for_pool(&env, Duration::from_secs(30), |pool| {
+        pool["ready"] == 3 && pool["preparing"] == 0
+    })
+    .await;
+    assert!(
+        requested.elapsed() < Duration::from_millis(WINDOW_MS),
+        "preparing took longer than the window; the test cannot tell shrinking from slowness"
+    );
+    let prepared = runtime_sandboxes(&env);
+
+    // Half a window later, a claim: demand of its own (target 2), under the request's floor of 3; the
+    // pool refills to 3. (Half a window apart, so the claim outlives the request by many ticks.)
+    tokio::time::sleep(Duration::from_millis(WINDOW_MS / 2).saturating_sub(requested.elapsed()))
+        .await;
+    let claimed_at = Instant::now();
+    let (status, info) = env
+        .host
+        .api(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(env.create_body()),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{info}");
+    let claimed = info["id"].as_str().unwrap().to_owned();
+    assert!(prepared.contains(&claimed));
+    let socket = accept_agent(&env.worker).await;
+    wait_for_pool(&env, Duration::from_secs(30), |pool| {
+        pool["ready"] == 3 && pool["preparing"] == 0 && pool["target"] == 3
+    })
+    .await;
+    assert!(requested.elapsed() < Duration::from_millis(WINDOW_MS));
+    let full = runtime_sandboxes(&env);
+
+    // The request's window passes: one surplus entry goes, the claim's demand keeps two.
+    let pool = wait_for_pool(&env, Duration::from_secs(30), |pool| pool["ready"] == 2).await;
+    assert!(
+        requested.elapsed() >= Duration::from_millis(WINDOW_MS),
+        "not before the request's window passed"
+    );
+    assert_eq!(
+        (pool["target"].as_u64(), pool["recent_claims"].as_u64()),
+        (Some(2), Some(1)),
+        "{pool}"
+    );
+    // The claim's window passes too: nothing is left but the claimed sandbox.
+    let pool = wait_for_pool(&env, Duration::from_secs(30), |pool| pool["ready"] == 0).await;
+    assert!(claimed_at.elapsed() >= Duration::from_millis(WINDOW_MS));
+    assert_eq!(
+        (pool["target"].as_u64(), pool["recent_claims"].as_u64()),
+        (Some(0), Some(0)),
+        "{pool}"
+    );
+    // Taken out of the pool under its lock, released right after: wait for the release to finish.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = runtime_sandboxes(&env);
+        if left == [claimed.clone()].into_iter().collect() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never released: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for id in full.iter().filter(|id| **id != claimed) {
+        assert!(!mounted(&env.sandbox_root(id).join("merged")), "{id}");
+        assert!(!env.sandbox_root(id).exists(), "{id}");
+    }
+    drop(socket);
+    let (status, _) = env
+        .host
+        .api(
+            reqwest::Method::DELETE,
+            &format!("/v1/sandboxes/{claimed}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    env.host.stop().await;
 }
 
 #[tokio::test]

@@ -8,7 +8,10 @@
 //! Refills ([`start_refill`]) plan under the lock and prepare in the background; an entry that
 //! finishes after a newer image was published (or after shutdown began) is released instead of
 //! queued. A watcher per repository ([`Images::subscribe`](super::image::Images::subscribe)) retires
-//! the ready entries of older images when a new one is published, and refills. At shutdown
+//! the ready entries of older images when a new one is published, and refills; on every tick of the
+//! pool's [`PoolConfig::tick_ms`] it also releases the ready entries above the target once demand
+//! faded ([`super::pool::RepoPool::shrink`]: unmounted, directories removed, lease dropped), and
+//! refills what failed. At shutdown
 //! ([`release_all`]) every ready entry is unmounted and released.
 //!
 //! Invariant: a warm sandbox is in exactly one place — its pool's queue, a preparation in flight, or a
@@ -276,8 +279,9 @@ fn release(isolation: &Isolation, entry: WarmSandbox) {
     }
 }
 
-/// Start (once per repository) the task that retires the ready entries of older images when a new
-/// image of `repo` is published, and refills. It holds the host only weakly, so it ends with it.
+/// Start (once per repository) the task that keeps `repo`'s pool: it retires the ready entries of
+/// older images when a new image is published, releases the surplus when demand fades (every
+/// [`PoolConfig::tick_ms`]), and refills. It holds the host only weakly, so it ends with it.
 fn watch_images(state: &AppState, repo: &str) {
     if state.isolation().is_none() {
         return;
@@ -297,18 +301,54 @@ fn watch_images(state: &AppState, repo: &str) {
     latest.mark_unchanged();
     let host = Arc::downgrade(&state.inner);
     let repo = repo.to_owned();
+    let tick = Duration::from_millis(state.inner.warm.pools.config().tick_ms());
     tokio::spawn(async move {
-        while latest.changed().await.is_ok() {
+        let mut ticks = tokio::time::interval(tick);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let published = tokio::select! {
+                changed = latest.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    true
+                }
+                _ = ticks.tick() => false,
+            };
             let Some(inner) = host.upgrade() else { break };
             let state = AppState { inner };
-            let newest = latest
-                .borrow_and_update()
-                .as_ref()
-                .map(|image| image.id.clone());
-            retire_older(&state, &repo, newest.as_deref()).await;
+            if published {
+                let newest = latest
+                    .borrow_and_update()
+                    .as_ref()
+                    .map(|image| image.id.clone());
+                retire_older(&state, &repo, newest.as_deref()).await;
+            } else {
+                shrink(&state, &repo).await;
+            }
             start_refill(&state, &repo).await;
         }
     });
+}
+
+/// Release the ready entries of `repo` above its target now that demand faded (down to the pool's
+/// minimum).
+async fn shrink(state: &AppState, repo: &str) {
+    let Some(isolation) = state.isolation() else {
+        return;
+    };
+    let warm = &state.inner.warm;
+    let surplus = {
+        let pool = warm.pools.repo(repo);
+        let mut pool = pool.lock().await;
+        pool.shrink(warm.pools.config(), now_ms())
+    };
+    if !surplus.is_empty() {
+        tracing::info!(%repo, released = surplus.len(), "demand faded: releasing warm sandboxes");
+    }
+    for entry in surplus {
+        release(isolation, entry);
+    }
 }
 
 /// Release the ready entries of `repo` that are not on image `newest`.

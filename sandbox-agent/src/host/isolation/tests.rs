@@ -59,7 +59,7 @@ impl Drop for TestRuntime {
 
 /// Isolation in a fresh runtime directory on tmpfs, with `limits`; `None` (and a notice) when not
 /// running as root. As root, isolation must work: a failure here is a failure.
-async fn isolation(limits: Option<Limits>) -> Option<(TestRuntime, Isolation)> {
+pub(crate) async fn isolation(limits: Option<Limits>) -> Option<(TestRuntime, Isolation)> {
     // SAFETY: `geteuid` has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("not root: skipping an isolation test (CI runs them as root)");
