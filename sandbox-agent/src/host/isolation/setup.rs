@@ -97,6 +97,7 @@ impl IsolatedRunner {
             &dirs.egress_socket,
             self.allow.clone(),
             &held.id,
+            None,
         )?);
         self.isolation.hand_over(&dirs.egress_socket)?;
         held.cgroup = self.isolation.create_cgroup(&held.id)?;
