@@ -8,6 +8,8 @@ pub const SESSION_BINDING: &str = "SESSION";
 pub const REPO_BINDING: &str = "REPO";
 /// Name of the repository object that lists every repository (a valid repository name has a `/`).
 pub const REPO_REGISTRY: &str = "_registry";
+/// D1 database of the cross-session index (sessions and participants; see `index`).
+pub const INDEX_BINDING: &str = "INDEX";
 /// How often repositories without their own cadence get a new image, in ms (default 30 min).
 pub const IMAGE_CADENCE_MS: &str = "IMAGE_CADENCE_MS";
 /// `"1"` enables dev sign-in (`POST /auth/dev`); anything else disables it.

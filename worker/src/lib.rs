@@ -7,6 +7,7 @@
 mod auth;
 mod config;
 mod error;
+mod index;
 mod provider;
 mod repo_object;
 mod route;

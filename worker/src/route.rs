@@ -3,7 +3,8 @@
 
 use nightshift_protocol::http::{
     CreateSessionRequest, CreateSessionResponse, DevLoginRequest, InviteResponse, JoinResponse,
-    MeResponse, RepoSettingsRequest, RepoSummary, ReposResponse, TokenResponse, WarmRequest,
+    MeResponse, RepoSettingsRequest, RepoSummary, ReposResponse, SessionStatus, SessionsResponse,
+    TokenResponse, WarmRequest,
 };
 use nightshift_protocol::{Author, ErrorCode};
 use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
@@ -11,9 +12,10 @@ use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
 use crate::auth::{self, Claims, COOKIE_NAME, COOKIE_TTL_MS, TOKEN_TTL_MS};
 use crate::config;
 use crate::error::{json_response, parse_body, AppError};
+use crate::index;
 use crate::repo_object::{self, RepoCall};
 use crate::secret::{is_session_id, random_hex};
-use crate::session_object::{CreateSessionInternal, USER_HEADER};
+use crate::session_object::{CreateSessionInternal, CreatedInvite, USER_HEADER};
 
 const SMALL_BODY_BYTES: usize = 16 * 1024;
 
@@ -92,6 +94,10 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             ))
         }
         (Method::Post, ["api", "sessions"]) => create_session(req, env, &url).await,
+        (Method::Get, ["api", "sessions"]) => {
+            let user = auth::user(&req, env, now_ms())?;
+            list_sessions(env, &user, &url).await
+        }
         (_, ["api", "sessions", id, rest @ ..]) => {
             let user = auth::user(&req, env, now_ms())?;
             if !is_session_id(id) {
@@ -99,24 +105,40 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             }
             let id = (*id).to_owned();
             let internal = match (method, rest) {
-                (Method::Get, []) => "/state",
-                (Method::Get, ["events"]) => "/events",
-                (Method::Post, ["prompts"]) => "/prompts",
-                (Method::Post, ["stop"]) => "/stop",
-                (Method::Get, ["ws"]) => "/ws",
+                (Method::Get, []) => "/state".to_owned(),
+                (Method::Get, ["events"]) => "/events".to_owned(),
+                (Method::Post, ["prompts"]) => "/prompts".to_owned(),
+                (Method::Post, ["stop"]) => "/stop".to_owned(),
+                (Method::Get, ["ws"]) => "/ws".to_owned(),
+                (Method::Get, ["invites"]) => "/invites".to_owned(),
+                (Method::Delete, ["invites", invite_id]) => {
+                    if !is_invite_id(invite_id) {
+                        // Checked in the object first, so a stranger still gets the missing session.
+                        "/invites/-".to_owned()
+                    } else {
+                        format!("/invites/{invite_id}")
+                    }
+                }
                 (Method::Post, ["invites"]) => {
+                    let body = req.text().await?;
+                    if body.len() > SMALL_BODY_BYTES {
+                        return Err(AppError::client(ErrorCode::FrameTooLarge, "body too large"));
+                    }
                     let mut response =
-                        forward(env, &id, &req, "/invites", Some(&user), None).await?;
+                        forward(env, &id, &req, "/invites", Some(&user), Some(body)).await?;
                     if response.status_code() != 201 {
                         return Ok(response);
                     }
-                    let created: serde_json::Value = response.json().await?;
-                    let secret = created
-                        .get("secret")
-                        .and_then(|s| s.as_str())
-                        .unwrap_or_default();
-                    let share_url = format!("{}/join/{id}.{secret}", origin(env, &url));
-                    return Ok(json_response(&InviteResponse { share_url }, 201));
+                    let created: CreatedInvite = response.json().await?;
+                    let share_url = format!("{}/join/{id}.{}", origin(env, &url), created.secret);
+                    return Ok(json_response(
+                        &InviteResponse {
+                            share_url,
+                            invite_id: created.invite_id,
+                            expires_ms: created.expires_ms,
+                        },
+                        201,
+                    ));
                 }
                 _ => return Err(AppError::client(ErrorCode::NotFound, "no such route")),
             };
@@ -236,6 +258,45 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             Err(_) => Err(AppError::client(ErrorCode::NotFound, "not found")),
         },
     }
+}
+
+/// Whether `id` looks like an invite id (16 lowercase hex digits).
+fn is_invite_id(id: &str) -> bool {
+    id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// `GET /api/sessions?repo=&status=&participant=&limit=`: the caller's sessions from the D1 index.
+async fn list_sessions(env: &Env, user: &Author, url: &Url) -> Result<Response, AppError> {
+    let mut filters = index::Filters {
+        limit: 50,
+        ..index::Filters::default()
+    };
+    for (key, value) in url.query_pairs() {
+        match key.as_ref() {
+            "repo" => filters.repo = Some(checked_repo(&value)?),
+            "status" => {
+                filters.status = Some(SessionStatus::parse(&value).ok_or_else(|| {
+                    AppError::client(
+                        ErrorCode::BadRequest,
+                        "status must be one of starting, idle, running, stopped, failed",
+                    )
+                })?)
+            }
+            "participant" => filters.participant = Some(value.into_owned()),
+            "limit" => {
+                let limit = value.parse::<u32>().map_err(|_| {
+                    AppError::client(ErrorCode::BadRequest, "`limit` must be a positive integer")
+                })?;
+                filters.limit = limit.clamp(1, index::LIST_LIMIT_MAX);
+            }
+            _ => {}
+        }
+    }
+    let sessions = index::list(env, &user.login, &filters).await?;
+    Ok(json_response(&SessionsResponse { sessions }, 200))
 }
 
 fn issue(env: &Env, user: &Author, kind: &str, ttl_ms: u64) -> Result<String, AppError> {

@@ -2,26 +2,33 @@
 //! `nightshift_session` decides; every socket is accepted with the hibernation API and carries its identity
 //! as an attachment, so nothing lives only in memory. It registers the session's repository with that
 //! repository's `RepoObject` on create (logging its warning as a `notice`), and turns `typing` into a
-//! background warm-up request there.
+//! background warm-up request there and into presence. It keeps the session's entry in the D1 index
+//! (`index`) up to date as events are logged and people join.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
-use nightshift_protocol::http::{EventsPage, PromptRequest, PromptResponse, StopRequest};
+use nightshift_protocol::http::{
+    CreateInviteRequest, EventsPage, InvitesResponse, PromptRequest, PromptResponse, StopRequest,
+};
 use nightshift_protocol::provider::{CreateSandboxRequest, SandboxEnded, SandboxInfo};
 use nightshift_protocol::{
     decode_agent_message, decode_client_message, AgentMessage, Author, ClientMessage, ErrorCode,
-    ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+    EventEnvelope, Participant, ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
 };
-use nightshift_session::presence::{online_logins, ClientIdentity};
+use nightshift_session::presence::{
+    next_typing_end_ms, online_logins, typing_logins, with_typing, ClientIdentity,
+};
 use nightshift_session::repo::warm_allowed;
-use nightshift_session::{Effects, Session, SessionError};
+use nightshift_session::{Effects, IndexMark, Membership, Session, SessionError};
 use worker::{
-    durable_object, Date, DurableObject, Env, Method, Request, Response, State, WebSocket,
-    WebSocketIncomingMessage, WebSocketPair,
+    durable_object, Date, DurableObject, Env, Method, Request, Response, SqlStorage, State,
+    WebSocket, WebSocketIncomingMessage, WebSocketPair,
 };
 
 use crate::error::{json_response, parse_body, AppError};
+use crate::index;
 use crate::provider::{Provider, ProviderError};
 use crate::repo_object::{self, Registered, RepoCall};
 use crate::secret::{constant_time_eq, random_hex, sha256_hex};
@@ -67,6 +74,8 @@ pub struct SessionObject {
     env: Env,
     /// Delivery of logged events to greeted clients (see [`Fanout`]).
     fanout: Rc<RefCell<Fanout>>,
+    /// Whether a task is waiting to announce that someone stopped typing.
+    typing_watch: Rc<Cell<bool>>,
 }
 
 /// Events already stored but not yet sent, and the greeted sockets to send them to.
@@ -113,6 +122,7 @@ impl DurableObject for SessionObject {
             state,
             env,
             fanout: Rc::new(RefCell::new(Fanout::default())),
+            typing_watch: Rc::new(Cell::new(false)),
         }
     }
 
@@ -200,6 +210,46 @@ fn caller(req: &Request) -> Result<Author, AppError> {
         .get(USER_HEADER)?
         .ok_or_else(AppError::unauthorized)?;
     serde_json::from_str(&header).map_err(|_| AppError::unauthorized())
+}
+
+/// What the object answers its own `/invites` (the Worker turns the secret into the share URL).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CreatedInvite {
+    /// The invite's secret (only ever shown once, in the link).
+    pub secret: String,
+    /// Public id.
+    pub invite_id: String,
+    /// When it stops working.
+    pub expires_ms: u64,
+}
+
+/// The identities on `sockets` (those without one are skipped).
+fn identities_of(sockets: &[WebSocket]) -> Vec<ClientIdentity> {
+    sockets
+        .iter()
+        .filter_map(|ws| ws.deserialize_attachment::<ClientIdentity>().ok().flatten())
+        .collect()
+}
+
+/// Send `presence` (members from `sql`, online and typing from the sockets' identities) to `sockets`.
+fn broadcast_presence_to(
+    sql: &SqlStorage,
+    sockets: &[WebSocket],
+    now_ms: u64,
+) -> Result<(), AppError> {
+    let identities = identities_of(sockets);
+    let online = online_logins(identities.iter());
+    let typing = typing_logins(identities.iter(), now_ms);
+    let mut store = SqlStore::new(sql.clone());
+    let participants = with_typing(
+        Session::new(&mut store, now_ms).participants(&online)?,
+        &typing,
+    );
+    let text = serde_json::to_string(&ServerMessage::Presence { participants })?;
+    for ws in sockets {
+        let _ = ws.send_with_str(&text);
+    }
+    Ok(())
 }
 
 fn send(ws: &WebSocket, message: &impl serde::Serialize) {
@@ -325,6 +375,9 @@ impl SessionObject {
                 });
             }
         }
+        if !effects.events.is_empty() {
+            self.index_after(&effects.events);
+        }
         if !effects.to_agent.is_empty() {
             let agents = self.state.get_websockets_with_tag(AGENT_TAG);
             for message in &effects.to_agent {
@@ -336,15 +389,116 @@ impl SessionObject {
     }
 
     fn broadcast_presence(&self) -> Result<(), AppError> {
-        let mut store = self.store();
-        let participants = Session::new(&mut store, now_ms()).participants(&self.online())?;
-        let text = serde_json::to_string(&ServerMessage::Presence { participants })?;
-        for (ws, identity) in self.clients() {
-            if identity.greeted {
-                let _ = ws.send_with_str(&text);
-            }
+        let sockets: Vec<WebSocket> = self
+            .clients()
+            .into_iter()
+            .filter(|(_, identity)| identity.greeted)
+            .map(|(ws, _)| ws)
+            .collect();
+        broadcast_presence_to(&self.state.storage().sql(), &sockets, now_ms())
+    }
+
+    /// Everyone in the session, marked online and typing as of now.
+    fn participants_now(
+        &self,
+        session: &Session<'_, SqlStore>,
+    ) -> Result<Vec<Participant>, AppError> {
+        let clients = self.clients();
+        let identities: Vec<&ClientIdentity> = clients.iter().map(|(_, i)| i).collect();
+        let online = online_logins(identities.iter().copied());
+        let typing = typing_logins(identities.iter().copied(), now_ms());
+        Ok(with_typing(session.participants(&online)?, &typing))
+    }
+
+    /// Logins typing now.
+    fn typing_now(&self) -> Vec<String> {
+        let clients = self.clients();
+        typing_logins(clients.iter().map(|(_, i)| i), now_ms())
+    }
+
+    /// Make sure a task will announce when the people typing now stop: it sleeps until the first
+    /// of them stops, broadcasts presence if who is typing changed, and repeats while anyone types.
+    fn watch_typing(&self) {
+        if self.typing_watch.replace(true) {
+            return;
         }
-        Ok(())
+        let watching = Rc::clone(&self.typing_watch);
+        let fanout = Rc::clone(&self.fanout);
+        let sql = self.state.storage().sql();
+        let mut announced = self.typing_now();
+        worker::wasm_bindgen_futures::spawn_local(async move {
+            loop {
+                let sockets = fanout.borrow().greeted.clone().unwrap_or_default();
+                let identities = identities_of(&sockets);
+                let now = now_ms();
+                let typing = typing_logins(identities.iter(), now);
+                if typing != announced {
+                    if let Err(e) = broadcast_presence_to(&sql, &sockets, now) {
+                        worker::console_error!("presence after typing failed: {e:?}");
+                    }
+                    announced = typing;
+                }
+                let Some(end_ms) = next_typing_end_ms(identities.iter(), now) else {
+                    break;
+                };
+                let wait_ms = end_ms.saturating_sub(now).saturating_add(1);
+                worker::Delay::from(std::time::Duration::from_millis(wait_ms)).await;
+            }
+            watching.set(false);
+        });
+    }
+
+    /// After `events` were logged: write the session's index entry when it is due (in the background).
+    fn index_after(&self, events: &[EventEnvelope]) {
+        let activity_ms = events.last().map_or_else(now_ms, |e| e.ts_ms);
+        let mut store = self.store();
+        match nightshift_session::index::after_events(&mut store, events, activity_ms) {
+            Ok(Some(mark)) => self.write_index(&mut store, mark),
+            Ok(None) => {}
+            Err(e) => worker::console_error!("index check failed: {e}"),
+        }
+    }
+
+    /// Write the index entry now if it is due (after a join).
+    fn index_now(&self) {
+        let mut store = self.store();
+        match nightshift_session::index::take_due(&mut store, now_ms()) {
+            Ok(Some(mark)) => self.write_index(&mut store, mark),
+            Ok(None) => {}
+            Err(e) => worker::console_error!("index check failed: {e}"),
+        }
+    }
+
+    fn write_index(&self, store: &mut SqlStore, mark: IndexMark) {
+        let entry = (|| {
+            let session = Session::new(&mut *store, now_ms());
+            let info = session.info()?;
+            let version = session.last_seq()?;
+            let participants = nightshift_session::Store::members(&*store)?;
+            Ok::<index::Entry, AppError>(index::Entry {
+                id: info.id,
+                repo: info.repo,
+                title: info.title,
+                created_by: info.created_by.login,
+                created_ms: info.created_ms,
+                mark,
+                version,
+                participants,
+            })
+        })();
+        let entry = match entry {
+            Ok(entry) => entry,
+            Err(e) => {
+                worker::console_error!("index entry failed: {e:?}");
+                return;
+            }
+        };
+        let env = self.env.clone();
+        worker::wasm_bindgen_futures::spawn_local(async move {
+            if let Err(e) = index::write(&env, &entry).await {
+                worker::console_error!("index write for {} failed: {e:?}", entry.id);
+            }
+        });
     }
 
     fn require_member(
@@ -387,8 +541,9 @@ impl SessionObject {
                 let member = self.require_member(&mut store, &user)?;
                 match (method, path.as_str()) {
                     (Method::Get, "/state") => {
-                        let state = Session::new(&mut store, now_ms())
+                        let mut state = Session::new(&mut store, now_ms())
                             .state(&self.online(), self.agent_online())?;
+                        state.participants = with_typing(state.participants, &self.typing_now());
                         Ok(json_response(&state, 200))
                     }
                     (Method::Get, "/events") => self.events_page(&mut store, &url),
@@ -419,10 +574,36 @@ impl SessionObject {
                         Ok(json_response(&serde_json::json!({"ok": true}), 200))
                     }
                     (Method::Post, "/invites") => {
+                        let text = req.text().await?;
+                        let body: CreateInviteRequest = if text.trim().is_empty() {
+                            CreateInviteRequest::default()
+                        } else {
+                            parse_body(&text, 4096)?
+                        };
                         let secret = random_hex(16)?;
-                        Session::new(&mut store, now_ms())
-                            .add_invite(&sha256_hex(&secret), &user.login)?;
-                        Ok(json_response(&serde_json::json!({ "secret": secret }), 201))
+                        let invite = Membership::new(&mut store, now_ms()).create_invite(
+                            &user,
+                            &sha256_hex(&secret),
+                            body.ttl_ms,
+                        )?;
+                        Ok(json_response(
+                            &CreatedInvite {
+                                secret,
+                                invite_id: invite.id,
+                                expires_ms: invite.expires_ms,
+                            },
+                            201,
+                        ))
+                    }
+                    (Method::Get, "/invites") => {
+                        let invites = Membership::new(&mut store, now_ms()).invites(&user)?;
+                        Ok(json_response(&InvitesResponse { invites }, 200))
+                    }
+                    (Method::Delete, invite) if invite.starts_with("/invites/") => {
+                        let invite_id = invite.trim_start_matches("/invites/");
+                        let revoked =
+                            Membership::new(&mut store, now_ms()).revoke(&user, invite_id)?;
+                        Ok(json_response(&revoked, 200))
                     }
                     (Method::Get, "/ws") => self.accept_client(user, member.role),
                     _ => Err(AppError::client(ErrorCode::NotFound, "no such route")),
@@ -580,15 +761,16 @@ impl SessionObject {
         });
     }
 
+    /// Join with an invite's secret: unknown → the missing-session 404; expired or revoked → their
+    /// typed refusals. A new participant is announced in `presence` and written to the index.
     fn join(&self, user: Author, secret: &str) -> Result<Response, AppError> {
         let mut store = self.store();
-        let mut session = Session::new(&mut store, now_ms());
-        let info = session.info()?;
-        if !session.invite_exists(&sha256_hex(secret))? {
-            return Err(AppError::session_not_found());
+        let info = Session::new(&mut store, now_ms()).info()?;
+        let (_, new) = Membership::new(&mut store, now_ms()).redeem(&sha256_hex(secret), &user)?;
+        if new {
+            self.broadcast_presence()?;
+            self.index_now();
         }
-        session.join(&user)?;
-        self.broadcast_presence()?;
         Ok(json_response(&serde_json::json!({ "id": info.id }), 200))
     }
 
@@ -607,6 +789,7 @@ impl SessionObject {
             greeted: false,
             client: None,
             warm_requested_ms: None,
+            typing_until_ms: None,
         })?;
         Ok(Response::from_websocket(pair.client)?)
     }
@@ -663,9 +846,8 @@ impl SessionObject {
                 identity.client = client;
                 ws.serialize_attachment(&identity)?;
                 self.refresh_greeted();
-                let online = self.online();
                 let session = Session::new(&mut store, now_ms());
-                let participants = session.participants(&online)?;
+                let participants = self.participants_now(&session)?;
                 let you = participants
                     .iter()
                     .find(|p| p.login == identity.author.login)
@@ -707,6 +889,14 @@ impl SessionObject {
                     &idempotency_key,
                     self.agent_online(),
                 )?;
+                // Sending ends typing at once.
+                if identity.typing_until_ms.take().is_some() {
+                    let before = self.typing_now();
+                    ws.serialize_attachment(&identity)?;
+                    if self.typing_now() != before {
+                        self.broadcast_presence()?;
+                    }
+                }
                 send(
                     ws,
                     &ServerMessage::PromptAccepted {
@@ -729,14 +919,24 @@ impl SessionObject {
                 self.deliver(effects);
                 Ok(())
             }
-            // A hint to prepare a sandbox: the first `typing` of this socket (and then at most one per warm-up
-            // interval) asks the repository's object for a warm-up, in the background. Nothing is
-            // broadcast and nothing is answered.
+            // Presence first: the sender is typing for a few seconds (everyone hears when that starts
+            // and when it ends). Then a hint to prepare a sandbox: the first `typing` of this socket
+            // (and then at most one per warm-up interval) asks the repository's object for a warm-up,
+            // in the background. Nothing is answered.
             ClientMessage::Typing {} => {
                 let now = now_ms();
-                if warm_allowed(identity.warm_requested_ms, now) {
+                let before = self.typing_now();
+                identity.typed(now);
+                let warm = warm_allowed(identity.warm_requested_ms, now);
+                if warm {
                     identity.warm_requested_ms = Some(now);
-                    ws.serialize_attachment(&identity)?;
+                }
+                ws.serialize_attachment(&identity)?;
+                if self.typing_now() != before {
+                    self.broadcast_presence()?;
+                }
+                self.watch_typing();
+                if warm {
                     let info = Session::new(&mut store, now).info()?;
                     self.warm_in_background(&info.repo, &info.id);
                 }

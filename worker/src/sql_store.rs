@@ -4,7 +4,9 @@ use nightshift_protocol::http::UsageTotals;
 use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
 };
-use nightshift_session::{Member, PromptRecord, SandboxRecord, Store, StoreError};
+use nightshift_session::{
+    IndexMark, InviteRecord, Member, PromptRecord, SandboxRecord, Store, StoreError,
+};
 use serde::de::DeserializeOwned;
 use worker::{SqlStorage, SqlStorageValue};
 
@@ -63,6 +65,19 @@ const MIGRATIONS: &[&str] = &[
     );",
     // v2: the newest snapshot of the session's work.
     "ALTER TABLE sandbox ADD COLUMN last_snapshot TEXT;",
+    // v3 (membership): invites expire and can be revoked, with a public id (a prefix of the hash);
+    // what the session last wrote to the cross-session index.
+    "ALTER TABLE invites ADD COLUMN invite_id TEXT;
+    ALTER TABLE invites ADD COLUMN expires_ms INTEGER;
+    ALTER TABLE invites ADD COLUMN revoked_ms INTEGER;
+    UPDATE invites SET invite_id = substr(secret_hash, 1, 16), expires_ms = created_ms + 604800000
+        WHERE invite_id IS NULL;
+    CREATE TABLE IF NOT EXISTS index_mark (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        status TEXT NOT NULL,
+        last_activity_ms INTEGER NOT NULL,
+        participants INTEGER NOT NULL
+    );",
 ];
 
 /// Bring the session schema to the newest version. Cheap when it already is: one read.
@@ -234,6 +249,39 @@ struct SandboxRow {
     token_hash: String,
     last_producer_seq: u64,
     last_snapshot: Option<String>,
+}
+
+#[derive(serde::Deserialize)]
+struct InviteRow {
+    invite_id: String,
+    secret_hash: String,
+    created_by: String,
+    created_ms: u64,
+    expires_ms: u64,
+    revoked_ms: Option<u64>,
+}
+
+impl From<InviteRow> for InviteRecord {
+    fn from(r: InviteRow) -> Self {
+        InviteRecord {
+            id: r.invite_id,
+            secret_hash: r.secret_hash,
+            created_by: r.created_by,
+            created_ms: r.created_ms,
+            expires_ms: r.expires_ms,
+            revoked_ms: r.revoked_ms,
+        }
+    }
+}
+
+const INVITE_COLUMNS: &str =
+    "invite_id, secret_hash, created_by, created_ms, expires_ms, revoked_ms";
+
+#[derive(serde::Deserialize)]
+struct IndexMarkRow {
+    status: String,
+    last_activity_ms: u64,
+    participants: u32,
 }
 
 #[derive(serde::Deserialize)]
@@ -494,25 +542,76 @@ impl Store for SqlStore {
         )
     }
 
-    fn insert_invite(
-        &mut self,
-        secret_hash: &str,
-        created_by: &str,
-        ts_ms: u64,
-    ) -> Result<(), StoreError> {
+    fn insert_invite(&mut self, invite: &InviteRecord) -> Result<(), StoreError> {
         exec(
             &self.sql,
-            "INSERT INTO invites (secret_hash, created_by, created_ms) VALUES (?, ?, ?)",
-            vec![secret_hash.into(), created_by.into(), int(ts_ms)?],
+            "INSERT INTO invites (invite_id, secret_hash, created_by, created_ms, expires_ms)
+             VALUES (?, ?, ?, ?, ?)",
+            vec![
+                invite.id.as_str().into(),
+                invite.secret_hash.as_str().into(),
+                invite.created_by.as_str().into(),
+                int(invite.created_ms)?,
+                int(invite.expires_ms)?,
+            ],
         )
     }
 
-    fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError> {
-        let found: Vec<CountRow> = rows(
+    fn invite_by_hash(&self, secret_hash: &str) -> Result<Option<InviteRecord>, StoreError> {
+        let found: Vec<InviteRow> = rows(
             &self.sql,
-            "SELECT COUNT(*) AS n FROM invites WHERE secret_hash = ?",
+            &format!("SELECT {INVITE_COLUMNS} FROM invites WHERE secret_hash = ?"),
             vec![secret_hash.into()],
         )?;
-        Ok(found.first().is_some_and(|r| r.n > 0))
+        Ok(found.into_iter().next().map(InviteRecord::from))
+    }
+
+    fn invites(&self) -> Result<Vec<InviteRecord>, StoreError> {
+        let found: Vec<InviteRow> = rows(
+            &self.sql,
+            &format!("SELECT {INVITE_COLUMNS} FROM invites ORDER BY created_ms DESC, rowid DESC"),
+            vec![],
+        )?;
+        Ok(found.into_iter().map(InviteRecord::from).collect())
+    }
+
+    fn revoke_invite(&mut self, invite_id: &str, ts_ms: u64) -> Result<(), StoreError> {
+        exec(
+            &self.sql,
+            "UPDATE invites SET revoked_ms = ? WHERE invite_id = ? AND revoked_ms IS NULL",
+            vec![int(ts_ms)?, invite_id.into()],
+        )
+    }
+
+    fn index_mark(&self) -> Result<Option<IndexMark>, StoreError> {
+        let found: Vec<IndexMarkRow> = rows(
+            &self.sql,
+            "SELECT status, last_activity_ms, participants FROM index_mark WHERE singleton = 1",
+            vec![],
+        )?;
+        found
+            .into_iter()
+            .next()
+            .map(|r| {
+                Ok(IndexMark {
+                    status: enum_from(&r.status)?,
+                    last_activity_ms: r.last_activity_ms,
+                    participants: r.participants,
+                })
+            })
+            .transpose()
+    }
+
+    fn save_index_mark(&mut self, mark: &IndexMark) -> Result<(), StoreError> {
+        exec(
+            &self.sql,
+            "INSERT OR REPLACE INTO index_mark (singleton, status, last_activity_ms, participants)
+             VALUES (1, ?, ?, ?)",
+            vec![
+                enum_name(&mark.status)?.into(),
+                int(mark.last_activity_ms)?,
+                int(u64::from(mark.participants))?,
+            ],
+        )
     }
 }

@@ -7,6 +7,7 @@ mod durability;
 mod fanout;
 mod flow;
 mod link;
+mod membership;
 mod multiplayer;
 mod repo;
 mod smoke;

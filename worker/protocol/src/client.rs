@@ -37,9 +37,11 @@ pub enum ClientMessage {
         /// What to stop.
         scope: StopScope,
     },
-    /// Someone is typing: a hint to prepare a sandbox. The session asks its repository for a warm-up (at
-    /// most one per socket per minute, one per session per minute at the provider); nothing is answered or
-    /// broadcast, and it never fails.
+    /// Someone is typing. The sender shows as `typing` in `presence` for [`crate::TYPING_MS`] after
+    /// their last `typing` (a `presence` goes to everyone when that starts and when it ends; a prompt
+    /// from them ends it at once). It is also a hint to prepare a sandbox: the session asks its
+    /// repository for a warm-up (at most one per socket per minute, one per session per minute at the
+    /// provider). Nothing is answered, and it never fails.
     Typing {},
     /// Keep-alive; answered with `pong`.
     Ping {},

@@ -1,7 +1,7 @@
 //! Bodies of the Worker's HTTP routes.
 
 use crate::{
-    Author, ErrorCode, EventEnvelope, Participant, QueuedPrompt, SandboxStatus, SessionInfo,
+    Author, ErrorCode, EventEnvelope, Participant, QueuedPrompt, Role, SandboxStatus, SessionInfo,
     StopScope,
 };
 
@@ -58,11 +58,143 @@ pub struct StopRequest {
     pub scope: StopScope,
 }
 
+/// `POST /api/sessions/{id}/invites` (the body is optional).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CreateInviteRequest {
+    /// How long the link works, from now (default [`INVITE_TTL_MS`], between [`INVITE_TTL_MIN_MS`] and
+    /// [`INVITE_TTL_MAX_MS`]).
+    #[serde(default)]
+    pub ttl_ms: Option<u64>,
+}
+
+/// How long an invite link works unless its creator says otherwise: 7 days.
+pub const INVITE_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+/// The shortest lifetime an invite may be given: 1 s.
+pub const INVITE_TTL_MIN_MS: u64 = 1_000;
+/// The longest lifetime an invite may be given: 30 days.
+pub const INVITE_TTL_MAX_MS: u64 = 30 * 24 * 3600 * 1000;
+
 /// Answer to `POST /api/sessions/{id}/invites`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct InviteResponse {
     /// Link that adds whoever opens it (signed in) to the session.
     pub share_url: String,
+    /// The invite's id, to list and revoke it (never the secret).
+    #[serde(default)]
+    pub invite_id: String,
+    /// When the link stops working (Unix ms).
+    #[serde(default)]
+    pub expires_ms: u64,
+}
+
+/// Where an invite is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InviteState {
+    /// Works: joining with it adds the caller.
+    Active,
+    /// Past its expiry.
+    Expired,
+    /// Revoked by an owner.
+    Revoked,
+}
+
+/// One invite as its session's owners see it (`GET /api/sessions/{id}/invites`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InviteSummary {
+    /// Invite id (not the secret, which is stored only as a hash).
+    pub id: String,
+    /// Login of the participant who created it.
+    pub created_by: String,
+    /// When it was created.
+    pub created_ms: u64,
+    /// When it stops (or stopped) working.
+    pub expires_ms: u64,
+    /// When it was revoked, if it was.
+    pub revoked_ms: Option<u64>,
+    /// Its state now.
+    pub state: InviteState,
+}
+
+/// `GET /api/sessions/{id}/invites`: every invite of the session, newest first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InvitesResponse {
+    /// The invites.
+    pub invites: Vec<InviteSummary>,
+}
+
+/// A session's status in listings, derived from its sandbox and its queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionStatus {
+    /// The sandbox is being prepared (warming, starting, syncing).
+    Starting,
+    /// Ready, with no prompt queued or running.
+    Idle,
+    /// A prompt is queued or running.
+    Running,
+    /// The sandbox was released.
+    Stopped,
+    /// The sandbox could not be started or died.
+    Failed,
+}
+
+impl SessionStatus {
+    /// The `snake_case` name used on the wire and in `?status=`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Starting => "starting",
+            SessionStatus::Idle => "idle",
+            SessionStatus::Running => "running",
+            SessionStatus::Stopped => "stopped",
+            SessionStatus::Failed => "failed",
+        }
+    }
+
+    /// The status named `name`, if any.
+    pub fn parse(name: &str) -> Option<SessionStatus> {
+        [
+            SessionStatus::Starting,
+            SessionStatus::Idle,
+            SessionStatus::Running,
+            SessionStatus::Stopped,
+            SessionStatus::Failed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == name)
+    }
+}
+
+/// One session in `GET /api/sessions`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionSummary {
+    /// Session id.
+    pub id: String,
+    /// Repository, `owner/name`.
+    pub repo: String,
+    /// Human title.
+    pub title: String,
+    /// Status as of the last index update.
+    pub status: SessionStatus,
+    /// Login of its creator.
+    pub created_by: String,
+    /// When it was created.
+    pub created_ms: u64,
+    /// When something last happened in it (an event was logged; updated at most every
+    /// 30 s, status changes at once).
+    pub last_activity_ms: u64,
+    /// The caller's role in it.
+    pub role: Role,
+    /// Logins of its participants, in joining order.
+    pub participants: Vec<String>,
+}
+
+/// `GET /api/sessions?repo=&status=&participant=&limit=`: sessions the caller owns or joined, most
+/// recently active first.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SessionsResponse {
+    /// The sessions.
+    pub sessions: Vec<SessionSummary>,
 }
 
 /// Answer to `POST /api/join/{token}`.

@@ -56,7 +56,14 @@ pub struct Participant {
     pub role: Role,
     /// Whether at least one of their clients is connected now.
     pub online: bool,
+    /// Whether they are typing now (a client sent `typing{}` less than
+    /// [`TYPING_MS`] ago). An addition to contract v1.
+    #[serde(default)]
+    pub typing: bool,
 }
+
+/// How long one `typing{}` keeps a participant marked as typing, in ms.
+pub const TYPING_MS: u64 = 5_000;
 
 /// Typed error codes, shared by WebSocket `error` messages and HTTP error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -94,6 +101,12 @@ pub enum ErrorCode {
     SnapshotImageGone,
     /// Warm pools need isolated sandboxes (overlayfs), which this provider does not have.
     PoolsUnavailable,
+    /// The caller is a participant but their role does not allow this (e.g. a member revoking an invite).
+    Forbidden,
+    /// The invite link is past its expiry.
+    InviteExpired,
+    /// The invite link was revoked by an owner.
+    InviteRevoked,
     /// Something failed inside; details are not exposed.
     Internal,
 }
@@ -110,6 +123,8 @@ impl ErrorCode {
             | ErrorCode::HelloRequired
             | ErrorCode::BadRequest => 400,
             ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::InviteExpired | ErrorCode::InviteRevoked => 410,
             ErrorCode::NotFound => 404,
             ErrorCode::Conflict
             | ErrorCode::NotAnOverlay
@@ -141,6 +156,9 @@ impl ErrorCode {
             ErrorCode::NotAnOverlay => "not_an_overlay",
             ErrorCode::SnapshotImageGone => "snapshot_image_gone",
             ErrorCode::PoolsUnavailable => "pools_unavailable",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::InviteExpired => "invite_expired",
+            ErrorCode::InviteRevoked => "invite_revoked",
             ErrorCode::Internal => "internal",
         }
     }
@@ -265,6 +283,9 @@ mod tests {
             ErrorCode::NotAnOverlay,
             ErrorCode::SnapshotImageGone,
             ErrorCode::PoolsUnavailable,
+            ErrorCode::Forbidden,
+            ErrorCode::InviteExpired,
+            ErrorCode::InviteRevoked,
             ErrorCode::Internal,
         ];
         for code in all {

@@ -5,14 +5,19 @@
 //! data), so everything here is tested natively without the Worker runtime. The Durable Objects
 //! (`worker/`) only persist and deliver.
 
+pub mod index;
+pub mod membership;
 pub mod presence;
 pub mod repo;
 pub mod session;
 pub mod store;
 
+pub use membership::Membership;
 pub use presence::ClientIdentity;
 pub use session::{Effects, Session, Submitted, MAX_UNFINISHED_PROMPTS};
-pub use store::{Member, MemoryStore, PromptRecord, SandboxRecord, Store, StoreError};
+pub use store::{
+    IndexMark, InviteRecord, Member, MemoryStore, PromptRecord, SandboxRecord, Store, StoreError,
+};
 
 use nightshift_protocol::ErrorCode;
 
@@ -40,6 +45,18 @@ pub enum SessionError {
     /// The operation does not apply in the current state.
     #[error("{0}")]
     Conflict(String),
+    /// The caller is a participant whose role does not allow the operation.
+    #[error("{0}")]
+    Forbidden(String),
+    /// No invite with this id.
+    #[error("no invite {0}")]
+    UnknownInvite(String),
+    /// The invite link is past its expiry.
+    #[error("this invite link has expired; ask a participant for a new one")]
+    InviteExpired,
+    /// The invite link was revoked.
+    #[error("this invite link was revoked; ask a participant for a new one")]
+    InviteRevoked,
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -49,7 +66,12 @@ impl SessionError {
     /// The wire error code for this refusal.
     pub fn code(&self) -> ErrorCode {
         match self {
-            SessionError::NotFound | SessionError::UnknownPrompt(_) => ErrorCode::NotFound,
+            SessionError::NotFound
+            | SessionError::UnknownPrompt(_)
+            | SessionError::UnknownInvite(_) => ErrorCode::NotFound,
+            SessionError::Forbidden(_) => ErrorCode::Forbidden,
+            SessionError::InviteExpired => ErrorCode::InviteExpired,
+            SessionError::InviteRevoked => ErrorCode::InviteRevoked,
             SessionError::AlreadyExists | SessionError::Conflict(_) => ErrorCode::Conflict,
             SessionError::Invalid(_) => ErrorCode::BadRequest,
             SessionError::QueueFull { .. } => ErrorCode::QueueFull,

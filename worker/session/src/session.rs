@@ -118,19 +118,6 @@ impl<'s, S: Store> Session<'s, S> {
         Ok(member)
     }
 
-    /// Record an invite by the hash of its secret.
-    pub fn add_invite(&mut self, secret_hash: &str, created_by: &str) -> Result<(), SessionError> {
-        self.info()?;
-        Ok(self
-            .store
-            .insert_invite(secret_hash, created_by, self.now_ms)?)
-    }
-
-    /// Whether an invite with this secret hash exists.
-    pub fn invite_exists(&self, secret_hash: &str) -> Result<bool, SessionError> {
-        Ok(self.store.invite_exists(secret_hash)?)
-    }
-
     /// Everyone in the session, with `online` set for the logins in `online_logins`.
     pub fn participants(&self, online_logins: &[String]) -> Result<Vec<Participant>, SessionError> {
         Ok(crate::presence::participants(

@@ -3,8 +3,6 @@
 //! The Durable Object implements [`Store`] over its embedded SQLite; every method is synchronous because
 //! SQLite in a Durable Object is.
 
-use std::collections::BTreeMap;
-
 use nightshift_protocol::http::UsageTotals;
 use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
@@ -116,15 +114,47 @@ pub trait Store {
     /// Replace the usage totals.
     fn save_usage(&mut self, usage: &UsageTotals) -> Result<(), StoreError>;
 
-    /// Record an invite by the hash of its secret.
-    fn insert_invite(
-        &mut self,
-        secret_hash: &str,
-        created_by: &str,
-        ts_ms: u64,
-    ) -> Result<(), StoreError>;
-    /// Whether an invite with this secret hash exists.
-    fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError>;
+    /// Record an invite (its secret only as a hash).
+    fn insert_invite(&mut self, invite: &InviteRecord) -> Result<(), StoreError>;
+    /// The invite whose secret has this hash.
+    fn invite_by_hash(&self, secret_hash: &str) -> Result<Option<InviteRecord>, StoreError>;
+    /// Every invite, newest first.
+    fn invites(&self) -> Result<Vec<InviteRecord>, StoreError>;
+    /// Mark invite `invite_id` revoked at `ts_ms` (no-op when it is already revoked).
+    fn revoke_invite(&mut self, invite_id: &str, ts_ms: u64) -> Result<(), StoreError>;
+
+    /// What was last written to the cross-session index, if anything.
+    fn index_mark(&self) -> Result<Option<IndexMark>, StoreError>;
+    /// Remember what was last written to the cross-session index.
+    fn save_index_mark(&mut self, mark: &IndexMark) -> Result<(), StoreError>;
+}
+
+/// An invite link as stored: the secret itself is never stored, only its SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InviteRecord {
+    /// Public id (a prefix of the hash), to list and revoke it.
+    pub id: String,
+    /// SHA-256 (hex) of the secret in the link.
+    pub secret_hash: String,
+    /// Login of the participant who created it.
+    pub created_by: String,
+    /// When it was created.
+    pub created_ms: u64,
+    /// When it stops working.
+    pub expires_ms: u64,
+    /// When an owner revoked it.
+    pub revoked_ms: Option<u64>,
+}
+
+/// What the session last wrote to the cross-session index (see [`crate::index`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct IndexMark {
+    /// Status written.
+    pub status: nightshift_protocol::http::SessionStatus,
+    /// Last activity written.
+    pub last_activity_ms: u64,
+    /// Participants written (count; a join changes it).
+    pub participants: u32,
 }
 
 /// A [`Store`] in memory, for tests and tools.
@@ -136,7 +166,8 @@ pub struct MemoryStore {
     members: Vec<Member>,
     sandbox: Option<SandboxRecord>,
     usage: UsageTotals,
-    invites: BTreeMap<String, (String, u64)>,
+    invites: Vec<InviteRecord>,
+    index_mark: Option<IndexMark>,
 }
 
 impl MemoryStore {
@@ -280,18 +311,43 @@ impl Store for MemoryStore {
         Ok(())
     }
 
-    fn insert_invite(
-        &mut self,
-        secret_hash: &str,
-        created_by: &str,
-        ts_ms: u64,
-    ) -> Result<(), StoreError> {
-        self.invites
-            .insert(secret_hash.to_owned(), (created_by.to_owned(), ts_ms));
+    fn insert_invite(&mut self, invite: &InviteRecord) -> Result<(), StoreError> {
+        if self
+            .invites
+            .iter()
+            .any(|i| i.id == invite.id || i.secret_hash == invite.secret_hash)
+        {
+            return Err(StoreError("invite exists".to_owned()));
+        }
+        self.invites.push(invite.clone());
         Ok(())
     }
 
-    fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError> {
-        Ok(self.invites.contains_key(secret_hash))
+    fn invite_by_hash(&self, secret_hash: &str) -> Result<Option<InviteRecord>, StoreError> {
+        Ok(self
+            .invites
+            .iter()
+            .find(|i| i.secret_hash == secret_hash)
+            .cloned())
+    }
+
+    fn invites(&self) -> Result<Vec<InviteRecord>, StoreError> {
+        Ok(self.invites.iter().rev().cloned().collect())
+    }
+
+    fn revoke_invite(&mut self, invite_id: &str, ts_ms: u64) -> Result<(), StoreError> {
+        if let Some(invite) = self.invites.iter_mut().find(|i| i.id == invite_id) {
+            invite.revoked_ms.get_or_insert(ts_ms);
+        }
+        Ok(())
+    }
+
+    fn index_mark(&self) -> Result<Option<IndexMark>, StoreError> {
+        Ok(self.index_mark.clone())
+    }
+
+    fn save_index_mark(&mut self, mark: &IndexMark) -> Result<(), StoreError> {
+        self.index_mark = Some(mark.clone());
+        Ok(())
     }
 }

@@ -79,7 +79,8 @@ fn every_client_message_round_trips() {
 
 #[test]
 fn every_server_message_round_trips() {
-    let participant = json!({"login": "ada", "name": "Ada", "role": "owner", "online": true});
+    let participant =
+        json!({"login": "ada", "name": "Ada", "role": "owner", "online": true, "typing": false});
     let session = json!({
         "id": "s1", "repo": "demo/hello", "base_branch": "main", "branch": "nightshift/s1", "title": "t",
         "model": "m", "created_by": author(), "created_ms": 1
