@@ -67,7 +67,7 @@ function describe(event) {
     case "prompt_queued": return `${event.author.name} (${event.author.login}) asked: ${event.text}`;
     case "prompt_started": return `started ${event.prompt_id}`;
     case "prompt_finished": return `finished ${event.prompt_id}: ${event.status}${event.error ? " — " + event.error : ""}`;
-    case "prompt_cancelled": return `cancelled ${event.prompt_id}`;
+    case "prompt_cancelled": return `cancelled ${event.prompt_id}${event.by ? " by " + event.by : ""}`;
     case "message": return `${event.role}: ${event.text}`;
     case "tool_call": return `→ ${event.tool} ${JSON.stringify(event.input).slice(0, 300)}`;
     case "tool_result": return `← ${event.ok ? "ok" : "error"} (${event.duration_ms} ms) ${event.output.slice(0, 300)}`;
@@ -88,7 +88,13 @@ function sessionView(user, id) {
   const sandbox = el("span", { class: "pill", id: "sandbox" }, "sandbox: …");
   const stream = el("div", { class: "stream", id: "stream" });
   const log = el("div", { id: "log" });
-  const text = el("textarea", { id: "prompt", placeholder: "Ask the agent…" });
+  let typingSentMs = 0;
+  const text = el("textarea", { id: "prompt", placeholder: "Ask the agent…", oninput: () => {
+    // Others see "typing…" for a few seconds after each `typing`; one every 2 s keeps it on.
+    if (Date.now() - typingSentMs < 2000 || socket?.readyState !== WebSocket.OPEN) return;
+    typingSentMs = Date.now();
+    socket.send(JSON.stringify({ type: "typing" }));
+  } });
   const share = el("button", { class: "secondary", type: "button", onclick: async () => {
     const invite = await api("POST", `/api/sessions/${id}/invites`);
     shareOut.textContent = invite.share_url;
@@ -131,7 +137,8 @@ function sessionView(user, id) {
         const msg = JSON.parse(m.data);
         if (msg.type === "welcome") title.textContent = msg.session.title;
         if (msg.type === "welcome" || msg.type === "presence") {
-          people.replaceChildren(...msg.participants.map((p) => el("span", { class: `pill${p.online ? " online" : ""}` }, p.name)));
+          people.replaceChildren(...msg.participants.map((p) =>
+            el("span", { class: `pill${p.online ? " online" : ""}`, title: p.role }, p.typing ? `${p.name} (typing…)` : p.name)));
         }
         if (msg.type === "event") onEvent(msg);
         if (msg.type === "events") msg.events.forEach(onEvent);
