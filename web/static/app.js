@@ -59,7 +59,13 @@ function home(user) {
       } catch (err) { status.textContent = String(err); }
     },
   }, repo, el("button", { type: "submit", id: "create" }, "New session"));
-  app.replaceChildren(el("h2", {}, `Hello, ${user.name}`), form, status);
+  const mine = el("ul", { id: "sessions" });
+  app.replaceChildren(el("h2", {}, `Hello, ${user.name}`), form, status, el("h3", {}, "Your sessions"), mine);
+  // Sessions you created or joined, most recently active first (the D1 index).
+  api("GET", "/api/sessions").then(({ sessions }) => {
+    mine.replaceChildren(...sessions.map((s) => el("li", {},
+      el("a", { href: `/s/${s.id}` }, s.title), ` · ${s.repo} · ${s.status} · ${s.role} · ${s.participants.join(", ")}`)));
+  }).catch((err) => { mine.replaceChildren(el("li", { class: "muted" }, String(err))); });
 }
 
 function describe(event) {
