@@ -268,7 +268,8 @@ async fn sandboxes_cannot_see_each_other() {
     };
     let first = sandbox(&isolation, &[("first-marker.txt", "first")]);
     let second = sandbox(&isolation, &[("second-marker.txt", "second")]);
-    let mut long = command(&isolation, &first, "sleep 60")
+    // A duration no other test uses, so the host-side search finds this sleep and no other.
+    let mut long = command(&isolation, &first, "sleep 60.4277")
         .into_command()
         .unwrap();
     long.kill_on_drop(true);
@@ -282,7 +283,7 @@ async fn sandboxes_cannot_see_each_other() {
             .find_map(|entry| {
                 let pid = entry.file_name().to_string_lossy().parse::<u32>().ok()?;
                 let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-                (cmdline == b"sleep\x0060\x00").then_some(pid)
+                (cmdline == b"sleep\x0060.4277\x00").then_some(pid)
             });
         if let Some(pid) = found {
             break pid;
