@@ -166,6 +166,8 @@ pub struct LinkChannels {
     pub events: mpsc::Receiver<Event>,
     /// Where prompts and stops go.
     pub commands: mpsc::UnboundedSender<PromptCommand>,
+    /// Told at the first `welcome`, so work that would compete with connecting can wait for it.
+    pub welcomed: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// How a connection ended without a transport error.
@@ -372,6 +374,9 @@ async fn serve(
                         }
                         sink.flush().await?;
                         welcomed = true;
+                        if let Some(first) = channels.welcomed.take() {
+                            let _ = first.send(());
+                        }
                     }
                     ServerToAgent::Ack { producer_seq } => outbox.ack(producer_seq),
                     ServerToAgent::RunPrompt { prompt_id, text, author, model } => {
@@ -585,6 +590,7 @@ mod tests {
             LinkChannels {
                 events: events_rx,
                 commands: commands_tx,
+                welcomed: None,
             },
         ));
         (listener, events_tx, commands_rx, link)
@@ -710,6 +716,7 @@ mod tests {
                 LinkChannels {
                     events: events_rx,
                     commands: commands_tx,
+                    welcomed: None,
                 },
             ));
             (events_tx, link)

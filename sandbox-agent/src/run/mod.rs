@@ -38,6 +38,8 @@ use workspace::Workspace;
 
 /// Events buffered between the prompt task and the link before the prompt waits.
 const EVENT_CHANNEL_CAPACITY: usize = 1024;
+/// The git catch-up starts at the session's first `welcome`, or after this long without one.
+const CATCH_UP_DEFER_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Arguments of `sandbox-agent run`; every one can come from the environment.
 #[derive(clap::Args)]
@@ -171,11 +173,17 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
     let agent = Arc::new(Agent::new(providers, workspace, git, gate, agent_config));
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-    // The catch-up runs beside everything else: reads work at once, writes wait for the gate.
+    // The catch-up runs beside everything else: reads work at once, writes wait for the gate. It
+    // starts once the session welcomed the agent: its git processes would only slow connecting down
+    // (the sandbox is `ready` when the agent is connected), and no prompt comes before.
+    let (welcomed_tx, welcomed_rx) = tokio::sync::oneshot::channel();
     tokio::spawn({
         let agent = Arc::clone(&agent);
         let events = events_tx.clone();
-        async move { agent.catch_up(gate_setter, &events).await }
+        async move {
+            let _ = tokio::time::timeout(CATCH_UP_DEFER_MAX, welcomed_rx).await;
+            agent.catch_up(gate_setter, &events).await
+        }
     });
     let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
     let link = link::run(
@@ -184,6 +192,7 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
         LinkChannels {
             events: events_rx,
             commands: commands_tx,
+            welcomed: Some(welcomed_tx),
         },
     );
 
