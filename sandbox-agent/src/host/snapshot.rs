@@ -53,8 +53,16 @@ use sha2::{Digest, Sha256};
 
 use super::image::{ImageError, ImageLease, Images};
 
-/// zstd level of the archives: fast, and source trees still shrink several times.
-const ZSTD_LEVEL: i32 = 2;
+/// zstd level of the archives: the fastest, and source trees still shrink several times (a light
+/// session's archive is mostly the git index and new git objects, which no level shrinks much).
+const ZSTD_LEVEL: i32 = 1;
+/// zstd compresses on this many threads of its own, while the calling thread walks and reads the
+/// upper directory. With one or more, the output depends only on the level and the job size.
+const ZSTD_WORKERS: u32 = 1;
+/// Input per zstd job (its minimum): compression starts after this much tar, not at the end.
+const ZSTD_JOB_BYTES: u32 = 512 * 1024;
+/// tar writes 512-byte headers and small reads; zstd gets them in chunks of this size.
+const TAR_BUFFER_BYTES: usize = 128 * 1024;
 /// PAX record naming the image in the archive's global header.
 const PAX_IMAGE_ID: &str = "NIGHTSHIFT.image_id";
 /// Prefix of the PAX records holding xattrs (as GNU tar and libarchive write them).
@@ -269,7 +277,9 @@ impl Snapshots {
             ".tmp-{}.tar.zst",
             hex::encode(rand::random::<[u8; 8]>())
         ));
+        let archiving = std::time::Instant::now();
         let written = write_archive(&upper, &meta.image_id, &temporary);
+        let archive_ms = archiving.elapsed().as_millis() as u64;
         let (id, size_bytes) = match written {
             Ok(done) => done,
             Err(err) => {
@@ -277,6 +287,7 @@ impl Snapshots {
                 return Err(err);
             }
         };
+        tracing::info!(session_id = %meta.session_id, archive_ms, size_bytes, "snapshot archived");
         let archive = self.archive_path(&id);
         if archive.exists() {
             let _ = std::fs::remove_file(&temporary); // the same bytes are already stored
@@ -335,10 +346,17 @@ impl Snapshots {
                 path: into_upper.to_owned(),
             });
         }
+        let unpacking = std::time::Instant::now();
         if let Err(err) = read_archive(&self.archive_path(&info.id), &info, into_upper) {
             empty_directory(into_upper);
             return Err(err);
         }
+        tracing::info!(
+            snapshot_id = %info.id,
+            unpack_ms = unpacking.elapsed().as_millis() as u64,
+            size_bytes = info.size_bytes,
+            "snapshot unpacked"
+        );
         Ok(Restored {
             snapshot: info,
             image,
@@ -417,9 +435,15 @@ fn write_archive(
         hasher: Sha256::new(),
         written_bytes: 0,
     };
-    let encoder = zstd::stream::write::Encoder::new(hashing, ZSTD_LEVEL)
+    let mut encoder = zstd::stream::write::Encoder::new(hashing, ZSTD_LEVEL)
         .map_err(io_error("start compressing", path))?;
-    let mut builder = tar::Builder::new(encoder);
+    encoder
+        .multithread(ZSTD_WORKERS)
+        .and_then(|()| {
+            encoder.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_BYTES))
+        })
+        .map_err(io_error("start compressing", path))?;
+    let mut builder = tar::Builder::new(BufWriter::with_capacity(TAR_BUFFER_BYTES, encoder));
     append_pax(
         &mut builder,
         tar::EntryType::XGlobalHeader,
@@ -427,7 +451,11 @@ fn write_archive(
     )
     .map_err(io_error("write", path))?;
     append_tree(&mut builder, upper, Path::new(""))?;
-    let encoder = builder.into_inner().map_err(io_error("write", path))?;
+    let encoder = builder
+        .into_inner()
+        .map_err(io_error("write", path))?
+        .into_inner()
+        .map_err(|err| io_error("write", path)(err.into_error()))?;
     let mut hashing = encoder
         .finish()
         .map_err(io_error("finish compressing", path))?;
@@ -830,6 +858,9 @@ fn read_archive(path: &Path, info: &SnapshotInfo, into: &Path) -> Result<(), Sna
                 }
                 file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
                     .map_err(io_error("set permissions of", &target))?;
+                // Through the open file: no second lookup of its path (xattrs leave the mtime).
+                file.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(mtime))
+                    .map_err(io_error("set mtime of", &target))?;
             }
             tar::EntryType::Symlink => {
                 let link = entry
@@ -877,7 +908,10 @@ fn read_archive(path: &Path, info: &SnapshotInfo, into: &Path) -> Result<(), Sna
         for (name, value) in &xattrs {
             set_xattr(&target, name, value)?;
         }
-        if kind != tar::EntryType::Directory {
+        if !matches!(
+            kind,
+            tar::EntryType::Directory | tar::EntryType::Regular | tar::EntryType::Continuous
+        ) {
             set_mtime(&target, mtime)?;
         }
     }
