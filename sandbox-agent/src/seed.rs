@@ -541,8 +541,13 @@ fn write_demo_project(root: &Path) -> Result<(), SeedError> {
     Ok(())
 }
 
-/// Whether `branch` exists, as a commit, in the bare repository at `git_dir`.
+/// Whether `branch` (a name [`validate_branch`] accepted) exists, as a commit, in the bare repository
+/// at `git_dir`. A branch in the ref files (what seeding and pushes leave) is found without starting
+/// git, which a sandbox start would otherwise wait for; anything else asks `git rev-parse`.
 pub async fn branch_exists(git_dir: &Path, branch: &str) -> std::io::Result<bool> {
+    if branch_in_ref_files(git_dir, branch) {
+        return Ok(true);
+    }
     let mut command = tokio::process::Command::from(git_command());
     command
         .arg("--git-dir")
@@ -550,6 +555,25 @@ pub async fn branch_exists(git_dir: &Path, branch: &str) -> std::io::Result<bool
         .args(["rev-parse", "--verify", "--quiet"])
         .arg(format!("refs/heads/{branch}^{{commit}}"));
     Ok(command.output().await?.status.success())
+}
+
+/// Whether `refs/heads/<branch>` of `git_dir` is a loose ref or a packed ref holding an object id.
+/// Branches point at commits (git refuses to move one to anything else), so the type is not checked.
+fn branch_in_ref_files(git_dir: &Path, branch: &str) -> bool {
+    let is_object_id =
+        |text: &str| matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit());
+    // A loose ref wins over a packed one.
+    if let Ok(loose) = std::fs::read_to_string(git_dir.join("refs/heads").join(branch)) {
+        return is_object_id(loose.trim_end());
+    }
+    let Ok(packed) = std::fs::read_to_string(git_dir.join("packed-refs")) else {
+        return false;
+    };
+    let name = format!("refs/heads/{branch}");
+    packed.lines().any(|line| {
+        line.split_once(' ')
+            .is_some_and(|(id, line_name)| line_name == name && is_object_id(id))
+    })
 }
 
 /// Files per generated directory.
@@ -923,6 +947,30 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let again = seed_repo(other.path(), "demo/hello", "main").unwrap();
         assert_eq!(git_in(&again.git_dir, &["rev-parse", "main"]), head);
+    }
+
+    #[tokio::test]
+    async fn finds_branches_in_loose_and_packed_refs_and_nothing_else() {
+        let store = tempfile::tempdir().unwrap();
+        let seeded = seed_repo(store.path(), "acme/tool", "main").unwrap();
+        let git_dir = &seeded.git_dir;
+        assert!(branch_in_ref_files(git_dir, "main"));
+        assert!(branch_exists(git_dir, "main").await.unwrap());
+        assert!(!branch_in_ref_files(git_dir, "other"));
+        assert!(!branch_exists(git_dir, "other").await.unwrap());
+
+        git_in(git_dir, &["branch", "feature/x", "main"]);
+        git_in(git_dir, &["pack-refs", "--all"]);
+        assert!(!git_dir.join("refs/heads/main").exists(), "packed");
+        assert!(branch_in_ref_files(git_dir, "main"));
+        assert!(branch_in_ref_files(git_dir, "feature/x"));
+        assert!(!branch_in_ref_files(git_dir, "feature"));
+
+        // What the files do not show is still asked of git: a tag is not a branch.
+        git_in(git_dir, &["tag", "v1", "main"]);
+        assert!(!branch_exists(git_dir, "v1").await.unwrap());
+        std::fs::write(git_dir.join("refs/heads/broken"), "not an id\n").unwrap();
+        assert!(!branch_in_ref_files(git_dir, "broken"));
     }
 
     #[test]
