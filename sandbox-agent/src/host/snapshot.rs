@@ -61,7 +61,7 @@ const ZSTD_LEVEL: i32 = 1;
 const ZSTD_WORKERS: u32 = 1;
 /// Input per zstd job (its minimum): compression starts after this much tar, not at the end.
 const ZSTD_JOB_BYTES: u32 = 512 * 1024;
-/// tar writes 512-byte headers and small reads; zstd gets them in chunks of this size.
+/// tar writes (and reads) 512-byte headers and small pieces; zstd gets (and gives) chunks of this size.
 const TAR_BUFFER_BYTES: usize = 128 * 1024;
 /// PAX record naming the image in the archive's global header.
 const PAX_IMAGE_ID: &str = "NIGHTSHIFT.image_id";
@@ -773,7 +773,8 @@ fn read_archive(path: &Path, info: &SnapshotInfo, into: &Path) -> Result<(), Sna
         .map_err(io_error("read", path))?;
     let decoder =
         zstd::stream::read::Decoder::new(file).map_err(io_error("start decompressing", path))?;
-    let mut archive = tar::Archive::new(decoder);
+    // tar reads 512-byte headers: each from a buffer, not from a decompression call of its own.
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(TAR_BUFFER_BYTES, decoder));
     let as_root = is_root();
     // Relative directories created so far: every entry's parent must be one of them, so nothing is
     // ever written through a symlink or outside `into`.
