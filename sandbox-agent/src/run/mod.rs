@@ -161,8 +161,6 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
         "sandbox agent starting"
     );
 
-    let repository = Git::new(workspace.root());
-    let git = repository.is_repository().await.then_some(repository);
     let (gate_setter, gate) = gate::sync_gate();
     let agent_config = AgentConfig {
         session_id: args.session_id.filter(|id| !id.trim().is_empty()),
@@ -170,22 +168,27 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
         context_window_tokens: args.context_window_tokens,
         limits: ToolLimits::default(),
     };
-    let agent = Arc::new(Agent::new(providers, workspace, git, gate, agent_config));
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-    // The catch-up runs beside everything else: reads work at once, writes wait for the gate. It
-    // starts once the session welcomed the agent: its git processes would only slow connecting down
-    // (the sandbox is `ready` when the agent is connected), and no prompt comes before.
     let (welcomed_tx, welcomed_rx) = tokio::sync::oneshot::channel();
-    tokio::spawn({
-        let agent = Arc::clone(&agent);
-        let events = events_tx.clone();
-        async move {
-            let _ = tokio::time::timeout(CATCH_UP_DEFER_MAX, welcomed_rx).await;
-            agent.catch_up(gate_setter, &events).await
-        }
+    // The agent is made beside the link, which dials at once (asking git about the workspace starts a
+    // process). The catch-up runs beside everything else: reads work at once, writes wait for the
+    // gate. It starts once the session welcomed the agent: its git processes would only slow
+    // connecting down (the sandbox is `ready` when the agent is connected), and no prompt comes before.
+    let queue = tokio::spawn(async move {
+        let repository = Git::new(workspace.root());
+        let git = repository.is_repository().await.then_some(repository);
+        let agent = Arc::new(Agent::new(providers, workspace, git, gate, agent_config));
+        tokio::spawn({
+            let agent = Arc::clone(&agent);
+            let events = events_tx.clone();
+            async move {
+                let _ = tokio::time::timeout(CATCH_UP_DEFER_MAX, welcomed_rx).await;
+                agent.catch_up(gate_setter, &events).await
+            }
+        });
+        queue::run(agent, commands_rx, events_tx).await
     });
-    let queue = tokio::spawn(queue::run(agent, commands_rx, events_tx));
     let link = link::run(
         config,
         outbox,
