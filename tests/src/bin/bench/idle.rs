@@ -55,7 +55,7 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
     let shm_before = shm_used_bytes();
     let rss_before = rss_bytes(host_pid);
     let before = provider.pool(DEMO_REPO).await?["ready"].as_u64().unwrap_or(0);
-    provider.warm(DEMO_REPO, TARGET, TARGET).await?;
+    provider.warm(DEMO_REPO, TARGET, TARGET, false).await?;
     let ready = provider.pool(DEMO_REPO).await?["ready"].as_u64().unwrap_or(0);
     let added = ready.saturating_sub(before).max(1);
     let shm_per = shm_used_bytes().saturating_sub(shm_before) as f64 / added as f64;

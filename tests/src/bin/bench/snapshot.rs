@@ -17,7 +17,7 @@ use crate::session;
 use crate::tool::{LARGE_REPO, LARGE_REPO_FILES};
 use nightshift_tests::System;
 
-const SAMPLES: usize = 10;
+const SAMPLES: usize = 20;
 const EDITED_FILES: usize = 300;
 const TARGET_P50_MS: f64 = 50.0;
 
