@@ -148,6 +148,8 @@ async fn measure(system: &System, modules: &[&str]) -> anyhow::Result<Vec<Row>> 
             .map(|(_, ids)| ids.join(", "))
             .unwrap_or_default();
         eprintln!("bench: {ids}");
+        // Others' work on this machine moves the latencies: each row says how busy it was.
+        let load_at_start = load_average_1m();
         let at = Instant::now();
         let measured = match *module {
             "round_trip" => vec![round_trip::run(system).await.context("ws_rtt")?],
@@ -161,10 +163,24 @@ async fn measure(system: &System, modules: &[&str]) -> anyhow::Result<Vec<Row>> 
             "idle" => vec![idle::run(system).await.context("idle_sandboxes")?],
             other => anyhow::bail!("no bench module {other}"),
         };
-        rows.extend(measured);
+        rows.extend(measured.into_iter().map(|mut row| {
+            row.extra
+                .insert("load_avg_1m_at_start".into(), load_at_start.into());
+            row
+        }));
         done(at);
     }
     Ok(rows)
+}
+
+/// The machine's 1-minute load average (`/proc/loadavg`), `None` where it cannot be read.
+fn load_average_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn done(at: Instant) {
