@@ -46,6 +46,20 @@ pub struct SeedArgs {
     /// `generated/`.
     #[arg(long, default_value_t = 0)]
     pub synthetic_files: usize,
+    /// Also commit this many generated Python modules, each with a unit test
+    /// (`hello/generated/p{i/100}/m{i}.py`, `tests/generated/p{i/100}/test_m{i}.py`): the demo's
+    /// `.nightshift/setup.sh` compiles and tests them all, as a project of realistic size would.
+    #[arg(long, default_value_t = 0)]
+    pub synthetic_modules: usize,
+}
+
+/// Generated content added to the demo project, for benchmark repositories.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Synthetic {
+    /// Generated Rust source files under `generated/` (see [`write_synthetic_files`]).
+    pub files: usize,
+    /// Generated Python modules, each with a unit test (see [`write_synthetic_modules`]).
+    pub modules: usize,
 }
 
 /// Everything that can go wrong while naming or seeding a repository.
@@ -299,16 +313,15 @@ pub struct Seeded {
 /// collide.
 #[cfg(test)]
 pub fn seed_repo(store: &Path, repo: &str, branch: &str) -> Result<Seeded, SeedError> {
-    seed_repo_with(store, repo, branch, 0)
+    seed_repo_with(store, repo, branch, Synthetic::default())
 }
 
-/// [`seed_repo`] with `synthetic_files` generated source files added to the demo project (see
-/// [`write_synthetic_files`]).
+/// [`seed_repo`] with generated content added to the demo project (see [`Synthetic`]).
 pub fn seed_repo_with(
     store: &Path,
     repo: &str,
     branch: &str,
-    synthetic_files: usize,
+    synthetic: Synthetic,
 ) -> Result<Seeded, SeedError> {
     let repo = RepoName::parse(repo)?;
     validate_branch(branch)?;
@@ -345,7 +358,8 @@ pub fn seed_repo_with(
 
     let tree = work.path.join("tree");
     write_demo_project(&tree)?;
-    write_synthetic_files(&tree, synthetic_files)?;
+    write_synthetic_files(&tree, synthetic.files)?;
+    write_synthetic_modules(&tree, synthetic.modules)?;
     let index = work.path.join("index");
     let in_work_tree = |command: &mut Command| {
         command
@@ -527,8 +541,13 @@ fn write_demo_project(root: &Path) -> Result<(), SeedError> {
     Ok(())
 }
 
-/// Whether `branch` exists, as a commit, in the bare repository at `git_dir`.
+/// Whether `branch` (a name [`validate_branch`] accepted) exists, as a commit, in the bare repository
+/// at `git_dir`. A branch in the ref files (what seeding and pushes leave) is found without starting
+/// git, which a sandbox start would otherwise wait for; anything else asks `git rev-parse`.
 pub async fn branch_exists(git_dir: &Path, branch: &str) -> std::io::Result<bool> {
+    if branch_in_ref_files(git_dir, branch) {
+        return Ok(true);
+    }
     let mut command = tokio::process::Command::from(git_command());
     command
         .arg("--git-dir")
@@ -536,6 +555,25 @@ pub async fn branch_exists(git_dir: &Path, branch: &str) -> std::io::Result<bool
         .args(["rev-parse", "--verify", "--quiet"])
         .arg(format!("refs/heads/{branch}^{{commit}}"));
     Ok(command.output().await?.status.success())
+}
+
+/// Whether `refs/heads/<branch>` of `git_dir` is a loose ref or a packed ref holding an object id.
+/// Branches point at commits (git refuses to move one to anything else), so the type is not checked.
+fn branch_in_ref_files(git_dir: &Path, branch: &str) -> bool {
+    let is_object_id =
+        |text: &str| matches!(text.len(), 40 | 64) && text.bytes().all(|b| b.is_ascii_hexdigit());
+    // A loose ref wins over a packed one.
+    if let Ok(loose) = std::fs::read_to_string(git_dir.join("refs/heads").join(branch)) {
+        return is_object_id(loose.trim_end());
+    }
+    let Ok(packed) = std::fs::read_to_string(git_dir.join("packed-refs")) else {
+        return false;
+    };
+    let name = format!("refs/heads/{branch}");
+    packed.lines().any(|line| {
+        line.split_once(' ')
+            .is_some_and(|(id, line_name)| line_name == name && is_object_id(id))
+    })
 }
 
 /// Files per generated directory.
@@ -598,10 +636,109 @@ pub fn write_synthetic_files(root: &Path, count: usize) -> Result<(), SeedError>
     Ok(())
 }
 
+/// Modules (and test modules) per generated Python package.
+const SYNTHETIC_MODULES_PER_PACKAGE: usize = 100;
+
+/// Write `count` generated Python modules, `hello/generated/p{i/100}/m{i}.py` (~1 KB: a frozen
+/// dataclass with a method and two functions), each with a unit test module
+/// `tests/generated/p{i/100}/test_m{i}.py` (four tests), and the packages' `__init__.py` files. The
+/// demo's setup (`compileall` + `unittest` discovery) compiles and runs all of them.
+pub fn write_synthetic_modules(root: &Path, count: usize) -> Result<(), SeedError> {
+    let write = |path: PathBuf, contents: &str| {
+        std::fs::write(&path, contents).map_err(|source| SeedError::Io {
+            action: "write",
+            path,
+            source,
+        })
+    };
+    let package = |path: PathBuf| -> Result<(), SeedError> {
+        std::fs::create_dir_all(&path).map_err(|source| SeedError::Io {
+            action: "create directory",
+            path: path.clone(),
+            source,
+        })?;
+        write(path.join("__init__.py"), "")
+    };
+    if count > 0 {
+        package(root.join("hello/generated"))?;
+        package(root.join("tests/generated"))?;
+    }
+    for i in 0..count {
+        let p = i / SYNTHETIC_MODULES_PER_PACKAGE;
+        let modules = root.join(format!("hello/generated/p{p}"));
+        let tests = root.join(format!("tests/generated/p{p}"));
+        if i % SYNTHETIC_MODULES_PER_PACKAGE == 0 {
+            package(modules.clone())?;
+            package(tests.clone())?;
+        }
+        let module = format!(
+            "\"\"\"Generated module {i}: stock keeping for item kind {i}.\"\"\"\n\
+             \n\
+             from dataclasses import dataclass\n\
+             \n\
+             \n\
+             @dataclass(frozen=True)\n\
+             class Item{i}:\n\
+             \x20   \"\"\"An item of kind {i}.\"\"\"\n\
+             \n\
+             \x20   name: str\n\
+             \x20   quantity: int\n\
+             \x20   unit_price_cents: int\n\
+             \n\
+             \x20   def total_cents(self) -> int:\n\
+             \x20       \"\"\"The value of the stock, in cents.\"\"\"\n\
+             \x20       return self.quantity * self.unit_price_cents\n\
+             \n\
+             \n\
+             def restock_{i}(item: Item{i}, amount: int) -> Item{i}:\n\
+             \x20   \"\"\"The item with `amount` more in stock.\"\"\"\n\
+             \x20   if amount < 0:\n\
+             \x20       raise ValueError(\"amount must not be negative\")\n\
+             \x20   return Item{i}(item.name, item.quantity + amount, item.unit_price_cents)\n\
+             \n\
+             \n\
+             def checksum_{i}(text: str) -> int:\n\
+             \x20   \"\"\"A stable checksum of `text`, seeded with {i}.\"\"\"\n\
+             \x20   value = {i}\n\
+             \x20   for ch in text:\n\
+             \x20       value = (value * 31 + ord(ch)) % 1_000_000_007\n\
+             \x20   return value\n"
+        );
+        write(modules.join(format!("m{i}.py")), &module)?;
+        let test = format!(
+            "import unittest\n\
+             \n\
+             from hello.generated.p{p}.m{i} import Item{i}, checksum_{i}, restock_{i}\n\
+             \n\
+             \n\
+             class Item{i}Test(unittest.TestCase):\n\
+             \x20   def test_total(self):\n\
+             \x20       self.assertEqual(Item{i}(\"bolt\", 3, 25).total_cents(), 75)\n\
+             \n\
+             \x20   def test_restock(self):\n\
+             \x20       self.assertEqual(restock_{i}(Item{i}(\"bolt\", 3, 25), 2).quantity, 5)\n\
+             \n\
+             \x20   def test_negative_restock_is_refused(self):\n\
+             \x20       with self.assertRaises(ValueError):\n\
+             \x20           restock_{i}(Item{i}(\"bolt\", 3, 25), -1)\n\
+             \n\
+             \x20   def test_checksum_is_stable(self):\n\
+             \x20       self.assertEqual(checksum_{i}(\"nightshift\"), checksum_{i}(\"nightshift\"))\n\
+             \x20       self.assertNotEqual(checksum_{i}(\"a\"), checksum_{i}(\"b\"))\n"
+        );
+        write(tests.join(format!("test_m{i}.py")), &test)?;
+    }
+    Ok(())
+}
+
 /// `sandbox-agent seed`: print where the repository is and whether it was created.
 pub async fn main(args: SeedArgs) -> anyhow::Result<()> {
     let seeded = tokio::task::spawn_blocking(move || {
-        seed_repo_with(&args.store, &args.repo, &args.branch, args.synthetic_files)
+        let synthetic = Synthetic {
+            files: args.synthetic_files,
+            modules: args.synthetic_modules,
+        };
+        seed_repo_with(&args.store, &args.repo, &args.branch, synthetic)
     })
     .await??;
     let what = if seeded.created {
@@ -702,7 +839,11 @@ mod tests {
     #[test]
     fn seeds_generated_files_for_a_large_repository() {
         let store = tempfile::tempdir().unwrap();
-        let seeded = seed_repo_with(store.path(), "bench/large", "main", 250).unwrap();
+        let synthetic = Synthetic {
+            files: 250,
+            modules: 0,
+        };
+        let seeded = seed_repo_with(store.path(), "bench/large", "main", synthetic).unwrap();
         let files = git_in(&seeded.git_dir, &["ls-tree", "-r", "--name-only", "main"]);
         let generated: Vec<&str> = files
             .lines()
@@ -718,6 +859,55 @@ mod tests {
             one.contains("pub fn item_117(weight_grams: u64) -> Item117 {"),
             "{one}"
         );
+    }
+
+    #[test]
+    fn seeds_generated_python_modules_that_the_demo_setup_compiles_and_tests() {
+        let store = tempfile::tempdir().unwrap();
+        let synthetic = Synthetic {
+            files: 0,
+            modules: 150,
+        };
+        let seeded = seed_repo_with(store.path(), "bench/app", "main", synthetic).unwrap();
+        let files = git_in(&seeded.git_dir, &["ls-tree", "-r", "--name-only", "main"]);
+        let modules = files
+            .lines()
+            .filter(|f| f.starts_with("hello/generated/p"))
+            .count();
+        let tests = files
+            .lines()
+            .filter(|f| f.starts_with("tests/generated/p"))
+            .count();
+        // 150 modules and tests, plus one `__init__.py` in each of the two packages of each side.
+        assert_eq!((modules, tests), (152, 152), "{files}");
+        assert!(files.contains("tests/generated/p1/test_m149.py"), "{files}");
+
+        // The demo's own setup compiles and runs every generated test.
+        let work = tempfile::tempdir().unwrap();
+        let checkout = work.path().join("app");
+        run(git_command()
+            .args(["clone", "--quiet"])
+            .arg(&seeded.git_dir)
+            .arg(&checkout))
+        .unwrap();
+        let setup = std::process::Command::new("sh")
+            .arg(".nightshift/setup.sh")
+            .current_dir(&checkout)
+            .env_remove("PYTHONDONTWRITEBYTECODE")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&setup.stderr);
+        assert!(setup.status.success(), "{stderr}");
+        assert!(stderr.contains("Ran 603 tests"), "{stderr}");
+        assert!(checkout
+            .join("hello/generated/p1/__pycache__")
+            .read_dir()
+            .unwrap()
+            .any(|entry| entry
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .starts_with("m149.")));
     }
 
     #[test]
@@ -769,6 +959,30 @@ mod tests {
         let other = tempfile::tempdir().unwrap();
         let again = seed_repo(other.path(), "demo/hello", "main").unwrap();
         assert_eq!(git_in(&again.git_dir, &["rev-parse", "main"]), head);
+    }
+
+    #[tokio::test]
+    async fn finds_branches_in_loose_and_packed_refs_and_nothing_else() {
+        let store = tempfile::tempdir().unwrap();
+        let seeded = seed_repo(store.path(), "acme/tool", "main").unwrap();
+        let git_dir = &seeded.git_dir;
+        assert!(branch_in_ref_files(git_dir, "main"));
+        assert!(branch_exists(git_dir, "main").await.unwrap());
+        assert!(!branch_in_ref_files(git_dir, "other"));
+        assert!(!branch_exists(git_dir, "other").await.unwrap());
+
+        git_in(git_dir, &["branch", "feature/x", "main"]);
+        git_in(git_dir, &["pack-refs", "--all"]);
+        assert!(!git_dir.join("refs/heads/main").exists(), "packed");
+        assert!(branch_in_ref_files(git_dir, "main"));
+        assert!(branch_in_ref_files(git_dir, "feature/x"));
+        assert!(!branch_in_ref_files(git_dir, "feature"));
+
+        // What the files do not show is still asked of git: a tag is not a branch.
+        git_in(git_dir, &["tag", "v1", "main"]);
+        assert!(!branch_exists(git_dir, "v1").await.unwrap());
+        std::fs::write(git_dir.join("refs/heads/broken"), "not an id\n").unwrap();
+        assert!(!branch_in_ref_files(git_dir, "broken"));
     }
 
     #[test]

@@ -10,6 +10,10 @@ pub const NIGHTSHIFT_WRANGLER_JS: &str = "NIGHTSHIFT_WRANGLER_JS";
 /// The built `sandbox-agent` binary (default: `target/debug/sandbox-agent`).
 pub const NIGHTSHIFT_AGENT_BIN: &str = "NIGHTSHIFT_AGENT_BIN";
 
+/// Read by the `bench` binary: comma-separated bench modules (`ready`, `snapshot`, …) or row ids
+/// (`warm_claim_ready`, …) to run; unset or empty, all of them.
+pub const NIGHTSHIFT_BENCH_ONLY: &str = "NIGHTSHIFT_BENCH_ONLY";
+
 /// Removed from the host's environment, so tests always use the scripted model, never a real one.
 pub const ANTHROPIC_API_KEY: &str = "ANTHROPIC_API_KEY";
 /// Given to the host: the bearer token the Worker presents on the provider API.

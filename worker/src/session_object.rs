@@ -665,11 +665,6 @@ impl SessionObject {
         let mut store = self.store();
         let effects = Session::new(&mut store, now_ms()).create(info, sha256_hex(&token))?;
         self.deliver(effects);
-        if let Some(text) = self.register_repo(&body.repo).await {
-            let mut store = self.store();
-            let effects = Session::new(&mut store, now_ms()).notice("warn", &text)?;
-            self.deliver(effects);
-        }
         let request = CreateSandboxRequest {
             repo: Some(body.repo.clone()),
             snapshot: None,
@@ -679,7 +674,17 @@ impl SessionObject {
             sandbox_token: token,
             timeout_ms: DEFAULT_TIMEOUT_MS,
         };
-        let outcome = self.request_sandbox(&request).await;
+        // Registering the repository is bookkeeping the sandbox does not wait for: both at once.
+        let (notice, outcome) = futures_util::future::join(
+            self.register_repo(&body.repo),
+            self.request_sandbox(&request),
+        )
+        .await;
+        if let Some(text) = notice {
+            let mut store = self.store();
+            let effects = Session::new(&mut store, now_ms()).notice("warn", &text)?;
+            self.deliver(effects);
+        }
         let mut store = self.store();
         let mut session = Session::new(&mut store, now_ms());
         let effects = match outcome {

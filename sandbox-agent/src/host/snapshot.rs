@@ -53,8 +53,20 @@ use sha2::{Digest, Sha256};
 
 use super::image::{ImageError, ImageLease, Images};
 
-/// zstd level of the archives: fast, and source trees still shrink several times.
-const ZSTD_LEVEL: i32 = 2;
+/// zstd level of the archives: the fastest, and source trees still shrink several times (a light
+/// session's archive is mostly the git index and new git objects, which no level shrinks much).
+const ZSTD_LEVEL: i32 = 1;
+/// zstd compresses on this many threads of its own, while the calling thread walks and reads the
+/// upper directory. With one or more, the output depends only on the level and the job size.
+const ZSTD_WORKERS: u32 = 1;
+/// Input per zstd job (its minimum): compression starts after this much tar, not at the end.
+const ZSTD_JOB_BYTES: u32 = 512 * 1024;
+/// Restored files (each at most [`QUEUED_FILE_MAX_BYTES`]) queued for the writer thread at most.
+const FILES_IN_FLIGHT: usize = 64;
+/// Larger files are restored by the unpacking thread itself, streamed, never held in memory.
+const QUEUED_FILE_MAX_BYTES: u64 = 1024 * 1024;
+/// tar writes (and reads) 512-byte headers and small pieces; zstd gets (and gives) chunks of this size.
+const TAR_BUFFER_BYTES: usize = 128 * 1024;
 /// PAX record naming the image in the archive's global header.
 const PAX_IMAGE_ID: &str = "NIGHTSHIFT.image_id";
 /// Prefix of the PAX records holding xattrs (as GNU tar and libarchive write them).
@@ -269,7 +281,9 @@ impl Snapshots {
             ".tmp-{}.tar.zst",
             hex::encode(rand::random::<[u8; 8]>())
         ));
+        let archiving = std::time::Instant::now();
         let written = write_archive(&upper, &meta.image_id, &temporary);
+        let archive_ms = archiving.elapsed().as_millis() as u64;
         let (id, size_bytes) = match written {
             Ok(done) => done,
             Err(err) => {
@@ -277,6 +291,7 @@ impl Snapshots {
                 return Err(err);
             }
         };
+        tracing::info!(session_id = %meta.session_id, archive_ms, size_bytes, "snapshot archived");
         let archive = self.archive_path(&id);
         if archive.exists() {
             let _ = std::fs::remove_file(&temporary); // the same bytes are already stored
@@ -335,10 +350,17 @@ impl Snapshots {
                 path: into_upper.to_owned(),
             });
         }
+        let unpacking = std::time::Instant::now();
         if let Err(err) = read_archive(&self.archive_path(&info.id), &info, into_upper) {
             empty_directory(into_upper);
             return Err(err);
         }
+        tracing::info!(
+            snapshot_id = %info.id,
+            unpack_ms = unpacking.elapsed().as_millis() as u64,
+            size_bytes = info.size_bytes,
+            "snapshot unpacked"
+        );
         Ok(Restored {
             snapshot: info,
             image,
@@ -417,9 +439,15 @@ fn write_archive(
         hasher: Sha256::new(),
         written_bytes: 0,
     };
-    let encoder = zstd::stream::write::Encoder::new(hashing, ZSTD_LEVEL)
+    let mut encoder = zstd::stream::write::Encoder::new(hashing, ZSTD_LEVEL)
         .map_err(io_error("start compressing", path))?;
-    let mut builder = tar::Builder::new(encoder);
+    encoder
+        .multithread(ZSTD_WORKERS)
+        .and_then(|()| {
+            encoder.set_parameter(zstd::stream::raw::CParameter::JobSize(ZSTD_JOB_BYTES))
+        })
+        .map_err(io_error("start compressing", path))?;
+    let mut builder = tar::Builder::new(BufWriter::with_capacity(TAR_BUFFER_BYTES, encoder));
     append_pax(
         &mut builder,
         tar::EntryType::XGlobalHeader,
@@ -427,7 +455,11 @@ fn write_archive(
     )
     .map_err(io_error("write", path))?;
     append_tree(&mut builder, upper, Path::new(""))?;
-    let encoder = builder.into_inner().map_err(io_error("write", path))?;
+    let encoder = builder
+        .into_inner()
+        .map_err(io_error("write", path))?
+        .into_inner()
+        .map_err(|err| io_error("write", path)(err.into_error()))?;
     let mut hashing = encoder
         .finish()
         .map_err(io_error("finish compressing", path))?;
@@ -745,7 +777,96 @@ fn read_archive(path: &Path, info: &SnapshotInfo, into: &Path) -> Result<(), Sna
         .map_err(io_error("read", path))?;
     let decoder =
         zstd::stream::read::Decoder::new(file).map_err(io_error("start decompressing", path))?;
-    let mut archive = tar::Archive::new(decoder);
+    // tar reads 512-byte headers: each from a buffer, not from a decompression call of its own.
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(TAR_BUFFER_BYTES, decoder));
+    // This thread decompresses, checks and makes directories; a writer thread makes the files.
+    let (dirs, image_id) = std::thread::scope(|scope| {
+        let (files, queued) = std::sync::mpsc::sync_channel::<RestoredFile>(FILES_IN_FLIGHT);
+        let writer = scope.spawn(move || -> Result<(), SnapshotError> {
+            for file in queued {
+                file.write()?;
+            }
+            Ok(())
+        });
+        let unpacked = unpack_entries(&mut archive, info, into, &files);
+        drop(files);
+        let written = writer
+            .join()
+            .unwrap_or_else(|_| Err(corrupt("the file writer stopped unexpectedly".to_owned())));
+        // The writer's error explains why the unpacking stopped.
+        written.and(unpacked)
+    })?;
+    let as_root = is_root();
+    // Directories last, deepest first: their contents no longer change their mtime.
+    for dir in dirs.iter().rev() {
+        if as_root {
+            std::os::unix::fs::lchown(&dir.path, Some(dir.owner.0), Some(dir.owner.1))
+                .map_err(io_error("change owner of", &dir.path))?;
+        }
+        std::fs::set_permissions(
+            &dir.path,
+            std::fs::Permissions::from_mode(dir.mode & 0o7777),
+        )
+        .map_err(io_error("set permissions of", &dir.path))?;
+        set_mtime(&dir.path, dir.mtime)?;
+    }
+    if image_id.as_deref() != Some(info.image_id.as_str()) {
+        return Err(corrupt("the archive names another image".to_owned()));
+    }
+    Ok(())
+}
+
+/// A regular file of an archive, read into memory, for the writer thread.
+struct RestoredFile {
+    target: PathBuf,
+    data: Vec<u8>,
+    mode: u32,
+    mtime: u64,
+    /// Set when restoring as root.
+    owner: Option<(u32, u32)>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+impl RestoredFile {
+    /// Create the file (it must not exist) with its contents, owner, mode, xattrs and mtime.
+    fn write(self) -> Result<(), SnapshotError> {
+        let target = &self.target;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(target)
+            .map_err(io_error("create", target))?;
+        file.write_all(&self.data)
+            .map_err(io_error("write", target))?;
+        if let Some((uid, gid)) = self.owner {
+            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))
+                .map_err(io_error("change owner of", target))?;
+        }
+        file.set_permissions(std::fs::Permissions::from_mode(self.mode & 0o7777))
+            .map_err(io_error("set permissions of", target))?;
+        // Through the open file: no second lookup of its path (xattrs leave the mtime).
+        file.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(self.mtime))
+            .map_err(io_error("set mtime of", target))?;
+        for (name, value) in &self.xattrs {
+            set_xattr(target, name, value)?;
+        }
+        Ok(())
+    }
+}
+
+/// Unpack the entries of `archive` into `into`: directories, symlinks and whiteouts here, regular
+/// files up to [`QUEUED_FILE_MAX_BYTES`] sent to `files` (the writer), larger ones here. Returns
+/// the directories made, whose owner, mode and mtime are set last, and the image the archive names.
+fn unpack_entries<R: Read>(
+    archive: &mut tar::Archive<R>,
+    info: &SnapshotInfo,
+    into: &Path,
+    files: &std::sync::mpsc::SyncSender<RestoredFile>,
+) -> Result<(Vec<RestoredDir>, Option<String>), SnapshotError> {
+    let corrupt = |reason: String| SnapshotError::Corrupt {
+        id: info.id.clone(),
+        reason,
+    };
     let as_root = is_root();
     // Relative directories created so far: every entry's parent must be one of them, so nothing is
     // ever written through a symlink or outside `into`.
@@ -817,6 +938,27 @@ fn read_archive(path: &Path, info: &SnapshotInfo, into: &Path) -> Result<(), Sna
                     owner,
                 });
             }
+            tar::EntryType::Regular | tar::EntryType::Continuous
+                if entry.size() <= QUEUED_FILE_MAX_BYTES =>
+            {
+                let mut data = Vec::with_capacity(usize::try_from(entry.size()).unwrap_or(0));
+                entry
+                    .read_to_end(&mut data)
+                    .map_err(|err| corrupt(err.to_string()))?;
+                let file = RestoredFile {
+                    target,
+                    data,
+                    mode,
+                    mtime,
+                    owner: as_root.then_some(owner),
+                    xattrs,
+                };
+                if files.send(file).is_err() {
+                    // The writer failed; its error is the one reported.
+                    return Ok((dirs, image_id));
+                }
+                continue;
+            }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mut file = std::fs::OpenOptions::new()
                     .write(true)
@@ -830,6 +972,9 @@ fn read_archive(path: &Path, info: &SnapshotInfo, into: &Path) -> Result<(), Sna
                 }
                 file.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))
                     .map_err(io_error("set permissions of", &target))?;
+                // Through the open file: no second lookup of its path (xattrs leave the mtime).
+                file.set_modified(UNIX_EPOCH + std::time::Duration::from_secs(mtime))
+                    .map_err(io_error("set mtime of", &target))?;
             }
             tar::EntryType::Symlink => {
                 let link = entry
@@ -877,27 +1022,14 @@ fn read_archive(path: &Path, info: &SnapshotInfo, into: &Path) -> Result<(), Sna
         for (name, value) in &xattrs {
             set_xattr(&target, name, value)?;
         }
-        if kind != tar::EntryType::Directory {
+        if !matches!(
+            kind,
+            tar::EntryType::Directory | tar::EntryType::Regular | tar::EntryType::Continuous
+        ) {
             set_mtime(&target, mtime)?;
         }
     }
-    // Directories last, deepest first: their contents no longer change their mtime.
-    for dir in dirs.iter().rev() {
-        if as_root {
-            std::os::unix::fs::lchown(&dir.path, Some(dir.owner.0), Some(dir.owner.1))
-                .map_err(io_error("change owner of", &dir.path))?;
-        }
-        std::fs::set_permissions(
-            &dir.path,
-            std::fs::Permissions::from_mode(dir.mode & 0o7777),
-        )
-        .map_err(io_error("set permissions of", &dir.path))?;
-        set_mtime(&dir.path, dir.mtime)?;
-    }
-    if image_id.as_deref() != Some(info.image_id.as_str()) {
-        return Err(corrupt("the archive names another image".to_owned()));
-    }
-    Ok(())
+    Ok((dirs, image_id))
 }
 
 /// `path` with only normal components (no root, `.`, `..`), or `None`; never empty.
@@ -1239,6 +1371,41 @@ mod tests {
             reopened.image_ids(),
             HashSet::from(["00000000000000aa".to_owned(), "00000000000000bb".to_owned()])
         );
+    }
+
+    /// Files go to the writer thread (small) or are streamed (large); either way the restored tree
+    /// has the same contents, modes and mtimes.
+    #[tokio::test]
+    async fn restore_writes_many_small_and_large_files_with_modes_and_mtimes() {
+        let fixture = Fixture::new(ImageSettings::default());
+        let image = fixture.build_ok(None).await;
+        let snapshots = snapshots_of(&fixture, &fixture.images);
+        let upper = tempfile::tempdir_in(fixture.dir.path()).unwrap();
+        for i in 0..300 {
+            let dir = upper.path().join(format!("d{}", i / 50));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(format!("f{i}"));
+            std::fs::write(&path, format!("file {i}\n")).unwrap();
+            let mode = if i % 3 == 0 { 0o755 } else { 0o640 };
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let large: Vec<u8> = (0..3 * QUEUED_FILE_MAX_BYTES)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(upper.path().join("large.bin"), &large).unwrap();
+        let mtime = |path: &Path| std::fs::symlink_metadata(path).unwrap().mtime();
+        let info = snapshots.snapshot(upper.path(), meta(&image.id)).unwrap();
+
+        let target = fixture.dir.path().join("restored");
+        drop(snapshots.restore(&info.id, &target).unwrap());
+        assert_eq!(view(&target), view(upper.path()));
+        for relative in ["large.bin", "d0/f0", "d5/f299", "d3"] {
+            assert_eq!(
+                mtime(&target.join(relative)),
+                mtime(&upper.path().join(relative)),
+                "{relative}"
+            );
+        }
     }
 
     fn names(dir: &Path) -> Vec<String> {

@@ -36,6 +36,9 @@ use crate::seed::{self, RepoName};
 const PREPARE_CONCURRENCY: usize = 4;
 /// The longest the catch-up of a warm sandbox may take.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(60);
+/// Niceness of a warm sandbox's git processes: refilling is background work, and the agents
+/// starting meanwhile (the claims that caused it) come first.
+const PREPARE_NICENESS: libc::c_int = 10;
 
 /// A prepared sandbox waiting in its pool.
 pub(super) struct WarmSandbox {
@@ -244,6 +247,13 @@ async fn catch_up(dirs: &SandboxDirs, owner: (u32, u32), branch: &str) -> Result
             .uid(owner.0)
             .gid(owner.1)
             .kill_on_drop(true);
+        // SAFETY: only `setpriority`, async-signal-safe, between fork and exec; its failure is ignored.
+        unsafe {
+            command.pre_exec(|| {
+                libc::setpriority(libc::PRIO_PROCESS, 0, PREPARE_NICENESS);
+                Ok(())
+            });
+        }
         let line = format!("git {}", args.join(" "));
         let output = match tokio::time::timeout(CATCH_UP_TIMEOUT, command.output()).await {
             Ok(Ok(output)) => output,

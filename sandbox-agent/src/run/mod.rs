@@ -45,6 +45,8 @@ const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(8);
 /// After the work is extracted, how long a shutting-down agent that is not connected to its session
 /// waits for the link to come back and deliver its last events.
 const UNDELIVERABLE_WAIT: std::time::Duration = std::time::Duration::from_millis(1000);
+/// The git catch-up starts at the session's first `welcome`, or after this long without one.
+const CATCH_UP_DEFER_MAX: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Arguments of `sandbox-agent run`; every one can come from the environment.
 #[derive(clap::Args)]
@@ -166,8 +168,6 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
         "sandbox agent starting"
     );
 
-    let repository = Git::new(workspace.root());
-    let git = repository.is_repository().await.then_some(repository);
     let (gate_setter, gate) = gate::sync_gate();
     let agent_config = AgentConfig {
         session_id: args.session_id.filter(|id| !id.trim().is_empty()),
@@ -175,19 +175,33 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
         context_window_tokens: args.context_window_tokens,
         limits: ToolLimits::default(),
     };
-    let agent = Arc::new(Agent::new(providers, workspace, git, gate, agent_config));
     let (events_tx, events_rx) = mpsc::channel(EVENT_CHANNEL_CAPACITY);
     let (commands_tx, commands_rx) = mpsc::unbounded_channel();
-    // The catch-up runs beside everything else: reads work at once, writes wait for the gate.
-    tokio::spawn({
-        let agent = Arc::clone(&agent);
-        let events = events_tx.clone();
-        async move { agent.catch_up(gate_setter, &events).await }
-    });
+    let (welcomed_tx, welcomed) = tokio::sync::watch::channel(false);
     // In an isolated sandbox the host takes snapshots, asked for over the egress socket.
     let snapshots = args.egress_socket.clone().map(queue::Snapshots::new);
-    let mut queue = tokio::spawn(queue::run(agent, commands_rx, events_tx, snapshots));
-    let (welcomed_tx, welcomed) = tokio::sync::watch::channel(false);
+    // The agent is made beside the link, which dials at once (asking git about the workspace starts a
+    // process). The catch-up runs beside everything else: reads work at once, writes wait for the
+    // gate. It starts once the session welcomed the agent: its git processes would only slow
+    // connecting down (the sandbox is `ready` when the agent is connected), and no prompt comes before.
+    let mut queue = tokio::spawn({
+        let mut welcomed = welcomed.clone();
+        async move {
+            let repository = Git::new(workspace.root());
+            let git = repository.is_repository().await.then_some(repository);
+            let agent = Arc::new(Agent::new(providers, workspace, git, gate, agent_config));
+            tokio::spawn({
+                let agent = Arc::clone(&agent);
+                let events = events_tx.clone();
+                async move {
+                    let _ =
+                        tokio::time::timeout(CATCH_UP_DEFER_MAX, welcomed.wait_for(|w| *w)).await;
+                    agent.catch_up(gate_setter, &events).await
+                }
+            });
+            queue::run(agent, commands_rx, events_tx, snapshots).await
+        }
+    });
     let mut link = tokio::spawn(link::run(
         config,
         outbox,

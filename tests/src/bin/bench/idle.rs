@@ -69,7 +69,7 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
     let before = provider.pool(DEMO_REPO).await?["ready"]
         .as_u64()
         .unwrap_or(0);
-    provider.warm(DEMO_REPO, TARGET, TARGET).await?;
+    provider.warm(DEMO_REPO, TARGET, TARGET, false).await?;
     let ready = provider.pool(DEMO_REPO).await?["ready"]
         .as_u64()
         .unwrap_or(0);

@@ -24,6 +24,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::Context;
+use nightshift_tests::env;
 use nightshift_tests::system::Tools;
 use nightshift_tests::System;
 
@@ -53,6 +54,8 @@ fn main() -> ExitCode {
 }
 
 async fn bench() -> anyhow::Result<()> {
+    let only = std::env::var(env::NIGHTSHIFT_BENCH_ONLY).ok();
+    let modules = selected_modules(only.as_deref())?;
     let tools = Tools::from_env()?;
     let report_path = tools.repo_root.join("target/bench/report.json");
     let started = Instant::now();
@@ -67,7 +70,7 @@ async fn bench() -> anyhow::Result<()> {
     })
     .await
     .context("starting the system")?;
-    let rows = match measure(&system).await {
+    let rows = match measure(&system, &modules).await {
         Ok(rows) => rows,
         Err(error) => {
             eprintln!(
@@ -93,49 +96,106 @@ async fn bench() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every row, in order; each starts its own sessions.
-async fn measure(system: &System) -> anyhow::Result<Vec<Row>> {
+/// The bench modules, in the order they run, with the ids of the rows each writes. `NIGHTSHIFT_BENCH_ONLY`
+/// selects among them by module name or row id.
+const MODULES: [(&str, &[&str]); 9] = [
+    ("round_trip", &["ws_rtt"]),
+    ("prompt_start", &["prompt_to_started"]),
+    ("fanout", &["fanout_50x1000", "fanout_50x1000_blast"]),
+    ("overhead", &["agent_token_overhead"]),
+    (
+        "ready",
+        &[
+            "naive_vs_ready_ratio",
+            "warm_claim_ready",
+            "cold_start_ready",
+        ],
+    ),
+    ("stop", &["stop_to_stopped"]),
+    ("tool", &["tool_read_30k", "tool_grep_30k"]),
+    ("snapshot", &["snapshot_light", "restore_light"]),
+    ("idle", &["idle_sandboxes"]),
+];
+
+/// The modules `NIGHTSHIFT_BENCH_ONLY` (comma-separated module names or row ids) selects; every module
+/// when it is unset or empty. A name that is neither is an error, so a typo never runs nothing.
+fn selected_modules(only: Option<&str>) -> anyhow::Result<Vec<&'static str>> {
+    let wanted: Vec<&str> = only
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .collect();
+    let selects = |name: &str, module: &str, ids: &[&str]| name == module || ids.contains(&name);
+    if wanted.is_empty() {
+        return Ok(MODULES.iter().map(|(module, _)| *module).collect());
+    }
+    if let Some(unknown) = wanted.iter().find(|name| {
+        !MODULES
+            .iter()
+            .any(|(module, ids)| selects(name, module, ids))
+    }) {
+        let known: Vec<&str> = MODULES.iter().map(|(module, _)| *module).collect();
+        anyhow::bail!(
+            "{}: no bench module or row is called {unknown:?} (modules: {})",
+            env::NIGHTSHIFT_BENCH_ONLY,
+            known.join(", ")
+        );
+    }
+    Ok(MODULES
+        .iter()
+        .filter(|(module, ids)| wanted.iter().any(|name| selects(name, module, ids)))
+        .map(|(module, _)| *module)
+        .collect())
+}
+
+/// The rows of the selected modules, in order; each module starts its own sessions.
+async fn measure(system: &System, modules: &[&str]) -> anyhow::Result<Vec<Row>> {
     let mut rows = Vec::new();
-    let step = |id: &str| {
-        eprintln!("bench: {id}");
-        Instant::now()
-    };
-    let at = step("ws_rtt");
-    rows.push(round_trip::run(system).await.context("ws_rtt")?);
-    done(at);
-    let at = step("prompt_to_started");
-    rows.push(
-        prompt_start::run(system)
-            .await
-            .context("prompt_to_started")?,
-    );
-    done(at);
-    let at = step("fanout_50x1000, fanout_50x1000_blast");
-    rows.extend(fanout::run(system).await.context("fanout_50x1000")?);
-    done(at);
-    let at = step("agent_token_overhead");
-    rows.push(
-        overhead::run(system)
-            .await
-            .context("agent_token_overhead")?,
-    );
-    done(at);
-    let at = step("warm_claim_ready, cold_start_ready");
-    rows.extend(ready::run(system).await.context("warm_claim_ready")?);
-    done(at);
-    let at = step("stop_to_stopped");
-    rows.push(stop::run(system).await.context("stop_to_stopped")?);
-    done(at);
-    let at = step("tool_read_30k, tool_grep_30k");
-    rows.extend(tool::run(system).await.context("tool_read_30k")?);
-    done(at);
-    let at = step("snapshot_light, restore_light");
-    rows.extend(snapshot::run(system).await.context("snapshot_light")?);
-    done(at);
-    let at = step("idle_sandboxes");
-    rows.push(idle::run(system).await.context("idle_sandboxes")?);
-    done(at);
+    for module in modules {
+        let ids = MODULES
+            .iter()
+            .find(|(name, _)| name == module)
+            .map(|(_, ids)| ids.join(", "))
+            .unwrap_or_default();
+        eprintln!("bench: {ids}");
+        // Others' work on this machine moves the latencies: each row says how busy it was.
+        let load_at_start = load_average_1m();
+        let at = Instant::now();
+        let measured = match *module {
+            "round_trip" => vec![round_trip::run(system).await.context("ws_rtt")?],
+            "prompt_start" => vec![prompt_start::run(system)
+                .await
+                .context("prompt_to_started")?],
+            "fanout" => Vec::from(fanout::run(system).await.context("fanout_50x1000")?),
+            "overhead" => vec![overhead::run(system)
+                .await
+                .context("agent_token_overhead")?],
+            "ready" => ready::run(system).await.context("warm_claim_ready")?,
+            "stop" => vec![stop::run(system).await.context("stop_to_stopped")?],
+            "tool" => tool::run(system).await.context("tool_read_30k")?,
+            "snapshot" => snapshot::run(system).await.context("snapshot_light")?,
+            "idle" => vec![idle::run(system).await.context("idle_sandboxes")?],
+            other => anyhow::bail!("no bench module {other}"),
+        };
+        rows.extend(measured.into_iter().map(|mut row| {
+            row.extra
+                .insert("load_avg_1m_at_start".into(), load_at_start.into());
+            row
+        }));
+        done(at);
+    }
     Ok(rows)
+}
+
+/// The machine's 1-minute load average (`/proc/loadavg`), `None` where it cannot be read.
+fn load_average_1m() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 fn done(at: Instant) {
@@ -145,4 +205,25 @@ fn done(at: Instant) {
 fn tail(log: &str) -> String {
     let lines: Vec<&str> = log.lines().collect();
     lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{selected_modules, MODULES};
+
+    #[test]
+    fn the_filter_selects_modules_by_name_or_row_id_in_bench_order() {
+        assert_eq!(selected_modules(None).unwrap().len(), MODULES.len());
+        assert_eq!(selected_modules(Some(" ")).unwrap().len(), MODULES.len());
+        assert_eq!(
+            selected_modules(Some("snapshot,ready")).unwrap(),
+            ["ready", "snapshot"]
+        );
+        assert_eq!(
+            selected_modules(Some("restore_light, ws_rtt")).unwrap(),
+            ["round_trip", "snapshot"]
+        );
+        let typo = selected_modules(Some("snapshots")).unwrap_err().to_string();
+        assert!(typo.contains("\"snapshots\""), "{typo}");
+    }
 }
