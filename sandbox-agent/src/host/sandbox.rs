@@ -66,6 +66,8 @@ pub(super) const DEFAULT_BASE_BRANCH: &str = seed::DEFAULT_BRANCH;
 pub(super) const DEFAULT_TIMEOUT_MS: u64 = 4 * 60 * 60 * 1000;
 /// The longest the deadline hook may hold up the stop of a sandbox that reached its deadline.
 const DEADLINE_HOOK_LIMIT: Duration = Duration::from_secs(60);
+/// How long a pool's refill waits after a claim (see [`create`]).
+const REFILL_AFTER_CLAIM: Duration = Duration::from_millis(500);
 
 /// What [`DeadlineHook`] is told: a sandbox reached its wall-clock deadline and is about to be stopped.
 #[derive(Debug, Clone)]
@@ -524,7 +526,18 @@ pub(super) async fn create(
         (None, _) => launch_plain(state, &id, &remote, &branch, &request, &sandbox_dir).await,
     };
     if state.isolation().is_some() && snapshot.is_none() && branch == DEFAULT_BASE_BRANCH {
-        super::warm::start_refill(state, &repo.to_string()).await;
+        // After a claim the refill (mounts, fetches, checkouts) waits: the claimed agent is starting
+        // and dialling in, and a session waits for it; the CPU is its first.
+        let delay = if claimed {
+            REFILL_AFTER_CLAIM
+        } else {
+            Duration::ZERO
+        };
+        let (state, repo) = (state.clone(), repo.to_string());
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            super::warm::start_refill(&state, &repo).await;
+        });
     }
     let Launched {
         mut child,
