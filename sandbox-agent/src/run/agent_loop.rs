@@ -83,6 +83,9 @@ pub struct AgentConfig {
     pub limits: ToolLimits,
 }
 
+/// Loose git objects a workspace may have before they are packed ahead of a snapshot.
+const LOOSE_OBJECTS_PACKED_ABOVE: u64 = 64;
+
 /// Everything the prompts of a session share.
 pub struct Agent {
     /// The model providers.
@@ -252,6 +255,21 @@ impl Agent {
                     format!(".nightshift/hooks.toml cannot be used, so every tool call is blocked until it is fixed: {error}"),
                 )
                 .await;
+        }
+    }
+
+    /// Before a snapshot: pack the loose git objects of the prompt's commit when there are many (see
+    /// [`Git::pack_loose_objects`]); a failure is a log line.
+    pub async fn tidy_for_snapshot(&self) {
+        let Some(git) = &self.git else { return };
+        let started = std::time::Instant::now();
+        match git.pack_loose_objects(LOOSE_OBJECTS_PACKED_ABOVE).await {
+            Ok(true) => tracing::info!(
+                pack_ms = started.elapsed().as_millis() as u64,
+                "packed the loose git objects"
+            ),
+            Ok(false) => {}
+            Err(error) => tracing::warn!(%error, "could not pack the loose git objects"),
         }
     }
 

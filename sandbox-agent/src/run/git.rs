@@ -147,6 +147,23 @@ impl Git {
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
+    /// Pack the loose objects into one pack (and delete them) when there are more than `threshold`:
+    /// a commit of hundreds of files leaves as many object files, which every snapshot would archive
+    /// and every restore unpack one by one. Whether it packed.
+    pub async fn pack_loose_objects(&self, threshold: u64) -> Result<bool, GitError> {
+        let counts = self.run(["count-objects"], &[]).await?;
+        let loose: u64 = counts
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        if loose <= threshold {
+            return Ok(false);
+        }
+        self.run(["repack", "-d", "-q"], &[]).await?;
+        Ok(true)
+    }
+
     /// Whether the workspace is a git working copy.
     pub async fn is_repository(&self) -> bool {
         self.run(["rev-parse", "--is-inside-work-tree"], &[])
@@ -523,5 +540,31 @@ mod tests {
         assert_eq!(subject.chars().count(), 72);
         assert!(message.ends_with("Nightshift-Session: s\nNightshift-Prompt: p\n"));
         assert!(commit_message("  \n", "p", "s").starts_with("Nightshift changes"));
+    }
+
+    #[tokio::test]
+    async fn many_loose_objects_are_packed_and_few_are_left_alone() {
+        let (_dir, _remote, clone) = remote_and_clone().await;
+        let repo = Git::new(&clone);
+        assert!(!repo.pack_loose_objects(64).await.expect("count"));
+        for n in 0..100 {
+            std::fs::write(clone.join(format!("file_{n}.txt")), format!("{n}\n")).expect("write");
+        }
+        git(&clone, &["add", "."]).await;
+        let id = [
+            ("GIT_AUTHOR_NAME", "A"),
+            ("GIT_AUTHOR_EMAIL", "a@example.com"),
+            ("GIT_COMMITTER_NAME", "A"),
+            ("GIT_COMMITTER_EMAIL", "a@example.com"),
+        ];
+        repo.run(["commit", "--quiet", "-m", "many"], &id)
+            .await
+            .expect("commit");
+        let loose =
+            |text: String| -> u64 { text.split_whitespace().next().unwrap().parse().unwrap() };
+        assert!(loose(git(&clone, &["count-objects"]).await) > 64);
+        assert!(repo.pack_loose_objects(64).await.expect("pack"));
+        assert_eq!(loose(git(&clone, &["count-objects"]).await), 0);
+        assert_eq!(git(&clone, &["show", "HEAD:file_7.txt"]).await, "7\n");
     }
 }

@@ -165,6 +165,7 @@ pub async fn run(
                         let _ = running.task.await;
                     }
                     if let Some(snapshots) = &snapshots {
+                        agent.tidy_for_snapshot().await;
                         snapshots.take("shutdown", &events).await;
                     }
                     return;
@@ -191,6 +192,7 @@ pub async fn run(
                         .await;
                 }
                 if let Some(snapshots) = &snapshots {
+                    agent.tidy_for_snapshot().await;
                     snapshots.take("prompt_finished", &events).await;
                 }
             }
