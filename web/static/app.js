@@ -84,6 +84,7 @@ function describe(event) {
     case "usage": return `usage: ${event.input_tokens} in, ${event.output_tokens} out, cost ${event.cost_usd ?? "unknown"}`;
     case "notice": return `${event.level}: ${event.text}`;
     case "push": return `pushed ${event.branch} @ ${event.commit}`;
+    case "snapshot": return `snapshot ${event.id.slice(0, 12)} (${event.reason.replaceAll("_", " ")})`;
     default: return JSON.stringify(event);
   }
 }
