@@ -20,7 +20,8 @@ use crate::{env, DEMO_REPO};
 /// How long each service gets to answer `GET /healthz`.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a service gets to exit after SIGINT before its group is killed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long a service has to stop before it is killed (an agent takes up to 10 s to extract its work).
+const STOP_GRACE: Duration = Duration::from_secs(12);
 /// Lines of a service's log shown in errors.
 const LOG_TAIL_LINES: usize = 40;
 
@@ -288,12 +289,13 @@ impl System {
 
 impl Drop for System {
     fn drop(&mut self) {
-        // Wrangler first: it may still call the host while stopping.
-        if let Some(mut wrangler) = self.wrangler.take() {
-            wrangler.stop();
-        }
+        // The host first: its agents extract their work and deliver their last events to the Worker
+        // while it stops its sandboxes.
         if let Some(mut host) = self.host.take() {
             host.stop();
+        }
+        if let Some(mut wrangler) = self.wrangler.take() {
+            wrangler.stop();
         }
     }
 }

@@ -22,7 +22,9 @@ const WORKER_ADDR: &str = "127.0.0.1:8787";
 const HOST_ADDR: &str = "127.0.0.1:8788";
 const DEMO_REPO: &str = "demo/hello";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// How long each service has to stop: the host stops its sandboxes first, and an agent takes up to 10 s
+/// to commit, push and snapshot its work before the host kills it.
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 /// Random per-checkout secrets, generated once into `.nightshift-dev/secrets.env`.
 struct Secrets {

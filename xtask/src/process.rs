@@ -100,17 +100,17 @@ fn forward(name: &'static str, stream: impl Read + Send + 'static, output: Arc<O
     });
 }
 
-/// SIGINT to every service's process group, up to `grace` for them to exit, then SIGKILL to each group
-/// (also reaching grandchildren such as workerd that outlive their parent).
+/// Stop the services one after another, in order: SIGINT to the service's process group, up to `grace`
+/// for it to exit, then SIGKILL to the group (also reaching grandchildren such as workerd that outlive
+/// their parent). In order, because a service may need the later ones while it stops (the sandbox host's
+/// agents deliver their last events to the Worker).
 pub fn stop_all(services: &mut [Service], grace: Duration) {
-    for service in services.iter() {
-        service.signal_group(libc::SIGINT);
-    }
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline && services.iter_mut().any(|s| s.exited().is_none()) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
     for service in services.iter_mut() {
+        service.signal_group(libc::SIGINT);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && service.exited().is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
         service.signal_group(libc::SIGKILL);
         let _ = service.child.wait();
     }
