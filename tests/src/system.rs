@@ -19,7 +19,6 @@ use crate::{env, DEMO_REPO};
 
 /// How long each service gets to answer `GET /healthz`.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a service gets to exit after SIGINT before its group is killed.
 /// How long a service has to stop before it is killed (an agent takes up to 10 s to extract its work).
 const STOP_GRACE: Duration = Duration::from_secs(12);
 /// Lines of a service's log shown in errors.
