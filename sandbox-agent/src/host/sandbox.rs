@@ -56,6 +56,8 @@ pub(super) const NONE: &str = "none";
 pub(super) const STOP_GRACE: Duration = Duration::from_secs(10);
 /// How long reporting a sandbox's end to its session may take, per attempt.
 const REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the host's shutdown waits for the end reports of its sandboxes.
+const SHUTDOWN_REPORT_WAIT: Duration = Duration::from_secs(3);
 /// Attempts at reporting a sandbox's end.
 const REPORT_ATTEMPTS: u32 = 3;
 /// The longest a clone may take.
@@ -93,6 +95,8 @@ pub type DeadlineHook =
 #[derive(Default)]
 pub(super) struct Sandboxes {
     entries: Mutex<HashMap<String, Entry>>,
+    /// End reports being sent (the host's shutdown waits a moment for them).
+    reports_in_flight: std::sync::atomic::AtomicUsize,
 }
 
 struct Entry {
@@ -632,11 +636,12 @@ pub(super) async fn create(
                 }
             }
         }
-        waiter_state
-            .inner
-            .sandboxes
-            .finish(&waiter_id, &exit, &done_tx);
-        if let Ok(info) = waiter_state.inner.sandboxes.get(&waiter_id) {
+        let sandboxes = &waiter_state.inner.sandboxes;
+        sandboxes
+            .reports_in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        sandboxes.finish(&waiter_id, &exit, &done_tx);
+        if let Ok(info) = sandboxes.get(&waiter_id) {
             let ended = SandboxEnded {
                 sandbox_id: info.id,
                 status: info.status,
@@ -647,6 +652,9 @@ pub(super) async fn create(
                 report.send(&waiter_state.inner.http, &ended).await;
             }
         }
+        sandboxes
+            .reports_in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     });
 
     let timeout_ms = match request.timeout_ms {
@@ -1186,6 +1194,18 @@ pub(super) async fn stop_all(state: &AppState) {
             .map(|id| stop(state, id, "host shutting down")),
     )
     .await;
+    // The sessions hear of the ends before the host goes (a moment at most: a report has retries).
+    let deadline = Instant::now() + SHUTDOWN_REPORT_WAIT;
+    while state
+        .inner
+        .sandboxes
+        .reports_in_flight
+        .load(std::sync::atomic::Ordering::SeqCst)
+        > 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The agent process below bubblewrap (`leader`): the first descendant running `sandbox-agent run`.
