@@ -15,7 +15,7 @@ use nightshift_protocol::{
 };
 use nightshift_session::presence::{online_logins, ClientIdentity};
 use nightshift_session::repo::warm_allowed;
-use nightshift_session::{Effects, Session, SessionError};
+use nightshift_session::{AlarmChange, Effects, SandboxAction, Session, SessionError};
 use worker::{
     durable_object, Date, DurableObject, Env, Method, Request, Response, State, WebSocket,
     WebSocketIncomingMessage, WebSocketPair,
@@ -34,7 +34,6 @@ const CLIENT_TAG: &str = "client";
 const AGENT_TAG: &str = "agent";
 const REPLAY_PAGE: u32 = 500;
 const EVENTS_PAGE_MAX: u32 = 1000;
-const DEFAULT_TIMEOUT_MS: u64 = 4 * 3600 * 1000;
 /// Sending a frame costs the object about 0.1 ms per connected client, so with many clients a stream of
 /// events is sent at most once per window: the window grows by 1 ms per this many greeted clients…
 const FANOUT_CLIENTS_PER_WINDOW_MS: usize = 16;
@@ -67,6 +66,9 @@ pub struct SessionObject {
     env: Env,
     /// Delivery of logged events to greeted clients (see [`Fanout`]).
     fanout: Rc<RefCell<Fanout>>,
+    /// Provider calls the session asked for, performed in order by [`SessionObject::settle`] at the end
+    /// of the handler that produced them.
+    actions: Rc<RefCell<Vec<SandboxAction>>>,
 }
 
 /// Events already stored but not yet sent, and the greeted sockets to send them to.
@@ -113,14 +115,17 @@ impl DurableObject for SessionObject {
             state,
             env,
             fanout: Rc::new(RefCell::new(Fanout::default())),
+            actions: Rc::new(RefCell::new(Vec::new())),
         }
     }
 
     async fn fetch(&self, req: Request) -> worker::Result<Response> {
-        Ok(match self.serve(req).await {
+        let response = match self.serve(req).await {
             Ok(response) => response,
             Err(e) => e.into_response(),
-        })
+        };
+        self.settle().await;
+        Ok(response)
     }
 
     async fn websocket_message(
@@ -165,6 +170,7 @@ impl DurableObject for SessionObject {
             };
             self.refuse(&ws, is_agent, code, &message);
         }
+        self.settle().await;
         Ok(())
     }
 
@@ -176,17 +182,34 @@ impl DurableObject for SessionObject {
         _was_clean: bool,
     ) -> worker::Result<()> {
         self.on_socket_gone(&ws);
+        self.settle().await;
         Ok(())
     }
 
     async fn websocket_error(&self, ws: WebSocket, error: worker::Error) -> worker::Result<()> {
         worker::console_log!("websocket error: {error}");
         self.on_socket_gone(&ws);
+        self.settle().await;
         Ok(())
     }
 
+    /// The one alarm: whatever deadline is due (see `nightshift_session::lifecycle`), then re-armed
+    /// for the next.
     async fn alarm(&self) -> worker::Result<Response> {
-        Response::ok("no deadlines yet")
+        let outcome = Session::new(&mut self.store(), now_ms()).on_alarm(self.agent_online());
+        match outcome {
+            Ok(effects) => self.deliver(effects),
+            Err(e) => {
+                worker::console_error!("session alarm failed: {e}");
+                // Never leave the session without an alarm: try again in a minute.
+                if let Err(e) = self.state.storage().set_alarm(60_000i64).await {
+                    worker::console_error!("re-arming after a failed alarm failed: {e}");
+                }
+                return Response::ok("failed");
+            }
+        }
+        self.settle().await;
+        Response::ok("done")
     }
 }
 
@@ -333,6 +356,90 @@ impl SessionObject {
                 }
             }
         }
+        if effects.close_agent {
+            for ws in self.state.get_websockets_with_tag(AGENT_TAG) {
+                let _ = ws.close(Some(4001), Some("the agent stopped answering"));
+            }
+        }
+        self.actions.borrow_mut().extend(effects.sandbox);
+    }
+
+    /// Perform the provider calls the session asked for (each may lead to more), then arm the one
+    /// alarm for the earliest deadline. Called at the end of every handler; failures are logged and
+    /// reported to the session, never raised.
+    async fn settle(&self) {
+        loop {
+            let next = {
+                let mut actions = self.actions.borrow_mut();
+                if actions.is_empty() {
+                    None
+                } else {
+                    Some(actions.remove(0))
+                }
+            };
+            let Some(action) = next else { break };
+            let result = match action {
+                SandboxAction::Create => self.create_sandbox().await,
+                SandboxAction::Delete { sandbox_id } => match Provider::from_env(&self.env) {
+                    Ok(provider) => provider.delete_sandbox(&sandbox_id).await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| AppError::Internal(format!("deleting sandbox {sandbox_id}: {e}"))),
+            };
+            if let Err(e) = result {
+                worker::console_error!("provider call failed: {e:?}");
+            }
+        }
+        if let Err(e) = self.arm().await {
+            worker::console_error!("arming the session alarm failed: {e:?}");
+        }
+    }
+
+    /// Set (or delete) the one alarm when the earliest deadline changed.
+    async fn arm(&self) -> Result<(), AppError> {
+        let change = Session::new(&mut self.store(), now_ms()).alarm_change()?;
+        match change {
+            None => {}
+            Some(AlarmChange::Set(at_ms)) => {
+                let offset_ms = i64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(i64::MAX);
+                self.state.storage().set_alarm(offset_ms).await?;
+            }
+            Some(AlarmChange::Clear) => self.state.storage().delete_alarm().await?,
+        }
+        Ok(())
+    }
+
+    /// Ask the provider for the session's next sandbox: a fresh token (only its hash is kept), the
+    /// newest snapshot when there is one, and the outcome told to the session.
+    async fn create_sandbox(&self) -> Result<(), AppError> {
+        let token = random_hex(32)?;
+        let (info, plan) = {
+            let mut store = self.store();
+            let mut session = Session::new(&mut store, now_ms());
+            session.sandbox_token_replaced(&sha256_hex(&token))?;
+            (session.info()?, session.sandbox_plan()?)
+        };
+        let request = CreateSandboxRequest {
+            repo: Some(info.repo.clone()),
+            snapshot: plan.snapshot,
+            base_branch: Some(info.base_branch.clone()),
+            session_id: info.id.clone(),
+            connect_url: plan.connect_url,
+            sandbox_token: token,
+            timeout_ms: plan.timeout_ms,
+        };
+        let outcome = self.request_sandbox(&request).await;
+        let mut store = self.store();
+        let mut session = Session::new(&mut store, now_ms());
+        let effects = match outcome {
+            Ok(sandbox) => session.sandbox_requested(&sandbox.id)?,
+            Err(detail) => {
+                worker::console_error!("sandbox request for {} failed: {detail}", info.id);
+                session.sandbox_request_failed(&detail.to_string())?
+            }
+        };
+        self.deliver(effects);
+        Ok(())
     }
 
     fn broadcast_presence(&self) -> Result<(), AppError> {
@@ -469,6 +576,7 @@ impl SessionObject {
         user: Author,
         body: CreateSessionInternal,
     ) -> Result<Response, AppError> {
+        // A placeholder until the first sandbox is requested: every request gets its own token.
         let token = random_hex(32)?;
         let info = SessionInfo {
             id: body.id.clone(),
@@ -489,26 +597,16 @@ impl SessionObject {
             let effects = Session::new(&mut store, now_ms()).notice("warn", &text)?;
             self.deliver(effects);
         }
-        let request = CreateSandboxRequest {
-            repo: Some(body.repo.clone()),
-            snapshot: None,
-            base_branch: Some(body.base_branch.clone()),
-            session_id: body.id.clone(),
-            connect_url: body.connect_url.clone(),
-            sandbox_token: token,
-            timeout_ms: DEFAULT_TIMEOUT_MS,
-        };
-        let outcome = self.request_sandbox(&request).await;
-        let mut store = self.store();
-        let mut session = Session::new(&mut store, now_ms());
-        let effects = match outcome {
-            Ok(sandbox) => session.sandbox_requested(&sandbox.id)?,
-            Err(detail) => {
-                worker::console_error!("sandbox request for {} failed: {detail}", body.id);
-                session.sandbox_failed(&format!("could not start a sandbox: {detail}"))?
-            }
-        };
+        let settings = crate::config::lifecycle_settings(&self.env);
+        let ceilings = crate::config::cost_ceilings(&self.env);
+        let effects = Session::new(&mut self.store(), now_ms()).begin_lifecycle(
+            settings,
+            ceilings,
+            &body.connect_url,
+        )?;
         self.deliver(effects);
+        // The first sandbox is requested before the answer leaves.
+        self.settle().await;
         Ok(json_response(&serde_json::json!({ "id": body.id }), 201))
     }
 
@@ -737,7 +835,11 @@ impl SessionObject {
                 if warm_allowed(identity.warm_requested_ms, now) {
                     identity.warm_requested_ms = Some(now);
                     ws.serialize_attachment(&identity)?;
-                    let info = Session::new(&mut store, now).info()?;
+                    let mut session = Session::new(&mut store, now);
+                    let info = session.info()?;
+                    // A parked session restores its sandbox now, so it is ready for the prompt.
+                    let effects = session.typing()?;
+                    self.deliver(effects);
                     self.warm_in_background(&info.repo, &info.id);
                 }
                 Ok(())
@@ -769,7 +871,10 @@ impl SessionObject {
                 producer_seq,
                 event,
             } => Session::new(&mut store, now_ms()).apply_agent_event(producer_seq, event)?,
-            AgentMessage::Heartbeat {} => Effects::default(),
+            AgentMessage::Heartbeat {} => {
+                Session::new(&mut store, now_ms()).agent_heartbeat()?;
+                Effects::default()
+            }
         };
         self.deliver(effects);
         Ok(())

@@ -4,7 +4,7 @@ use nightshift_protocol::http::UsageTotals;
 use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
 };
-use nightshift_session::{Member, PromptRecord, SandboxRecord, Store, StoreError};
+use nightshift_session::{Lifecycle, Member, PromptRecord, SandboxRecord, Store, StoreError};
 use serde::de::DeserializeOwned;
 use worker::{SqlStorage, SqlStorageValue};
 
@@ -63,6 +63,11 @@ const MIGRATIONS: &[&str] = &[
     );",
     // v2: the newest snapshot of the session's work.
     "ALTER TABLE sandbox ADD COLUMN last_snapshot TEXT;",
+    // v3 (lifecycle): the inputs of every deadline, one JSON record (`nightshift_session::Lifecycle`).
+    "CREATE TABLE IF NOT EXISTS lifecycle (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        body TEXT NOT NULL
+    );",
 ];
 
 /// Bring the session schema to the newest version. Cheap when it already is: one read.
@@ -176,6 +181,11 @@ struct InfoRow {
 struct EventRow {
     seq: u64,
     ts_ms: u64,
+    body: String,
+}
+
+#[derive(serde::Deserialize)]
+struct BodyRow {
     body: String,
 }
 
@@ -514,5 +524,22 @@ impl Store for SqlStore {
             vec![secret_hash.into()],
         )?;
         Ok(found.first().is_some_and(|r| r.n > 0))
+    }
+
+    fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError> {
+        let found: Vec<BodyRow> = rows(
+            &self.sql,
+            "SELECT body FROM lifecycle WHERE singleton = 1",
+            vec![],
+        )?;
+        found.first().map(|r| from_json(&r.body)).transpose()
+    }
+
+    fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError> {
+        exec(
+            &self.sql,
+            "INSERT OR REPLACE INTO lifecycle (singleton, body) VALUES (1, ?)",
+            vec![json(lifecycle)?],
+        )
     }
 }

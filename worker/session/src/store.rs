@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 
 use nightshift_protocol::http::UsageTotals;
+
+use crate::deadline::Lifecycle;
 use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
 };
@@ -125,6 +127,11 @@ pub trait Store {
     ) -> Result<(), StoreError>;
     /// Whether an invite with this secret hash exists.
     fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError>;
+
+    /// The lifecycle record (deadline inputs), once the session's lifecycle began.
+    fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError>;
+    /// Replace the lifecycle record.
+    fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError>;
 }
 
 /// A [`Store`] in memory, for tests and tools.
@@ -137,6 +144,7 @@ pub struct MemoryStore {
     sandbox: Option<SandboxRecord>,
     usage: UsageTotals,
     invites: BTreeMap<String, (String, u64)>,
+    lifecycle: Option<Lifecycle>,
 }
 
 impl MemoryStore {
@@ -293,5 +301,14 @@ impl Store for MemoryStore {
 
     fn invite_exists(&self, secret_hash: &str) -> Result<bool, StoreError> {
         Ok(self.invites.contains_key(secret_hash))
+    }
+
+    fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError> {
+        Ok(self.lifecycle.clone())
+    }
+
+    fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError> {
+        self.lifecycle = Some(lifecycle.clone());
+        Ok(())
     }
 }
