@@ -503,12 +503,16 @@ impl<S: Store> Session<'_, S> {
         )
     }
 
-    /// Whether a ceiling was reached (checked before every dispatch).
-    pub(crate) fn ceiling_blocks(&self) -> Result<bool, SessionError> {
-        Ok(self
-            .store
-            .lifecycle()?
-            .is_some_and(|life| life.ceiling_reached.is_some()))
+    /// Whether no prompt may be dispatched now: a ceiling was reached, or the sandbox is going away
+    /// (draining) or gone (checked before every dispatch).
+    pub(crate) fn dispatch_blocked(&self) -> Result<bool, SessionError> {
+        Ok(self.store.lifecycle()?.is_some_and(|life| {
+            life.ceiling_reached.is_some()
+                || matches!(
+                    life.phase,
+                    Phase::Draining { .. } | Phase::Parked | Phase::Failed | Phase::Ended
+                )
+        }))
     }
 
     fn has_work(&self) -> Result<bool, SessionError> {

@@ -607,7 +607,7 @@ impl<'s, S: Store> Session<'s, S> {
         if unfinished.iter().any(|p| p.status == PromptStatus::Running) {
             return Ok(());
         }
-        if self.sandbox()?.status != SandboxStatus::Ready || self.ceiling_blocks()? {
+        if self.sandbox()?.status != SandboxStatus::Ready || self.dispatch_blocked()? {
             return Ok(());
         }
         if let Some(next) = unfinished

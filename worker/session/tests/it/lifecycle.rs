@@ -591,3 +591,64 @@ fn the_session_state_shows_the_phase_the_deadlines_and_the_ceilings() {
     assert_eq!((state.cost_ceiling_usd, state.token_ceiling), (1.0, 1_000));
     assert_eq!(state.ceiling_reached, None);
 }
+
+#[test]
+fn nothing_is_dispatched_while_the_sandbox_drains_even_if_the_agent_says_it_is_ready() {
+    let mut s = Clocked::new();
+    s.connect(2_000);
+    s.prompt(3_000, "k1");
+    s.run(3_100, |s| s.stop(&author("ada"), StopScope::Turn));
+    let life = Session::new(&mut s.store, 3_200).lifecycle().unwrap();
+    assert_eq!(life.phase, Phase::Live);
+    s.prompt(3_300, "k2");
+    // The idle drain cannot start with work queued; the pre-expiry can.
+    let mut now = 3_300;
+    for seq in 1.. {
+        now += 4_000;
+        if now >= 91_000 {
+            break;
+        }
+        s.run(now, |s| {
+            s.apply_agent_event(
+                seq,
+                Event::Token {
+                    prompt_id: "p1".to_owned(),
+                    text: "x".to_owned(),
+                },
+            )
+        });
+        while s.alarm_ms.is_some_and(|at| at <= now) {
+            s.fire(true);
+        }
+    }
+    let (_, pre) = s.fire(true);
+    assert!(matches!(
+        pre.to_agent.as_slice(),
+        [ServerToAgent::Shutdown { .. }]
+    ));
+    let next = s.store.sandbox().unwrap().unwrap().last_producer_seq + 1;
+    s.run(92_000, |s| {
+        s.apply_agent_event(
+            next,
+            Event::SandboxStatus {
+                status: SandboxStatus::Ready,
+                detail: "synced".to_owned(),
+            },
+        )
+    });
+    let finished = s.run(92_500, |s| {
+        s.apply_agent_event(
+            next + 1,
+            Event::PromptFinished {
+                prompt_id: "p1".to_owned(),
+                status: PromptStatus::Stopped,
+                error: None,
+            },
+        )
+    });
+    assert!(!finished
+        .to_agent
+        .iter()
+        .any(|m| matches!(m, ServerToAgent::RunPrompt { .. })));
+    assert_eq!(status(&mut s.store, "p2"), PromptStatus::Queued);
+}
