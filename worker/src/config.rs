@@ -6,6 +6,8 @@ use worker::Env;
 pub const SESSION_BINDING: &str = "SESSION";
 /// Durable Object namespace of the repository objects (and of their registry, named [`REPO_REGISTRY`]).
 pub const REPO_BINDING: &str = "REPO";
+/// Durable Object namespace of the per-person usage objects (named by login).
+pub const USER_BINDING: &str = "USER";
 /// Name of the repository object that lists every repository (a valid repository name has a `/`).
 pub const REPO_REGISTRY: &str = "_registry";
 /// How often repositories without their own cadence get a new image, in ms (default 30 min).
@@ -42,6 +44,11 @@ pub const WARMUP_MS: &str = "WARMUP_MS";
 pub const SESSION_COST_CEILING_USD: &str = "SESSION_COST_CEILING_USD";
 /// Most tokens one session may use when its model has no known price (default 5 000 000).
 pub const SESSION_TOKEN_CEILING: &str = "SESSION_TOKEN_CEILING";
+
+/// Most one person's priced usage may cost per UTC day across their sessions, in US dollars (default 100).
+pub const USER_DAILY_COST_CEILING_USD: &str = "USER_DAILY_COST_CEILING_USD";
+/// Most tokens without a price one person may use per UTC day (default 20 000 000).
+pub const USER_DAILY_TOKEN_CEILING: &str = "USER_DAILY_TOKEN_CEILING";
 
 /// A variable or secret as a string, if set and non-empty.
 pub fn get(env: &Env, name: &str) -> Option<String> {
@@ -107,33 +114,31 @@ pub fn lifecycle_settings(env: &Env) -> nightshift_session::LifecycleSettings {
     }
 }
 
-/// The session cost ceilings: [`SESSION_COST_CEILING_USD`] (a positive number of dollars) and
-/// [`SESSION_TOKEN_CEILING`] (a whole number), else the defaults of [`nightshift_session::ceiling`].
+/// The cost ceilings: [`SESSION_COST_CEILING_USD`] and [`USER_DAILY_COST_CEILING_USD`] (positive numbers
+/// of dollars), [`SESSION_TOKEN_CEILING`] and [`USER_DAILY_TOKEN_CEILING`] (whole numbers), else the
+/// defaults of [`nightshift_session::ceiling`].
 pub fn cost_ceilings(env: &Env) -> nightshift_session::CostCeilings {
     let defaults = nightshift_session::CostCeilings::default();
-    let session_cost_usd = match get(env, SESSION_COST_CEILING_USD).map(|v| v.trim().parse::<f64>())
-    {
-        None => defaults.session_cost_usd,
+    let dollars = |name: &str, default: f64| match get(env, name).map(|v| v.trim().parse::<f64>()) {
+        None => default,
         Some(Ok(usd)) if usd.is_finite() && usd > 0.0 => usd,
         Some(_) => {
-            worker::console_error!(
-                "{SESSION_COST_CEILING_USD} is not a positive number; using the default"
-            );
-            defaults.session_cost_usd
+            worker::console_error!("{name} is not a positive number; using the default");
+            default
         }
     };
-    let session_tokens = match get(env, SESSION_TOKEN_CEILING).map(|v| v.trim().parse::<u64>()) {
-        None => defaults.session_tokens,
+    let tokens = |name: &str, default: u64| match get(env, name).map(|v| v.trim().parse::<u64>()) {
+        None => default,
         Some(Ok(tokens)) => tokens,
         Some(Err(_)) => {
-            worker::console_error!(
-                "{SESSION_TOKEN_CEILING} is not a whole number; using the default"
-            );
-            defaults.session_tokens
+            worker::console_error!("{name} is not a whole number; using the default");
+            default
         }
     };
     nightshift_session::CostCeilings {
-        session_cost_usd,
-        session_tokens,
+        session_cost_usd: dollars(SESSION_COST_CEILING_USD, defaults.session_cost_usd),
+        session_tokens: tokens(SESSION_TOKEN_CEILING, defaults.session_tokens),
+        user_daily_cost_usd: dollars(USER_DAILY_COST_CEILING_USD, defaults.user_daily_cost_usd),
+        user_daily_tokens: tokens(USER_DAILY_TOKEN_CEILING, defaults.user_daily_tokens),
     }
 }

@@ -13,9 +13,10 @@ use nightshift_protocol::{
     decode_agent_message, decode_client_message, AgentMessage, Author, ClientMessage, ErrorCode,
     ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
+use nightshift_session::ceiling::DAY_MS;
 use nightshift_session::presence::{online_logins, ClientIdentity};
 use nightshift_session::repo::warm_allowed;
-use nightshift_session::{AlarmChange, Effects, SandboxAction, Session, SessionError};
+use nightshift_session::{AlarmChange, Effects, SandboxAction, Session, SessionError, UsageReport};
 use worker::{
     durable_object, Date, DurableObject, Env, Method, Request, Response, State, WebSocket,
     WebSocketIncomingMessage, WebSocketPair,
@@ -69,6 +70,8 @@ pub struct SessionObject {
     /// Provider calls the session asked for, performed in order by [`SessionObject::settle`] at the end
     /// of the handler that produced them.
     actions: Rc<RefCell<Vec<SandboxAction>>>,
+    /// Usage to add to people's days (their `UserObject`s), sent by [`SessionObject::settle`].
+    reports: Rc<RefCell<Vec<UsageReport>>>,
 }
 
 /// Events already stored but not yet sent, and the greeted sockets to send them to.
@@ -116,6 +119,7 @@ impl DurableObject for SessionObject {
             env,
             fanout: Rc::new(RefCell::new(Fanout::default())),
             actions: Rc::new(RefCell::new(Vec::new())),
+            reports: Rc::new(RefCell::new(Vec::new())),
         }
     }
 
@@ -154,6 +158,16 @@ impl DurableObject for SessionObject {
                 &format!("frames are limited to {MAX_FRAME_BYTES} bytes"),
             );
             return Ok(());
+        }
+        if !is_agent {
+            if let (Ok(ClientMessage::Prompt { .. }), Ok(Some(identity))) = (
+                decode_client_message(&text),
+                ws.deserialize_attachment::<ClientIdentity>(),
+            ) {
+                if identity.greeted {
+                    self.refresh_spend(&identity.author.login).await;
+                }
+            }
         }
         let result = if is_agent {
             self.on_agent_frame(&ws, &text)
@@ -362,6 +376,7 @@ impl SessionObject {
             }
         }
         self.actions.borrow_mut().extend(effects.sandbox);
+        self.reports.borrow_mut().extend(effects.usage_reports);
     }
 
     /// Perform the provider calls the session asked for (each may lead to more), then arm the one
@@ -377,7 +392,22 @@ impl SessionObject {
                     Some(actions.remove(0))
                 }
             };
-            let Some(action) = next else { break };
+            let Some(action) = next else {
+                let report = {
+                    let mut reports = self.reports.borrow_mut();
+                    if reports.is_empty() {
+                        None
+                    } else {
+                        Some(reports.remove(0))
+                    }
+                };
+                let Some(report) = report else { break };
+                // Bookkeeping of the person's day: a failure is logged, never fails the session.
+                if let Err(e) = self.report_usage(&report).await {
+                    worker::console_error!("usage of {} not counted: {e:?}", report.login);
+                }
+                continue;
+            };
             let result = match action {
                 SandboxAction::Create => self.create_sandbox().await,
                 SandboxAction::Delete { sandbox_id } => match Provider::from_env(&self.env) {
@@ -392,6 +422,30 @@ impl SessionObject {
         }
         if let Err(e) = self.arm().await {
             worker::console_error!("arming the session alarm failed: {e:?}");
+        }
+    }
+
+    /// Add a usage to its person's day and tell the session the day's total.
+    async fn report_usage(&self, report: &UsageReport) -> Result<(), AppError> {
+        let spend = crate::user_object::add(&self.env, report).await?;
+        let effects = Session::new(&mut self.store(), now_ms()).user_spend(&report.login, spend)?;
+        self.deliver(effects);
+        Ok(())
+    }
+
+    /// Before a person's prompt is accepted: learn their day's usage across sessions, so the session
+    /// checks their daily ceiling before it dispatches. A failure is logged (the prompt is accepted).
+    async fn refresh_spend(&self, login: &str) {
+        let now = now_ms();
+        let result = async {
+            let spend = crate::user_object::day(&self.env, login, now / DAY_MS).await?;
+            let effects = Session::new(&mut self.store(), now_ms()).user_spend(login, spend)?;
+            self.deliver(effects);
+            Ok::<(), AppError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            worker::console_error!("daily usage of {login} unknown: {e:?}");
         }
     }
 
@@ -502,6 +556,7 @@ impl SessionObject {
                     (Method::Post, "/prompts") => {
                         let body: PromptRequest =
                             parse_body(&req.text().await?, 2 * MAX_FRAME_BYTES)?;
+                        self.refresh_spend(&user.login).await;
                         let (submitted, effects) = Session::new(&mut store, now_ms())
                             .submit_prompt(
                                 &user,

@@ -298,3 +298,66 @@ async fn the_token_ceiling_stops_a_prompt_mid_way_with_a_notice() -> anyhow::Res
     );
     Ok(())
 }
+
+/// A daily ceiling of one token per person (the scripted model has no price): ada's first prompt is
+/// stopped mid-way; in another session the same day her prompt waits in the queue with a notice that
+/// says why, while bob's prompt there (queued after hers) is dispatched.
+#[tokio::test]
+async fn a_person_at_their_daily_ceiling_waits_in_every_session_while_others_go_on(
+) -> anyhow::Result<()> {
+    let system = System::start_with(StartOptions {
+        worker_vars: vec![("USER_DAILY_TOKEN_CEILING".to_owned(), "1".to_owned())],
+        ..StartOptions::default()
+    })
+    .await?;
+    let first = pair(&system).await?;
+    let (mut a, _) = join(&first.ada, &first.session, None).await?;
+    let mut seen = until_ready(&mut a).await?;
+    let steps = [
+        json!({"tool": "bash", "input": {"command": "sleep 300"}}),
+        json!({"tool": "write_file", "input": {"path": "NEVER.md", "content": "two\n"}}),
+    ];
+    let mut text = String::from("Two steps\n[script:plan]\n");
+    for step in steps {
+        text.push_str(&step.to_string());
+        text.push('\n');
+    }
+    let stopped = flow::prompt(&mut a, &text, &mut seen).await?;
+    seen.extend(flow::until_finished(&mut a, &stopped).await?);
+    assert_eq!(
+        finished_status(&seen, &stopped),
+        Some(PromptStatus::Stopped)
+    );
+    assert!(seen.iter().any(|e| matches!(&e.event,
+        Event::Notice { text, .. } if text.starts_with("ada reached their daily token ceiling"))));
+
+    let second = pair(&system).await?;
+    let (mut b, _) = join(&second.bob, &second.session, None).await?;
+    let mut seen = until_ready(&mut b).await?;
+    let (mut a, _) = join(&second.ada, &second.session, None).await?;
+    let waiting = flow::prompt(&mut a, "[script:tokens count=3 rate=0]", &mut Vec::new()).await?;
+    let runs = flow::prompt(&mut b, "[script:tokens count=3 rate=0]", &mut seen).await?;
+    // Bob's prompt starts (his own first usage may then stop it: his ceiling is one token too).
+    seen.extend(
+        b.events_until(
+            |e| matches!(e, Event::PromptStarted { prompt_id } if *prompt_id == runs),
+            Duration::from_secs(60),
+        )
+        .await?,
+    );
+    assert!(seen.iter().any(|e| matches!(&e.event,
+        Event::Notice { text, .. } if text.starts_with("ada reached their daily token ceiling"))));
+    assert!(!seen
+        .iter()
+        .any(|e| matches!(&e.event, Event::PromptStarted { prompt_id } if *prompt_id == waiting)));
+    let state = flow::state(&second.ada, &second.session).await?;
+    assert!(
+        state
+            .queue
+            .iter()
+            .any(|p| p.prompt_id == waiting && p.status == PromptStatus::Queued),
+        "{:?}",
+        state.queue
+    );
+    Ok(())
+}

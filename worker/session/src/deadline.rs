@@ -8,7 +8,9 @@
 //! changes, the set changes with it. An alarm that fires early (because an input moved a deadline
 //! later) finds nothing due and is simply armed again.
 
-use crate::ceiling::CostCeilings;
+use std::collections::BTreeMap;
+
+use crate::ceiling::{CostCeilings, DailySpend};
 
 /// Default hard limit of a session's life: 4 h from its creation.
 pub const DEFAULT_HARD_TIMEOUT_MS: u64 = 4 * 3600 * 1000;
@@ -171,6 +173,9 @@ pub struct Lifecycle {
     /// Why the session stopped at a ceiling (no prompt is dispatched then; the queue is kept).
     #[serde(default)]
     pub ceiling_reached: Option<String>,
+    /// The newest known day of usage of each person who prompted here (from their `UserObject`).
+    #[serde(default)]
+    pub user_spend: BTreeMap<String, DailySpend>,
 }
 
 impl Lifecycle {
@@ -192,6 +197,7 @@ impl Lifecycle {
             armed_ms: None,
             ceilings: CostCeilings::default(),
             ceiling_reached: None,
+            user_spend: BTreeMap::new(),
         }
     }
 

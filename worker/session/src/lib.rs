@@ -14,7 +14,7 @@ pub mod repo;
 pub mod session;
 pub mod store;
 
-pub use ceiling::CostCeilings;
+pub use ceiling::{CostCeilings, DailySpend, UsageReport};
 pub use deadline::{Deadline, Lifecycle, LifecycleSettings, Phase};
 pub use lifecycle::{AlarmChange, SandboxAction, SandboxPlan};
 pub use presence::ClientIdentity;

@@ -9,7 +9,7 @@
 use nightshift_protocol::http::LifecycleState;
 use nightshift_protocol::{Event, PromptStatus, SandboxStatus, ServerToAgent};
 
-use crate::ceiling::CostCeilings;
+use crate::ceiling::{CostCeilings, DailySpend, UsageReport, DAY_MS};
 use crate::deadline::{Deadline, DrainReason, Lifecycle, LifecycleSettings, Phase};
 use crate::repo::human_duration;
 use crate::session::{Effects, Session};
@@ -512,6 +512,80 @@ impl<S: Store> Session<'_, S> {
                     life.phase,
                     Phase::Draining { .. } | Phase::Parked | Phase::Failed | Phase::Ended
                 )
+        }))
+    }
+
+    /// The newest total of `login`'s usage on `spend.day`, across their sessions (their `UserObject`
+    /// answers every [`UsageReport`], and is asked before their prompts are accepted). At their daily
+    /// ceiling their running turn is stopped and snapshotted, everyone is told once, and their queued
+    /// prompts wait (others' prompts still run); a new day lifts it.
+    pub fn user_spend(&mut self, login: &str, spend: DailySpend) -> Result<Effects, SessionError> {
+        let mut effects = Effects::default();
+        let mut life = self.lifecycle()?;
+        let today = self.now_ms / DAY_MS;
+        if spend.day != today {
+            return Ok(effects);
+        }
+        let was_over = self.user_over(&life, login);
+        life.user_spend.insert(login.to_owned(), spend);
+        self.store.save_lifecycle(&life)?;
+        match life.ceilings.user_breach(login, &spend) {
+            Some(why) if !was_over => {
+                if let Some(running) = self.running()?.filter(|p| p.author.login == login) {
+                    effects.to_agent.push(ServerToAgent::Stop {
+                        prompt_id: Some(running.prompt_id),
+                    });
+                    effects.to_agent.push(ServerToAgent::Snapshot {
+                        reason: "cost_ceiling".to_owned(),
+                    });
+                }
+                self.notice_in(
+                    &mut effects,
+                    "warn",
+                    &format!("{why}: their running turn is stopped and their queued prompts wait until tomorrow (UTC)"),
+                )?;
+            }
+            Some(_) => {}
+            None => self.dispatch(&mut effects)?,
+        }
+        Ok(effects)
+    }
+
+    /// Logins at their daily ceiling today, as last known.
+    pub(crate) fn users_at_ceiling(&self) -> Result<Vec<String>, SessionError> {
+        let Some(life) = self.store.lifecycle()? else {
+            return Ok(Vec::new());
+        };
+        Ok(life
+            .user_spend
+            .keys()
+            .filter(|login| self.user_over(&life, login))
+            .cloned()
+            .collect())
+    }
+
+    fn user_over(&self, life: &Lifecycle, login: &str) -> bool {
+        life.user_spend.get(login).is_some_and(|spend| {
+            spend.day == self.now_ms / DAY_MS && life.ceilings.user_breach(login, spend).is_some()
+        })
+    }
+
+    /// What a `usage` event adds to a person's day: the author of its prompt (or of the running one).
+    pub(crate) fn usage_report(
+        &self,
+        prompt_id: Option<&str>,
+        cost_usd: Option<f64>,
+        tokens: u64,
+    ) -> Result<Option<UsageReport>, SessionError> {
+        let prompt = match prompt_id {
+            Some(id) => self.store.prompt(id)?,
+            None => self.running()?,
+        };
+        Ok(prompt.map(|p| UsageReport {
+            login: p.author.login,
+            day: self.now_ms / DAY_MS,
+            cost_usd,
+            tokens,
         }))
     }
 

@@ -11,6 +11,7 @@ use nightshift_protocol::{
     SandboxStatus, ServerToAgent, SessionInfo, StopScope, MAX_PROMPT_BYTES,
 };
 
+use crate::ceiling::UsageReport;
 use crate::lifecycle::SandboxAction;
 use crate::store::{Member, PromptRecord, SandboxRecord, Store};
 use crate::SessionError;
@@ -32,6 +33,9 @@ pub struct Effects {
     pub sandbox: Vec<SandboxAction>,
     /// Close the agent's socket (it stopped answering and its sandbox is being replaced).
     pub close_agent: bool,
+    /// Usage to add to the day of the person whose prompt used it (their `UserObject`); the object
+    /// answers with [`Session::user_spend`].
+    pub usage_reports: Vec<UsageReport>,
 }
 
 /// Answer to a prompt submission.
@@ -523,6 +527,11 @@ impl<'s, S: Store> Session<'s, S> {
                 cost_usd,
                 ..
             } => {
+                let report = self.usage_report(
+                    prompt_id.as_deref(),
+                    cost_usd,
+                    input_tokens.saturating_add(output_tokens),
+                )?;
                 let previous = self.store.usage()?;
                 let first = previous.input_tokens == 0
                     && previous.output_tokens == 0
@@ -550,6 +559,7 @@ impl<'s, S: Store> Session<'s, S> {
                     },
                 )?;
                 self.check_ceiling(&mut effects)?;
+                effects.usage_reports.extend(report);
             }
             Event::SandboxStatus { status, ref detail } => {
                 let detail = detail.clone();
@@ -610,9 +620,10 @@ impl<'s, S: Store> Session<'s, S> {
         if self.sandbox()?.status != SandboxStatus::Ready || self.dispatch_blocked()? {
             return Ok(());
         }
+        let blocked = self.users_at_ceiling()?;
         if let Some(next) = unfinished
             .into_iter()
-            .find(|p| p.status == PromptStatus::Queued)
+            .find(|p| p.status == PromptStatus::Queued && !blocked.contains(&p.author.login))
         {
             self.store
                 .set_prompt_status(&next.prompt_id, PromptStatus::Running, self.now_ms)?;

@@ -5,8 +5,8 @@ use insta::assert_debug_snapshot;
 use nightshift_protocol::provider::SandboxEnded;
 use nightshift_protocol::{Event, PromptStatus, SandboxStatus, ServerToAgent, StopScope};
 use nightshift_session::{
-    AlarmChange, CostCeilings, Effects, LifecycleSettings, MemoryStore, Phase, SandboxAction,
-    Session, SessionError, Store,
+    AlarmChange, CostCeilings, DailySpend, Effects, LifecycleSettings, MemoryStore, Phase,
+    SandboxAction, Session, SessionError, Store, UsageReport,
 };
 
 use crate::{author, created, render, status};
@@ -29,6 +29,8 @@ fn ceilings() -> CostCeilings {
     CostCeilings {
         session_cost_usd: 1.0,
         session_tokens: 1_000,
+        user_daily_cost_usd: 3.0,
+        user_daily_tokens: 5_000,
     }
 }
 
@@ -651,4 +653,72 @@ fn nothing_is_dispatched_while_the_sandbox_drains_even_if_the_agent_says_it_is_r
         .iter()
         .any(|m| matches!(m, ServerToAgent::RunPrompt { .. })));
     assert_eq!(status(&mut s.store, "p2"), PromptStatus::Queued);
+}
+
+#[test]
+fn a_person_at_their_daily_ceiling_is_stopped_and_waits_while_others_go_on() {
+    let mut s = Clocked::new();
+    s.connect(2_000);
+    s.prompt(3_000, "k1");
+    s.run(3_000, |s| {
+        s.submit_prompt(&author("ada"), "more", "k2", true)
+            .map(|(_, e)| e)
+    });
+    s.run(3_000, |s| {
+        s.submit_prompt(&author("bob"), "mine", "k3", true)
+            .map(|(_, e)| e)
+    });
+    // Every usage is reported for the day of the person whose prompt used it.
+    let used = s.run(4_000, |s| s.apply_agent_event(1, usage(100, Some(0.25))));
+    assert_eq!(
+        used.usage_reports,
+        vec![UsageReport {
+            login: "ada".to_owned(),
+            day: 0,
+            cost_usd: Some(0.25),
+            tokens: 100
+        }]
+    );
+    // Her object answers: over her day's ceiling (with another session's usage).
+    let spend = DailySpend {
+        day: 0,
+        cost_usd: 3.25,
+        unpriced_tokens: 0,
+    };
+    let over = s.run(4_100, |s| s.user_spend("ada", spend));
+    assert_debug_snapshot!(lines(&over));
+    assert!(
+        s.run(4_200, |s| s.user_spend("ada", spend))
+            .events
+            .is_empty(),
+        "said once"
+    );
+    // Her turn ends; bob's prompt runs, hers waits.
+    let finished = s.run(4_500, |s| {
+        s.apply_agent_event(
+            2,
+            Event::PromptFinished {
+                prompt_id: "p1".to_owned(),
+                status: PromptStatus::Stopped,
+                error: None,
+            },
+        )
+    });
+    assert!(finished
+        .to_agent
+        .iter()
+        .any(|m| matches!(m, ServerToAgent::RunPrompt { prompt_id, .. } if prompt_id == "p3")));
+    assert_eq!(status(&mut s.store, "p2"), PromptStatus::Queued);
+    // A report about another day changes nothing.
+    let stale = s.run(4_600, |s| {
+        s.user_spend(
+            "bob",
+            DailySpend {
+                day: 7,
+                cost_usd: 99.0,
+                unpriced_tokens: 0,
+            },
+        )
+    });
+    assert_eq!(stale, Effects::default());
 }
