@@ -156,14 +156,14 @@ async fn the_hard_timeout_saves_uncommitted_work_to_the_branch_and_a_snapshot() 
     Ok(())
 }
 
-/// Kill the agent (`kill -9`) in the middle of a slow prompt, again and again: each time the host
+/// Kill the agent (`kill -9`) in the middle of a slow prompt, twenty times: each time the host
 /// reports the crash with a snapshot, the session asks for a new sandbox restored from it and
 /// re-delivers the prompt as resumed; in the end both prompts are completed, and the log a client saw
 /// live is exactly the stored log (nothing lost, nothing twice).
 #[tokio::test]
 async fn an_agent_killed_mid_prompt_again_and_again_is_replaced_until_every_prompt_is_done(
 ) -> anyhow::Result<()> {
-    const KILLS: usize = 3;
+    const KILLS: usize = 20;
     if !is_root() {
         eprintln!("not root: no isolated sandboxes, so no snapshots to restore");
         return Ok(());
@@ -358,6 +358,43 @@ async fn a_person_at_their_daily_ceiling_waits_in_every_session_while_others_go_
             .any(|p| p.prompt_id == waiting && p.status == PromptStatus::Queued),
         "{:?}",
         state.queue
+    );
+    Ok(())
+}
+
+/// A prompt that runs for over a minute with no client connected completes: the object keeps taking
+/// the agent's events (and its alarm keeps watching the agent) with nobody watching.
+#[tokio::test]
+async fn a_long_prompt_with_no_client_connected_completes() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let people = pair(&system).await?;
+    let (mut a, _) = join(&people.ada, &people.session, None).await?;
+    let mut seen = until_ready(&mut a).await?;
+    let long = flow::prompt(&mut a, "[script:slow ms=65000]", &mut seen).await?;
+    a.wait_for_event(
+        |e| matches!(e, Event::PromptStarted { prompt_id } if *prompt_id == long),
+        Duration::from_secs(60),
+    )
+    .await?;
+    a.close().await?;
+    tokio::time::sleep(Duration::from_secs(70)).await;
+    let state = flow::state(&people.ada, &people.session).await?;
+    assert!(state.queue.is_empty(), "{:?}", state.queue);
+    let page: nightshift_protocol::http::EventsPage = people
+        .ada
+        .request(
+            reqwest::Method::GET,
+            &format!("/api/sessions/{}/events?after=0&limit=1000", people.session),
+        )
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_contiguous(&page.events);
+    assert_eq!(
+        finished_status(&page.events, &long),
+        Some(PromptStatus::Completed)
     );
     Ok(())
 }
