@@ -398,3 +398,60 @@ async fn a_long_prompt_with_no_client_connected_completes() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// An agent frozen mid-prompt (`SIGSTOP`: its socket stays open, but nothing comes, not even a
+/// heartbeat) counts as gone after `AGENT_STALE_MS`: the session closes its socket, deletes its
+/// sandbox, restores the newest snapshot into a new one, and the prompt resumes and completes there.
+#[tokio::test]
+async fn a_frozen_agent_is_replaced_after_its_heartbeat_goes_stale() -> anyhow::Result<()> {
+    if !is_root() {
+        eprintln!("not root: no isolated sandboxes, so no snapshots to restore");
+        return Ok(());
+    }
+    let system = System::start_with(StartOptions {
+        worker_vars: vec![("AGENT_STALE_MS".to_owned(), "15000".to_owned())],
+        ..StartOptions::default()
+    })
+    .await?;
+    build_image(&system).await?;
+    let people = pair(&system).await?;
+    let (mut a, _) = join(&people.ada, &people.session, None).await?;
+    let mut seen = until_ready(&mut a).await?;
+    let prompt = flow::prompt(&mut a, "[script:slow ms=4000]", &mut seen).await?;
+    seen.extend(
+        a.events_until(
+            |e| matches!(e, Event::Token { prompt_id, .. } if *prompt_id == prompt),
+            Duration::from_secs(60),
+        )
+        .await?,
+    );
+    let state = flow::state(&people.ada, &people.session).await?;
+    let frozen = state.sandbox.id.clone().expect("a sandbox");
+    let pid = agent_pid(&frozen).expect("the agent runs in its cgroup");
+    // SAFETY: sends a signal to the agent this test's host started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    seen.extend(
+        a.events_until(
+            |e| matches!(e, Event::Notice { text, .. } if text.starts_with(&format!("resuming prompt {prompt}"))),
+            Duration::from_secs(90),
+        )
+        .await?,
+    );
+    seen.extend(flow::until_finished(&mut a, &prompt).await?);
+    assert_eq!(
+        finished_status(&seen, &prompt),
+        Some(PromptStatus::Completed)
+    );
+    assert!(seen.iter().any(|e| matches!(&e.event,
+        Event::Notice { level, text } if level == "warn" && text.contains("has not been heard from"))));
+    assert_contiguous(&seen);
+    let state = flow::state(&people.ada, &people.session).await?;
+    assert_ne!(state.sandbox.id.as_deref(), Some(frozen.as_str()));
+    assert!(
+        system
+            .host_log()
+            .contains(&format!("DELETE /v1/sandboxes/{frozen}")),
+        "the frozen sandbox was deleted"
+    );
+    Ok(())
+}
