@@ -14,9 +14,11 @@ mod route;
 mod secret;
 mod session_object;
 mod sql_store;
+mod user_object;
 
 pub use repo_object::RepoObject;
 pub use session_object::SessionObject;
+pub use user_object::UserObject;
 
 #[worker::event(fetch)]
 async fn fetch(

@@ -84,6 +84,21 @@ impl Provider {
             .await
     }
 
+    /// `DELETE /v1/sandboxes/{id}`: stop a sandbox (the provider extracts its work first). A sandbox the
+    /// provider no longer knows is already gone: that is success.
+    pub async fn delete_sandbox(&self, sandbox_id: &str) -> Result<(), ProviderError> {
+        let path = format!("/v1/sandboxes/{sandbox_id}");
+        match self
+            .call::<serde_json::Value, ()>(Method::Delete, &path, None)
+            .await
+        {
+            Ok(_)
+            | Err(ProviderError::Refused { status: 404, .. })
+            | Err(ProviderError::Unsupported { status: 404, .. }) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST /v1/images`: start a build (`202 {id, status}`).
     pub async fn create_image(&self, request: &ImageRequest) -> Result<ImageInfo, ProviderError> {
         self.call(Method::Post, "/v1/images", Some(request)).await

@@ -17,11 +17,14 @@ use nightshift_protocol::{
     EventEnvelope, Participant, ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
 };
+use nightshift_session::ceiling::DAY_MS;
 use nightshift_session::presence::{
     next_typing_end_ms, online_logins, typing_logins, with_typing, ClientIdentity,
 };
 use nightshift_session::repo::warm_allowed;
-use nightshift_session::{Effects, IndexMark, Membership, Session, SessionError};
+use nightshift_session::{
+    AlarmChange, Effects, IndexMark, Membership, SandboxAction, Session, SessionError, UsageReport,
+};
 use worker::{
     durable_object, Date, DurableObject, Env, Method, Request, Response, SqlStorage, State,
     WebSocket, WebSocketIncomingMessage, WebSocketPair,
@@ -41,7 +44,6 @@ const CLIENT_TAG: &str = "client";
 const AGENT_TAG: &str = "agent";
 const REPLAY_PAGE: u32 = 500;
 const EVENTS_PAGE_MAX: u32 = 1000;
-const DEFAULT_TIMEOUT_MS: u64 = 4 * 3600 * 1000;
 /// Sending a frame costs the object about 0.1 ms per connected client, so with many clients a stream of
 /// events is sent at most once per window: the window grows by 1 ms per this many greeted clients…
 const FANOUT_CLIENTS_PER_WINDOW_MS: usize = 16;
@@ -76,6 +78,11 @@ pub struct SessionObject {
     fanout: Rc<RefCell<Fanout>>,
     /// Whether a task is waiting to announce that someone stopped typing.
     typing_watch: Rc<Cell<bool>>,
+    /// Provider calls the session asked for, performed in order by [`SessionObject::settle`] at the end
+    /// of the handler that produced them.
+    actions: Rc<RefCell<Vec<SandboxAction>>>,
+    /// Usage to add to people's days (their `UserObject`s), sent by [`SessionObject::settle`].
+    reports: Rc<RefCell<Vec<UsageReport>>>,
 }
 
 /// Events already stored but not yet sent, and the greeted sockets to send them to.
@@ -123,14 +130,18 @@ impl DurableObject for SessionObject {
             env,
             fanout: Rc::new(RefCell::new(Fanout::default())),
             typing_watch: Rc::new(Cell::new(false)),
+            actions: Rc::new(RefCell::new(Vec::new())),
+            reports: Rc::new(RefCell::new(Vec::new())),
         }
     }
 
     async fn fetch(&self, req: Request) -> worker::Result<Response> {
-        Ok(match self.serve(req).await {
+        let response = match self.serve(req).await {
             Ok(response) => response,
             Err(e) => e.into_response(),
-        })
+        };
+        self.settle().await;
+        Ok(response)
     }
 
     async fn websocket_message(
@@ -160,6 +171,16 @@ impl DurableObject for SessionObject {
             );
             return Ok(());
         }
+        if !is_agent {
+            if let (Ok(ClientMessage::Prompt { .. }), Ok(Some(identity))) = (
+                decode_client_message(&text),
+                ws.deserialize_attachment::<ClientIdentity>(),
+            ) {
+                if identity.greeted {
+                    self.refresh_spend(&identity.author.login).await;
+                }
+            }
+        }
         let result = if is_agent {
             self.on_agent_frame(&ws, &text)
         } else {
@@ -175,6 +196,7 @@ impl DurableObject for SessionObject {
             };
             self.refuse(&ws, is_agent, code, &message);
         }
+        self.settle().await;
         Ok(())
     }
 
@@ -186,17 +208,34 @@ impl DurableObject for SessionObject {
         _was_clean: bool,
     ) -> worker::Result<()> {
         self.on_socket_gone(&ws);
+        self.settle().await;
         Ok(())
     }
 
     async fn websocket_error(&self, ws: WebSocket, error: worker::Error) -> worker::Result<()> {
         worker::console_log!("websocket error: {error}");
         self.on_socket_gone(&ws);
+        self.settle().await;
         Ok(())
     }
 
+    /// The one alarm: whatever deadline is due (see `nightshift_session::lifecycle`), then re-armed
+    /// for the next.
     async fn alarm(&self) -> worker::Result<Response> {
-        Response::ok("no deadlines yet")
+        let outcome = Session::new(&mut self.store(), now_ms()).on_alarm(self.agent_online());
+        match outcome {
+            Ok(effects) => self.deliver(effects),
+            Err(e) => {
+                worker::console_error!("session alarm failed: {e}");
+                // Never leave the session without an alarm: try again in a minute.
+                if let Err(e) = self.state.storage().set_alarm(60_000i64).await {
+                    worker::console_error!("re-arming after a failed alarm failed: {e}");
+                }
+                return Response::ok("failed");
+            }
+        }
+        self.settle().await;
+        Response::ok("done")
     }
 }
 
@@ -386,6 +425,130 @@ impl SessionObject {
                 }
             }
         }
+        if effects.close_agent {
+            for ws in self.state.get_websockets_with_tag(AGENT_TAG) {
+                let _ = ws.close(Some(4001), Some("the agent stopped answering"));
+            }
+        }
+        self.actions.borrow_mut().extend(effects.sandbox);
+        self.reports.borrow_mut().extend(effects.usage_reports);
+    }
+
+    /// Perform the provider calls the session asked for (each may lead to more), then arm the one
+    /// alarm for the earliest deadline. Called at the end of every handler; failures are logged and
+    /// reported to the session, never raised.
+    async fn settle(&self) {
+        loop {
+            let next = {
+                let mut actions = self.actions.borrow_mut();
+                if actions.is_empty() {
+                    None
+                } else {
+                    Some(actions.remove(0))
+                }
+            };
+            let Some(action) = next else {
+                let report = {
+                    let mut reports = self.reports.borrow_mut();
+                    if reports.is_empty() {
+                        None
+                    } else {
+                        Some(reports.remove(0))
+                    }
+                };
+                let Some(report) = report else { break };
+                // Bookkeeping of the person's day: a failure is logged, never fails the session.
+                if let Err(e) = self.report_usage(&report).await {
+                    worker::console_error!("usage of {} not counted: {e:?}", report.login);
+                }
+                continue;
+            };
+            let result = match action {
+                SandboxAction::Create => self.create_sandbox().await,
+                SandboxAction::Delete { sandbox_id } => match Provider::from_env(&self.env) {
+                    Ok(provider) => provider.delete_sandbox(&sandbox_id).await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| AppError::Internal(format!("deleting sandbox {sandbox_id}: {e}"))),
+            };
+            if let Err(e) = result {
+                worker::console_error!("provider call failed: {e:?}");
+            }
+        }
+        if let Err(e) = self.arm().await {
+            worker::console_error!("arming the session alarm failed: {e:?}");
+        }
+    }
+
+    /// Add a usage to its person's day and tell the session the day's total.
+    async fn report_usage(&self, report: &UsageReport) -> Result<(), AppError> {
+        let spend = crate::user_object::add(&self.env, report).await?;
+        let effects = Session::new(&mut self.store(), now_ms()).user_spend(&report.login, spend)?;
+        self.deliver(effects);
+        Ok(())
+    }
+
+    /// Before a person's prompt is accepted: learn their day's usage across sessions, so the session
+    /// checks their daily ceiling before it dispatches. A failure is logged (the prompt is accepted).
+    async fn refresh_spend(&self, login: &str) {
+        let now = now_ms();
+        let result = async {
+            let spend = crate::user_object::day(&self.env, login, now / DAY_MS).await?;
+            let effects = Session::new(&mut self.store(), now_ms()).user_spend(login, spend)?;
+            self.deliver(effects);
+            Ok::<(), AppError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            worker::console_error!("daily usage of {login} unknown: {e:?}");
+        }
+    }
+
+    /// Set (or delete) the one alarm when the earliest deadline changed.
+    async fn arm(&self) -> Result<(), AppError> {
+        let change = Session::new(&mut self.store(), now_ms()).alarm_change()?;
+        match change {
+            None => {}
+            Some(AlarmChange::Set(at_ms)) => {
+                let offset_ms = i64::try_from(at_ms.saturating_sub(now_ms())).unwrap_or(i64::MAX);
+                self.state.storage().set_alarm(offset_ms).await?;
+            }
+            Some(AlarmChange::Clear) => self.state.storage().delete_alarm().await?,
+        }
+        Ok(())
+    }
+
+    /// Ask the provider for the session's next sandbox: a fresh token (only its hash is kept), the
+    /// newest snapshot when there is one, and the outcome told to the session.
+    async fn create_sandbox(&self) -> Result<(), AppError> {
+        let token = random_hex(32)?;
+        let (info, plan) = {
+            let mut store = self.store();
+            let mut session = Session::new(&mut store, now_ms());
+            session.sandbox_token_replaced(&sha256_hex(&token))?;
+            (session.info()?, session.sandbox_plan()?)
+        };
+        let request = CreateSandboxRequest {
+            repo: Some(info.repo.clone()),
+            snapshot: plan.snapshot,
+            base_branch: Some(info.base_branch.clone()),
+            session_id: info.id.clone(),
+            connect_url: plan.connect_url,
+            sandbox_token: token,
+            timeout_ms: plan.timeout_ms,
+        };
+        let outcome = self.request_sandbox(&request).await;
+        let mut store = self.store();
+        let mut session = Session::new(&mut store, now_ms());
+        let effects = match outcome {
+            Ok(sandbox) => session.sandbox_requested(&sandbox.id)?,
+            Err(detail) => {
+                worker::console_error!("sandbox request for {} failed: {detail}", info.id);
+                session.sandbox_request_failed(&detail.to_string())?
+            }
+        };
+        self.deliver(effects);
+        Ok(())
     }
 
     fn broadcast_presence(&self) -> Result<(), AppError> {
@@ -550,6 +713,7 @@ impl SessionObject {
                     (Method::Post, "/prompts") => {
                         let body: PromptRequest =
                             parse_body(&req.text().await?, 2 * MAX_FRAME_BYTES)?;
+                        self.refresh_spend(&user.login).await;
                         let (submitted, effects) = Session::new(&mut store, now_ms())
                             .submit_prompt(
                                 &user,
@@ -650,6 +814,7 @@ impl SessionObject {
         user: Author,
         body: CreateSessionInternal,
     ) -> Result<Response, AppError> {
+        // A placeholder until the first sandbox is requested: every request gets its own token.
         let token = random_hex(32)?;
         let info = SessionInfo {
             id: body.id.clone(),
@@ -665,36 +830,21 @@ impl SessionObject {
         let mut store = self.store();
         let effects = Session::new(&mut store, now_ms()).create(info, sha256_hex(&token))?;
         self.deliver(effects);
-        let request = CreateSandboxRequest {
-            repo: Some(body.repo.clone()),
-            snapshot: None,
-            base_branch: Some(body.base_branch.clone()),
-            session_id: body.id.clone(),
-            connect_url: body.connect_url.clone(),
-            sandbox_token: token,
-            timeout_ms: DEFAULT_TIMEOUT_MS,
-        };
-        // Registering the repository is bookkeeping the sandbox does not wait for: both at once.
-        let (notice, outcome) = futures_util::future::join(
-            self.register_repo(&body.repo),
-            self.request_sandbox(&request),
-        )
-        .await;
-        if let Some(text) = notice {
+        if let Some(text) = self.register_repo(&body.repo).await {
             let mut store = self.store();
             let effects = Session::new(&mut store, now_ms()).notice("warn", &text)?;
             self.deliver(effects);
         }
-        let mut store = self.store();
-        let mut session = Session::new(&mut store, now_ms());
-        let effects = match outcome {
-            Ok(sandbox) => session.sandbox_requested(&sandbox.id)?,
-            Err(detail) => {
-                worker::console_error!("sandbox request for {} failed: {detail}", body.id);
-                session.sandbox_failed(&format!("could not start a sandbox: {detail}"))?
-            }
-        };
+        let settings = crate::config::lifecycle_settings(&self.env);
+        let ceilings = crate::config::cost_ceilings(&self.env);
+        let effects = Session::new(&mut self.store(), now_ms()).begin_lifecycle(
+            settings,
+            ceilings,
+            &body.connect_url,
+        )?;
         self.deliver(effects);
+        // The first sandbox is requested before the answer leaves.
+        self.settle().await;
         Ok(json_response(&serde_json::json!({ "id": body.id }), 201))
     }
 
@@ -942,7 +1092,11 @@ impl SessionObject {
                 }
                 self.watch_typing();
                 if warm {
-                    let info = Session::new(&mut store, now).info()?;
+                    let mut session = Session::new(&mut store, now);
+                    let info = session.info()?;
+                    // A parked session restores its sandbox now, so it is ready for the prompt.
+                    let effects = session.typing()?;
+                    self.deliver(effects);
                     self.warm_in_background(&info.repo, &info.id);
                 }
                 Ok(())
@@ -974,7 +1128,10 @@ impl SessionObject {
                 producer_seq,
                 event,
             } => Session::new(&mut store, now_ms()).apply_agent_event(producer_seq, event)?,
-            AgentMessage::Heartbeat {} => Effects::default(),
+            AgentMessage::Heartbeat {} => {
+                Session::new(&mut store, now_ms()).agent_heartbeat()?;
+                Effects::default()
+            }
         };
         self.deliver(effects);
         Ok(())

@@ -5,7 +5,7 @@ use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
 };
 use nightshift_session::{
-    IndexMark, InviteRecord, Member, PromptRecord, SandboxRecord, Store, StoreError,
+    IndexMark, InviteRecord, Lifecycle, Member, PromptRecord, SandboxRecord, Store, StoreError,
 };
 use serde::de::DeserializeOwned;
 use worker::{SqlStorage, SqlStorageValue};
@@ -77,6 +77,11 @@ const MIGRATIONS: &[&str] = &[
         status TEXT NOT NULL,
         last_activity_ms INTEGER NOT NULL,
         participants INTEGER NOT NULL
+    );",
+    // v4 (lifecycle): the inputs of every deadline, one JSON record (`nightshift_session::Lifecycle`).
+    "CREATE TABLE IF NOT EXISTS lifecycle (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        body TEXT NOT NULL
     );",
 ];
 
@@ -191,6 +196,11 @@ struct InfoRow {
 struct EventRow {
     seq: u64,
     ts_ms: u64,
+    body: String,
+}
+
+#[derive(serde::Deserialize)]
+struct BodyRow {
     body: String,
 }
 
@@ -612,6 +622,23 @@ impl Store for SqlStore {
                 int(mark.last_activity_ms)?,
                 int(u64::from(mark.participants))?,
             ],
+        )
+    }
+
+    fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError> {
+        let found: Vec<BodyRow> = rows(
+            &self.sql,
+            "SELECT body FROM lifecycle WHERE singleton = 1",
+            vec![],
+        )?;
+        found.first().map(|r| from_json(&r.body)).transpose()
+    }
+
+    fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError> {
+        exec(
+            &self.sql,
+            "INSERT OR REPLACE INTO lifecycle (singleton, body) VALUES (1, ?)",
+            vec![json(lifecycle)?],
         )
     }
 }

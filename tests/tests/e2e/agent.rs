@@ -325,7 +325,7 @@ async fn a_model_on_an_openai_compatible_server_does_the_same_work() -> anyhow::
 }
 
 /// Build the demo repository's image through the provider API and wait until it is ready.
-async fn build_image(system: &System) -> anyhow::Result<()> {
+pub(crate) async fn build_image(system: &System) -> anyhow::Result<()> {
     let http = reqwest::Client::new();
     let base = system.host_url();
     let build: serde_json::Value = http
@@ -358,7 +358,7 @@ async fn build_image(system: &System) -> anyhow::Result<()> {
 }
 
 /// The host pid of the agent serving sandbox `sandbox_id` (its command line and its cgroup).
-fn agent_pid(sandbox_id: &str) -> Option<libc::pid_t> {
+pub(crate) fn agent_pid(sandbox_id: &str) -> Option<libc::pid_t> {
     std::fs::read_dir("/proc")
         .ok()?
         .flatten()

@@ -6,6 +6,7 @@ mod bad_input;
 mod durability;
 mod fanout;
 mod flow;
+mod lifecycle;
 mod link;
 mod membership;
 mod multiplayer;

@@ -277,6 +277,26 @@ pub struct SessionState {
     pub last_seq: u64,
     /// Usage so far.
     pub usage: UsageTotals,
+    /// Deadlines and ceilings (an addition to contract v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifecycle: Option<LifecycleState>,
+}
+
+/// Where a session is in its life, its deadlines and its ceilings.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LifecycleState {
+    /// `starting`, `live`, `draining`, `parked`, `failed` or `ended`.
+    pub phase: String,
+    /// When the session ends (its hard limit).
+    pub ends_ms: u64,
+    /// The earliest pending deadline, if any.
+    pub next_deadline_ms: Option<u64>,
+    /// Most the session may cost, in US dollars.
+    pub cost_ceiling_usd: f64,
+    /// Most tokens it may use while its cost is unknown.
+    pub token_ceiling: u64,
+    /// Why the session stopped at a ceiling; `null` while under both.
+    pub ceiling_reached: Option<String>,
 }
 
 /// `GET /api/sessions/{id}/events`.

@@ -1,17 +1,24 @@
 //! The session state machine as plain Rust: prompt queue, event log, replay, agent event dedupe, presence;
-//! and the rules of a repository ([`repo`]: image cadence, build backoff, staleness, warm-up limits).
+//! the lifecycle around the sandbox ([`deadline`], [`lifecycle`]: one alarm for every deadline, crash
+//! recovery, parking and waking, the hard limit; [`ceiling`]: cost ceilings); and the rules of a repository ([`repo`]: image cadence, build backoff, staleness, warm-up limits).
 //!
 //! Time comes in as `now_ms` and storage through the [`Store`] port (or, for a repository, as plain
 //! data), so everything here is tested natively without the Worker runtime. The Durable Objects
 //! (`worker/`) only persist and deliver.
 
+pub mod ceiling;
+pub mod deadline;
 pub mod index;
+pub mod lifecycle;
 pub mod membership;
 pub mod presence;
 pub mod repo;
 pub mod session;
 pub mod store;
 
+pub use ceiling::{CostCeilings, DailySpend, UsageReport};
+pub use deadline::{Deadline, Lifecycle, LifecycleSettings, Phase};
+pub use lifecycle::{AlarmChange, SandboxAction, SandboxPlan};
 pub use membership::Membership;
 pub use presence::ClientIdentity;
 pub use session::{Effects, Session, Submitted, MAX_UNFINISHED_PROMPTS};

@@ -11,6 +11,8 @@ use nightshift_protocol::{
     SandboxStatus, ServerToAgent, SessionInfo, StopScope, MAX_PROMPT_BYTES,
 };
 
+use crate::ceiling::UsageReport;
+use crate::lifecycle::SandboxAction;
 use crate::store::{Member, PromptRecord, SandboxRecord, Store};
 use crate::SessionError;
 
@@ -27,6 +29,13 @@ pub struct Effects {
     pub events: Vec<EventEnvelope>,
     /// Messages for the agent, in order; dropped when no agent is connected (it catches up on `hello`).
     pub to_agent: Vec<ServerToAgent>,
+    /// Provider calls to make, in order (see [`SandboxAction`]).
+    pub sandbox: Vec<SandboxAction>,
+    /// Close the agent's socket (it stopped answering and its sandbox is being replaced).
+    pub close_agent: bool,
+    /// Usage to add to the day of the person whose prompt used it (their `UserObject`); the object
+    /// answers with [`Session::user_spend`].
+    pub usage_reports: Vec<UsageReport>,
 }
 
 /// Answer to a prompt submission.
@@ -42,8 +51,8 @@ pub struct Submitted {
 
 /// One session's logic over a store, at one moment.
 pub struct Session<'s, S: Store> {
-    store: &'s mut S,
-    now_ms: u64,
+    pub(crate) store: &'s mut S,
+    pub(crate) now_ms: u64,
 }
 
 impl<'s, S: Store> Session<'s, S> {
@@ -172,6 +181,7 @@ impl<'s, S: Store> Session<'s, S> {
             },
             last_seq: self.last_seq()?,
             usage: self.store.usage()?,
+            lifecycle: Some(self.lifecycle_state()?),
         })
     }
 
@@ -189,6 +199,11 @@ impl<'s, S: Store> Session<'s, S> {
         agent_online: bool,
     ) -> Result<(Submitted, Effects), SessionError> {
         self.info()?;
+        if self.ended()? {
+            return Err(SessionError::Conflict(
+                "the session has ended: it reached its time limit".to_owned(),
+            ));
+        }
         if text.trim().is_empty() {
             return Err(SessionError::Invalid("prompt text is empty".to_owned()));
         }
@@ -237,6 +252,7 @@ impl<'s, S: Store> Session<'s, S> {
                 text: text.to_owned(),
             },
         )?;
+        self.prompt_arrived(&mut effects)?;
         if agent_online {
             self.dispatch(&mut effects)?;
         }
@@ -315,6 +331,9 @@ impl<'s, S: Store> Session<'s, S> {
                 prompt_id: Some(running.prompt_id.clone()),
             });
         }
+        if matches!(scope, StopScope::Session | StopScope::Tree) {
+            self.stop_sandbox(&mut effects)?;
+        }
         Ok(effects)
     }
 
@@ -385,6 +404,7 @@ impl<'s, S: Store> Session<'s, S> {
                 },
             )?;
         }
+        self.after_sandbox_ended(&mut effects, crashed)?;
         Ok(effects)
     }
 
@@ -411,6 +431,9 @@ impl<'s, S: Store> Session<'s, S> {
             session: info.id,
             last_producer_seq: sandbox.last_producer_seq,
         });
+        if !self.agent_arrived(&mut effects)? {
+            return Ok(effects);
+        }
         if sandbox.status != SandboxStatus::Ready {
             self.set_sandbox_status(&mut effects, SandboxStatus::Ready, "agent connected")?;
         }
@@ -441,6 +464,7 @@ impl<'s, S: Store> Session<'s, S> {
             return Ok(effects);
         }
         self.store.set_last_producer_seq(producer_seq)?;
+        self.heard_from_agent(true)?;
         effects.to_agent.push(ServerToAgent::Ack { producer_seq });
         match event {
             Event::PromptQueued { .. } | Event::PromptCancelled { .. } => {
@@ -490,6 +514,11 @@ impl<'s, S: Store> Session<'s, S> {
                 cost_usd,
                 ..
             } => {
+                let report = self.usage_report(
+                    prompt_id.as_deref(),
+                    cost_usd,
+                    input_tokens.saturating_add(output_tokens),
+                )?;
                 let previous = self.store.usage()?;
                 let first = previous.input_tokens == 0
                     && previous.output_tokens == 0
@@ -516,6 +545,8 @@ impl<'s, S: Store> Session<'s, S> {
                         total_cost_usd,
                     },
                 )?;
+                self.check_ceiling(&mut effects)?;
+                effects.usage_reports.extend(report);
             }
             Event::SandboxStatus { status, ref detail } => {
                 let detail = detail.clone();
@@ -535,7 +566,7 @@ impl<'s, S: Store> Session<'s, S> {
             .is_some_and(|p| p.status == PromptStatus::Running))
     }
 
-    fn set_sandbox_status(
+    pub(crate) fn set_sandbox_status(
         &mut self,
         effects: &mut Effects,
         status: SandboxStatus,
@@ -555,11 +586,11 @@ impl<'s, S: Store> Session<'s, S> {
         Ok(())
     }
 
-    fn sandbox(&self) -> Result<SandboxRecord, SessionError> {
+    pub(crate) fn sandbox(&self) -> Result<SandboxRecord, SessionError> {
         self.store.sandbox()?.ok_or(SessionError::NotFound)
     }
 
-    fn running(&self) -> Result<Option<PromptRecord>, SessionError> {
+    pub(crate) fn running(&self) -> Result<Option<PromptRecord>, SessionError> {
         Ok(self
             .store
             .unfinished_prompts()?
@@ -568,17 +599,18 @@ impl<'s, S: Store> Session<'s, S> {
     }
 
     /// Send the oldest queued prompt to the agent when nothing runs.
-    fn dispatch(&mut self, effects: &mut Effects) -> Result<(), SessionError> {
+    pub(crate) fn dispatch(&mut self, effects: &mut Effects) -> Result<(), SessionError> {
         let unfinished = self.store.unfinished_prompts()?;
         if unfinished.iter().any(|p| p.status == PromptStatus::Running) {
             return Ok(());
         }
-        if self.sandbox()?.status != SandboxStatus::Ready {
+        if self.sandbox()?.status != SandboxStatus::Ready || self.dispatch_blocked()? {
             return Ok(());
         }
+        let blocked = self.users_at_ceiling()?;
         if let Some(next) = unfinished
             .into_iter()
-            .find(|p| p.status == PromptStatus::Queued)
+            .find(|p| p.status == PromptStatus::Queued && !blocked.contains(&p.author.login))
         {
             self.store
                 .set_prompt_status(&next.prompt_id, PromptStatus::Running, self.now_ms)?;
@@ -598,7 +630,7 @@ impl<'s, S: Store> Session<'s, S> {
         Ok(u32::try_from(index).unwrap_or(u32::MAX))
     }
 
-    fn log(&mut self, effects: &mut Effects, event: Event) -> Result<(), SessionError> {
+    pub(crate) fn log(&mut self, effects: &mut Effects, event: Event) -> Result<(), SessionError> {
         let seq = self.store.append_event(self.now_ms, &event)?;
         effects.events.push(EventEnvelope {
             seq,

@@ -4,6 +4,8 @@
 //! SQLite in a Durable Object is.
 
 use nightshift_protocol::http::UsageTotals;
+
+use crate::deadline::Lifecycle;
 use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
 };
@@ -127,6 +129,11 @@ pub trait Store {
     fn index_mark(&self) -> Result<Option<IndexMark>, StoreError>;
     /// Remember what was last written to the cross-session index.
     fn save_index_mark(&mut self, mark: &IndexMark) -> Result<(), StoreError>;
+
+    /// The lifecycle record (deadline inputs), once the session's lifecycle began.
+    fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError>;
+    /// Replace the lifecycle record.
+    fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError>;
 }
 
 /// An invite link as stored: the secret itself is never stored, only its SHA-256.
@@ -168,6 +175,7 @@ pub struct MemoryStore {
     usage: UsageTotals,
     invites: Vec<InviteRecord>,
     index_mark: Option<IndexMark>,
+    lifecycle: Option<Lifecycle>,
 }
 
 impl MemoryStore {
@@ -348,6 +356,15 @@ impl Store for MemoryStore {
 
     fn save_index_mark(&mut self, mark: &IndexMark) -> Result<(), StoreError> {
         self.index_mark = Some(mark.clone());
+        Ok(())
+    }
+
+    fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError> {
+        Ok(self.lifecycle.clone())
+    }
+
+    fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError> {
+        self.lifecycle = Some(lifecycle.clone());
         Ok(())
     }
 }

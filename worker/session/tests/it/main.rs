@@ -1,6 +1,7 @@
 //! Scenario tests of the session logic over the in-memory store.
 
 mod agent;
+mod lifecycle;
 mod membership;
 mod prompt;
 mod repo;
