@@ -39,6 +39,8 @@ pub enum ProviderError {
     Refused {
         /// HTTP status.
         status: u16,
+        /// The typed error's code (e.g. `snapshot_image_gone`); empty when the body was not typed.
+        code: String,
         /// Its message (typed body) or the start of its body.
         message: String,
     },
@@ -165,6 +167,7 @@ impl Provider {
         match serde_json::from_str::<ErrorBody>(&text) {
             Ok(typed) => Err(ProviderError::Refused {
                 status,
+                code: typed.error.code.as_str().to_owned(),
                 message: typed.error.message,
             }),
             // No typed error: the provider has no such route.
@@ -173,6 +176,7 @@ impl Provider {
             }
             Err(_) => Err(ProviderError::Refused {
                 status,
+                code: String::new(),
                 message: text.chars().take(QUOTED_BODY_CHARS).collect(),
             }),
         }

@@ -544,7 +544,18 @@ impl SessionObject {
             Ok(sandbox) => session.sandbox_requested(&sandbox.id)?,
             Err(detail) => {
                 worker::console_error!("sandbox request for {} failed: {detail}", info.id);
-                session.sandbox_request_failed(&detail.to_string())?
+                // A snapshot the provider can no longer restore is forgotten: the next attempt
+                // starts from the repository and the session branch.
+                let unrestorable = request.snapshot.is_some()
+                    && matches!(&detail, ProviderError::Refused { code, .. }
+                        if code == "snapshot_image_gone" || code == "not_found");
+                let mut effects = if unrestorable {
+                    session.snapshot_unrestorable(&detail.to_string())?
+                } else {
+                    Effects::default()
+                };
+                effects.merge(session.sandbox_request_failed(&detail.to_string())?);
+                effects
             }
         };
         self.deliver(effects);

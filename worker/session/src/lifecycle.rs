@@ -159,6 +159,30 @@ impl<S: Store> Session<'_, S> {
         Ok(())
     }
 
+    /// The provider cannot restore the session's newest snapshot (its image was retired, or the snapshot
+    /// itself is gone): the session forgets it, so the next attempt starts from the repository — the
+    /// session branch holds every pushed commit — and everyone is told what may be lost.
+    pub fn snapshot_unrestorable(&mut self, detail: &str) -> Result<Effects, SessionError> {
+        let mut effects = Effects::default();
+        let mut sandbox = self.sandbox()?;
+        let Some(id) = sandbox.last_snapshot.take() else {
+            return Ok(effects);
+        };
+        self.store.save_sandbox(&sandbox)?;
+        self.log(
+            &mut effects,
+            Event::Notice {
+                level: "warn".to_owned(),
+                text: format!(
+                    "snapshot {} cannot be restored ({detail}); the next sandbox starts from the \
+                     repository and the session branch, so changes after the last push are not in it",
+                    id.get(..12).unwrap_or(&id)
+                ),
+            },
+        )?;
+        Ok(effects)
+    }
+
     /// The provider refused or could not be reached for a sandbox request: retried (after a backoff)
     /// by the connect watchdog, which gives up after the configured number of attempts.
     pub fn sandbox_request_failed(&mut self, detail: &str) -> Result<Effects, SessionError> {
@@ -717,5 +741,16 @@ impl<S: Store> Session<'_, S> {
                 text: text.to_owned(),
             },
         )
+    }
+}
+
+impl Effects {
+    /// Append `other`'s effects after these.
+    pub fn merge(&mut self, other: Effects) {
+        self.events.extend(other.events);
+        self.to_agent.extend(other.to_agent);
+        self.sandbox.extend(other.sandbox);
+        self.close_agent |= other.close_agent;
+        self.usage_reports.extend(other.usage_reports);
     }
 }

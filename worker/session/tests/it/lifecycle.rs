@@ -722,3 +722,49 @@ fn a_person_at_their_daily_ceiling_is_stopped_and_waits_while_others_go_on() {
     });
     assert_eq!(stale, Effects::default());
 }
+
+#[test]
+fn a_snapshot_the_provider_cannot_restore_is_forgotten_and_the_next_sandbox_starts_from_the_repository(
+) {
+    let mut clocked = Clocked::new();
+    clocked.connect(1_100);
+    clocked.prompt(1_150, "k1");
+    clocked.run(1_200, |s| {
+        s.apply_agent_event(1, snapshot_event(&"a".repeat(64)))
+    });
+    assert_eq!(
+        Session::new(&mut clocked.store, 1_250)
+            .sandbox_plan()
+            .unwrap()
+            .snapshot,
+        Some("a".repeat(64))
+    );
+    // The agent dies; the session asks for a new sandbox from the snapshot, which the provider refuses.
+    clocked.run(1_300, |s| {
+        s.sandbox_ended(&SandboxEnded {
+            sandbox_id: "sb-1".to_owned(),
+            status: "exited".to_owned(),
+            detail: "killed by signal 9".to_owned(),
+            snapshot_id: Some("a".repeat(64)),
+        })
+    });
+    let mut effects = clocked.run(1_400, |s| {
+        s.snapshot_unrestorable("provider answered 409: the snapshot's image is gone")
+    });
+    effects.merge(clocked.run(1_400, |s| {
+        s.sandbox_request_failed("provider answered 409: the snapshot's image is gone")
+    }));
+    let text = lines(&effects).join("\n");
+    assert!(text.contains("cannot be restored"), "{text}");
+    assert!(text.contains("could not start a sandbox"), "{text}");
+    let plan = Session::new(&mut clocked.store, 1_500)
+        .sandbox_plan()
+        .unwrap();
+    assert_eq!(
+        plan.snapshot, None,
+        "the next attempt starts from the repository"
+    );
+    // Forgetting twice says nothing more.
+    let again = clocked.run(1_600, |s| s.snapshot_unrestorable("again"));
+    assert!(again.events.is_empty());
+}
