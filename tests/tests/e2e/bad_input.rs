@@ -232,3 +232,50 @@ async fn every_kind_of_bad_input_is_answered_and_the_session_keeps_working() -> 
     );
     Ok(())
 }
+
+/// The queue holds at most 10 unfinished prompts: the 11th is refused with a typed `queue_full`, a re-sent
+/// prompt (same idempotency key) still gets its original answer, and once the queue moves a new one is
+/// taken again.
+#[tokio::test]
+async fn the_eleventh_unfinished_prompt_is_refused_and_the_queue_goes_on() -> anyhow::Result<()> {
+    let system = System::start().await?;
+    let pair = flow::pair(&system).await?;
+    let (mut ws, _) = join(&pair.ada, &pair.session, None).await?;
+    until_ready(&mut ws).await?;
+    let post = |text: &str, key: &str| {
+        pair.ada
+            .request(
+                reqwest::Method::POST,
+                &format!("/api/sessions/{}/prompts", pair.session),
+            )
+            .json(&serde_json::json!({"text": text, "idempotency_key": key}))
+            .send()
+    };
+    // One slow prompt runs, nine wait behind it.
+    let first = post("[script:tokens count=400 rate=40]", "k0").await?;
+    assert_eq!(first.status(), 202);
+    let first: serde_json::Value = first.json().await?;
+    for n in 1..10 {
+        let answer = post("[script:tokens count=1 rate=0]", &format!("k{n}")).await?;
+        assert_eq!(answer.status(), 202, "prompt {n}");
+    }
+    let refused = post("one too many", "k10").await?;
+    assert_eq!(refused.status(), 429);
+    let body: serde_json::Value = refused.json().await?;
+    assert_eq!(body["error"]["code"], "queue_full", "{body}");
+    // A re-send of an accepted prompt is not a new one: its original answer, not a refusal.
+    let again = post("[script:tokens count=400 rate=40]", "k0").await?;
+    assert_eq!(again.status(), 200);
+    let again: serde_json::Value = again.json().await?;
+    assert_eq!(again["prompt_id"], first["prompt_id"]);
+    // Once the running prompt is stopped and the queue moves, a new prompt is taken.
+    ws.send(&ClientMessage::Stop {
+        scope: nightshift_protocol::StopScope::Turn,
+    })
+    .await?;
+    let first_id = first["prompt_id"].as_str().unwrap_or_default().to_owned();
+    until_finished(&mut ws, &first_id).await?;
+    let later = post("[script:tokens count=1 rate=0]", "k11").await?;
+    assert_eq!(later.status(), 202);
+    Ok(())
+}
