@@ -1644,30 +1644,9 @@ impl IsolatedHost {
 
     /// Build an image of `demo/hello` and wait until it is ready; its id.
     async fn build_image(&self) -> String {
-        let (status, build) = self
-            .host
-            .api(
-                reqwest::Method::POST,
-                "/v1/images",
-                Some(json!({"repo": "demo/hello"})),
-            )
-            .await;
-        assert_eq!(status, StatusCode::ACCEPTED, "{build}");
-        let id = build["id"].as_str().unwrap().to_owned();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            let (_, image) = self
-                .host
-                .api(reqwest::Method::GET, &format!("/v1/images/{id}"), None)
-                .await;
-            match image["status"].as_str() {
-                Some("ready") => return id,
-                Some("building") => {}
-                _ => panic!("image build failed: {image}"),
-            }
-            assert!(Instant::now() < deadline, "image never ready: {image}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let image = build_to_the_end(self).await;
+        assert_eq!(image["status"], "ready", "image build failed: {image}");
+        image["id"].as_str().unwrap().to_owned()
     }
 
     fn sandbox_root(&self, id: &str) -> PathBuf {
