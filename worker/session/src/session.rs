@@ -356,8 +356,9 @@ impl<'s, S: Store> Session<'s, S> {
     /// limit, at the provider's shutdown) or exited (its agent crashed or was killed) — with the
     /// snapshot taken as it ended. The snapshot becomes the session's newest (a `snapshot` event when
     /// the agent did not log it already), the sandbox's status says how it ended and names the
-    /// snapshot, and an unexpected end is a warning everyone sees. A report about another sandbox
-    /// than the session's current one (a late report of a replaced sandbox) changes nothing.
+    /// snapshot, and an unexpected end (not while draining) is a warning everyone sees. A report
+    /// about another sandbox than the session's current one (a late report of a replaced sandbox)
+    /// changes nothing.
     pub fn sandbox_ended(&mut self, ended: &SandboxEnded) -> Result<Effects, SessionError> {
         let mut effects = Effects::default();
         let mut sandbox = self.sandbox()?;
@@ -382,7 +383,13 @@ impl<'s, S: Store> Session<'s, S> {
             None => "no snapshot could be taken".to_owned(),
         };
         let detail = ended.detail.chars().take(300).collect::<String>();
-        let crashed = ended.status != "stopped";
+        // A draining sandbox was told to end (its agent exits by itself once its work is out): however
+        // it ends, that is the stop the session asked for, not a crash.
+        let draining = matches!(
+            self.store.lifecycle()?.map(|life| life.phase),
+            Some(crate::deadline::Phase::Draining { .. })
+        );
+        let crashed = ended.status != "stopped" && !draining;
         let (status, detail) = if crashed {
             (
                 SandboxStatus::Failed,
