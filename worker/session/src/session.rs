@@ -12,6 +12,7 @@ use nightshift_protocol::{
 };
 
 use crate::ceiling::UsageReport;
+use crate::children::TreeStop;
 use crate::lifecycle::SandboxAction;
 use crate::store::{Member, PromptRecord, SandboxRecord, Store};
 use crate::SessionError;
@@ -36,6 +37,8 @@ pub struct Effects {
     /// Usage to add to the day of the person whose prompt used it (their `UserObject`); the object
     /// answers with [`Session::user_spend`].
     pub usage_reports: Vec<UsageReport>,
+    /// Children to stop with `stop{tree}`, with who stopped (each stops its own subtree in turn).
+    pub stop_children: Vec<TreeStop>,
 }
 
 /// Answer to a prompt submission.
@@ -299,7 +302,8 @@ impl<'s, S: Store> Session<'s, S> {
         Ok(effects)
     }
 
-    /// Stop work in `scope`: `turn` stops the running prompt; `session` and `tree` also cancel the queue.
+    /// Stop work in `scope`: `turn` stops the running prompt; `session` and `tree` also cancel the queue
+    /// and release the sandbox; `tree` also names every child in `Effects.stop_children`.
     pub fn stop(&mut self, by: &Author, scope: StopScope) -> Result<Effects, SessionError> {
         self.info()?;
         let mut effects = Effects::default();
@@ -333,6 +337,16 @@ impl<'s, S: Store> Session<'s, S> {
         }
         if matches!(scope, StopScope::Session | StopScope::Tree) {
             self.stop_sandbox(&mut effects)?;
+        }
+        if scope == StopScope::Tree {
+            effects.stop_children = self
+                .children()?
+                .into_iter()
+                .map(|c| TreeStop {
+                    session_id: c.id,
+                    by: by.clone(),
+                })
+                .collect();
         }
         Ok(effects)
     }
