@@ -262,8 +262,11 @@ fn stop_tree_names_every_child_and_the_other_scopes_none() {
         .map(|stop| (stop.session_id.as_str(), stop.by.login.as_str()))
         .collect();
     assert_eq!(stopped, vec![("c1", "ada"), ("c2", "ada")]);
-    // The session itself stops as with `session`: its sandbox is released.
-    assert!(!tree.sandbox.is_empty() || !tree.to_agent.is_empty());
+    // The session itself stops as with `session`: its agent saves its work and shuts down.
+    assert!(tree
+        .to_agent
+        .iter()
+        .any(|m| matches!(m, nightshift_protocol::ServerToAgent::Shutdown { .. })));
     let session = Session::new(&mut store, 5_000)
         .stop(&author("ada"), StopScope::Session)
         .unwrap();
