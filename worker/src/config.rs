@@ -52,6 +52,13 @@ pub const USER_DAILY_COST_CEILING_USD: &str = "USER_DAILY_COST_CEILING_USD";
 /// Most tokens without a price one person may use per UTC day (default 20 000 000).
 pub const USER_DAILY_TOKEN_CEILING: &str = "USER_DAILY_TOKEN_CEILING";
 
+/// Deepest a sub-session may nest (a root is depth 0; default 2).
+pub const CHILD_MAX_DEPTH: &str = "CHILD_MAX_DEPTH";
+/// Most children of one session starting or running at once (default 5).
+pub const CHILD_MAX_RUNNING: &str = "CHILD_MAX_RUNNING";
+/// Most sessions spawned in one tree, the root not counted (default 15).
+pub const CHILD_MAX_PER_ROOT: &str = "CHILD_MAX_PER_ROOT";
+
 /// A variable or secret as a string, if set and non-empty.
 pub fn get(env: &Env, name: &str) -> Option<String> {
     let value = env
@@ -142,5 +149,24 @@ pub fn cost_ceilings(env: &Env) -> nightshift_session::CostCeilings {
         session_tokens: tokens(SESSION_TOKEN_CEILING, defaults.session_tokens),
         user_daily_cost_usd: dollars(USER_DAILY_COST_CEILING_USD, defaults.user_daily_cost_usd),
         user_daily_tokens: tokens(USER_DAILY_TOKEN_CEILING, defaults.user_daily_tokens),
+    }
+}
+
+/// The sub-session guardrails: [`CHILD_MAX_DEPTH`], [`CHILD_MAX_RUNNING`] and [`CHILD_MAX_PER_ROOT`]
+/// when each is a whole number, else the defaults of [`nightshift_session::ChildLimits`].
+pub fn child_limits(env: &Env) -> nightshift_session::ChildLimits {
+    let defaults = nightshift_session::ChildLimits::default();
+    let number = |name: &str, default: u32| match get(env, name).map(|v| v.trim().parse::<u32>()) {
+        None => default,
+        Some(Ok(value)) => value,
+        Some(Err(_)) => {
+            worker::console_error!("{name} is not a whole number; using the default");
+            default
+        }
+    };
+    nightshift_session::ChildLimits {
+        max_depth: number(CHILD_MAX_DEPTH, defaults.max_depth),
+        max_running: number(CHILD_MAX_RUNNING, defaults.max_running),
+        max_per_root: number(CHILD_MAX_PER_ROOT, defaults.max_per_root),
     }
 }

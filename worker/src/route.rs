@@ -319,7 +319,7 @@ fn origin(env: &Env, url: &Url) -> String {
 }
 
 /// Whether `repo` is `owner/name` with safe characters.
-fn valid_repo(repo: &str) -> bool {
+pub(crate) fn valid_repo(repo: &str) -> bool {
     let part_ok = |part: &str| {
         !part.is_empty()
             && part.len() <= 100
@@ -400,6 +400,9 @@ async fn create_session(mut req: Request, env: &Env, url: &Url) -> Result<Respon
         model,
         parent_session_id: body.parent_session_id,
         connect_url,
+        family: None,
+        participants: Vec::new(),
+        prompt: None,
     };
     let response = forward(
         env,

@@ -3,7 +3,9 @@
 //! as an attachment, so nothing lives only in memory. It registers the session's repository with that
 //! repository's `RepoObject` on create (logging its warning as a `notice`), and turns `typing` into a
 //! background warm-up request there and into presence. It keeps the session's entry in the D1 index
-//! (`index`) up to date as events are logged and people join.
+//! (`index`) up to date as events are logged and people join. Sub-sessions: [`children`].
+
+mod children;
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -23,7 +25,8 @@ use nightshift_session::presence::{
 };
 use nightshift_session::repo::warm_allowed;
 use nightshift_session::{
-    AlarmChange, Effects, IndexMark, Membership, SandboxAction, Session, SessionError, UsageReport,
+    AlarmChange, Effects, Family, IndexMark, Member, Membership, SandboxAction, Session,
+    SessionError, TreeStop, UsageReport,
 };
 use worker::{
     durable_object, Date, DurableObject, Env, Method, Request, Response, SqlStorage, State,
@@ -67,6 +70,15 @@ pub struct CreateSessionInternal {
     pub parent_session_id: Option<String>,
     /// Where the agent dials in.
     pub connect_url: String,
+    /// A spawned child's place in its tree (`None` for a session created through the API).
+    #[serde(default)]
+    pub family: Option<Family>,
+    /// A spawned child's participants besides its creator: a copy of the parent's.
+    #[serde(default)]
+    pub participants: Vec<Member>,
+    /// A spawned child's first prompt, queued at once as the creator's.
+    #[serde(default)]
+    pub prompt: Option<String>,
 }
 
 /// The session Durable Object.
@@ -83,6 +95,8 @@ pub struct SessionObject {
     actions: Rc<RefCell<Vec<SandboxAction>>>,
     /// Usage to add to people's days (their `UserObject`s), sent by [`SessionObject::settle`].
     reports: Rc<RefCell<Vec<UsageReport>>>,
+    /// Children to stop because this session's tree was stopped, sent by [`SessionObject::settle`].
+    tree_stops: Rc<RefCell<Vec<TreeStop>>>,
 }
 
 /// Events already stored but not yet sent, and the greeted sockets to send them to.
@@ -132,6 +146,7 @@ impl DurableObject for SessionObject {
             typing_watch: Rc::new(Cell::new(false)),
             actions: Rc::new(RefCell::new(Vec::new())),
             reports: Rc::new(RefCell::new(Vec::new())),
+            tree_stops: Rc::new(RefCell::new(Vec::new())),
         }
     }
 
@@ -182,7 +197,16 @@ impl DurableObject for SessionObject {
             }
         }
         let result = if is_agent {
-            self.on_agent_frame(&ws, &text)
+            match decode_agent_message(&text) {
+                // A request is answered after whatever it takes (a child is created over a call).
+                Ok(AgentMessage::Request { request_id, call }) => {
+                    let reply = self.answer(call).await;
+                    send(&ws, &ServerToAgent::Reply { request_id, reply });
+                    Ok(())
+                }
+                Ok(message) => self.on_agent_message(message),
+                Err(e) => Err(AppError::client(e.code, e.message)),
+            }
         } else {
             self.on_client_frame(&ws, &text)
         };
@@ -416,6 +440,13 @@ impl SessionObject {
         }
         if !effects.events.is_empty() {
             self.index_after(&effects.events);
+            if effects
+                .events
+                .iter()
+                .any(|e| nightshift_session::index::changes_status(&e.event))
+            {
+                self.report_to_parent();
+            }
         }
         if !effects.to_agent.is_empty() {
             let agents = self.state.get_websockets_with_tag(AGENT_TAG);
@@ -432,6 +463,7 @@ impl SessionObject {
         }
         self.actions.borrow_mut().extend(effects.sandbox);
         self.reports.borrow_mut().extend(effects.usage_reports);
+        self.tree_stops.borrow_mut().extend(effects.stop_children);
     }
 
     /// Perform the provider calls the session asked for (each may lead to more), then arm the one
@@ -456,7 +488,22 @@ impl SessionObject {
                         Some(reports.remove(0))
                     }
                 };
-                let Some(report) = report else { break };
+                let Some(report) = report else {
+                    let stop = {
+                        let mut stops = self.tree_stops.borrow_mut();
+                        if stops.is_empty() {
+                            None
+                        } else {
+                            Some(stops.remove(0))
+                        }
+                    };
+                    let Some(stop) = stop else { break };
+                    // The child's own failure (e.g. long gone) does not stop the rest of the tree.
+                    if let Err(e) = self.stop_child(&stop).await {
+                        worker::console_error!("stopping child {} failed: {e:?}", stop.session_id);
+                    }
+                    continue;
+                };
                 // Bookkeeping of the person's day: a failure is logged, never fails the session.
                 if let Err(e) = self.report_usage(&report).await {
                     worker::console_error!("usage of {} not counted: {e:?}", report.login);
@@ -697,6 +744,12 @@ impl SessionObject {
                 self.create(user, body).await
             }
             (Method::Get, "/agent-ws") => self.accept_agent(&req),
+            (Method::Post, internal) if internal.starts_with("/internal/") => {
+                let text = req.text().await?;
+                self.serve_internal(internal, &text)
+                    .await
+                    .unwrap_or_else(|| Err(AppError::client(ErrorCode::NotFound, "no such route")))
+            }
             (Method::Post, "/sandbox-ended") => {
                 self.check_sandbox_token(&req)?;
                 let ended: SandboxEnded = parse_body(&req.text().await?, 16 * 1024)?;
@@ -834,12 +887,33 @@ impl SessionObject {
             branch: format!("nightshift/{}", body.id),
             title: body.title.clone(),
             model: body.model.clone(),
-            created_by: user,
+            created_by: user.clone(),
             created_ms: now_ms(),
             parent_session_id: body.parent_session_id.clone(),
         };
         let mut store = self.store();
-        let effects = Session::new(&mut store, now_ms()).create(info, sha256_hex(&token))?;
+        let effects = {
+            let mut session = Session::new(&mut store, now_ms());
+            let effects = session.create(info, sha256_hex(&token))?;
+            if let Some(family) = &body.family {
+                session.adopt(family)?;
+            }
+            effects
+        };
+        // A child's participants are the parent's (its creator stays its owner).
+        for member in body
+            .participants
+            .iter()
+            .filter(|m| m.author.login != user.login)
+        {
+            nightshift_session::Store::upsert_member(
+                &mut store,
+                &Member {
+                    joined_ms: now_ms(),
+                    ..member.clone()
+                },
+            )?;
+        }
         self.deliver(effects);
         if let Some(text) = self.register_repo(&body.repo).await {
             let mut store = self.store();
@@ -854,6 +928,15 @@ impl SessionObject {
             &body.connect_url,
         )?;
         self.deliver(effects);
+        if let Some(prompt) = &body.prompt {
+            let (_, effects) = Session::new(&mut self.store(), now_ms()).submit_prompt(
+                &user,
+                prompt,
+                "spawned",
+                self.agent_online(),
+            )?;
+            self.deliver(effects);
+        }
         // The first sandbox is requested before the answer leaves.
         self.settle().await;
         Ok(json_response(&serde_json::json!({ "id": body.id }), 201))
@@ -1119,9 +1202,7 @@ impl SessionObject {
         }
     }
 
-    fn on_agent_frame(&self, _ws: &WebSocket, text: &str) -> Result<(), AppError> {
-        let message =
-            decode_agent_message(text).map_err(|e| AppError::client(e.code, e.message))?;
+    fn on_agent_message(&self, message: AgentMessage) -> Result<(), AppError> {
         let mut store = self.store();
         let effects = match message {
             AgentMessage::Hello {
@@ -1143,6 +1224,8 @@ impl SessionObject {
                 Session::new(&mut store, now_ms()).agent_heartbeat()?;
                 Effects::default()
             }
+            // Answered in `websocket_message`, which can wait for other objects.
+            AgentMessage::Request { .. } => Effects::default(),
         };
         self.deliver(effects);
         Ok(())

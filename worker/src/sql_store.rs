@@ -5,7 +5,8 @@ use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
 };
 use nightshift_session::{
-    IndexMark, InviteRecord, Lifecycle, Member, PromptRecord, SandboxRecord, Store, StoreError,
+    Family, IndexMark, InviteRecord, Lifecycle, Member, PromptRecord, SandboxRecord, Store,
+    StoreError,
 };
 use serde::de::DeserializeOwned;
 use worker::{SqlStorage, SqlStorageValue};
@@ -80,6 +81,12 @@ const MIGRATIONS: &[&str] = &[
     );",
     // v4 (lifecycle): the inputs of every deadline, one JSON record (`nightshift_session::Lifecycle`).
     "CREATE TABLE IF NOT EXISTS lifecycle (
+        singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
+        body TEXT NOT NULL
+    );",
+    // v5 (sub-sessions): the session's place in its tree and its children, one JSON record
+    // (`nightshift_session::Family`; a tree holds at most a few dozen sessions).
+    "CREATE TABLE IF NOT EXISTS family (
         singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
         body TEXT NOT NULL
     );",
@@ -639,6 +646,23 @@ impl Store for SqlStore {
             &self.sql,
             "INSERT OR REPLACE INTO lifecycle (singleton, body) VALUES (1, ?)",
             vec![json(lifecycle)?],
+        )
+    }
+
+    fn family(&self) -> Result<Option<Family>, StoreError> {
+        let found: Vec<BodyRow> = rows(
+            &self.sql,
+            "SELECT body FROM family WHERE singleton = 1",
+            vec![],
+        )?;
+        found.first().map(|r| from_json(&r.body)).transpose()
+    }
+
+    fn save_family(&mut self, family: &Family) -> Result<(), StoreError> {
+        exec(
+            &self.sql,
+            "INSERT OR REPLACE INTO family (singleton, body) VALUES (1, ?)",
+            vec![json(family)?],
         )
     }
 }

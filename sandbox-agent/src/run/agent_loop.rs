@@ -81,6 +81,8 @@ pub struct AgentConfig {
     pub context_window_tokens: Option<u64>,
     /// Tool limits.
     pub limits: ToolLimits,
+    /// How the sub-session tools reach the session (through the link); `None` without one.
+    pub session_calls: Option<tools::session_tools::SessionCalls>,
 }
 
 /// Loose git objects a workspace may have before they are packed ahead of a snapshot.
@@ -690,6 +692,7 @@ async fn call_tool(
         cancel: cancel.clone(),
         output: Some(output_tx),
         limits: agent.config.limits,
+        session: agent.config.session_calls.clone(),
     };
     let outcome = tools::execute(&context_for_tool, name, input.clone()).await;
     drop(context_for_tool);

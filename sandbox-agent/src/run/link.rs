@@ -3,6 +3,9 @@
 //! jitter, and resends every unacknowledged event in order after each `welcome`.
 //!
 //! Events keep flowing into the [`Outbox`] while the link is down, so prompt work never waits for it.
+//! The sub-session tools' questions ([`SessionRequest`]) go out as `request`s once the session welcomed
+//! the connection, each with an id unique on it; the session's `reply` goes back to the tool. They are
+//! not journalled: a connection that ends drops the requests still waiting, and their tools say so.
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,6 +22,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use super::egress::{proxy_authority, tunnel, RelayError};
 use super::outbox::{encode, Outbox};
 use super::queue::{PromptCommand, PromptRequest};
+use super::tools::session_tools::SessionRequest;
 
 /// Why a connection attempt or a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +172,8 @@ pub struct LinkChannels {
     pub commands: mpsc::UnboundedSender<PromptCommand>,
     /// Whether the session has welcomed this connection (false between connections).
     pub welcomed: watch::Sender<bool>,
+    /// Questions of the sub-session tools, sent while welcomed.
+    pub calls: mpsc::UnboundedReceiver<SessionRequest>,
 }
 
 /// How a connection ended without a transport error.
@@ -332,6 +338,13 @@ async fn serve(
         config.heartbeat,
     );
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Tools waiting for the session's reply, by request id (dropped with the connection).
+    let mut waiting: std::collections::HashMap<
+        u64,
+        tokio::sync::oneshot::Sender<nightshift_protocol::SessionReply>,
+    > = std::collections::HashMap::new();
+    let mut next_request_id: u64 = 1;
+    let mut calls_open = true;
 
     loop {
         if welcomed && !*events_open && outbox.first_pending().is_none() {
@@ -400,11 +413,27 @@ async fn serve(
                             tracing::warn!("prompt queue is gone; dropping shutdown");
                         }
                     }
+                    ServerToAgent::Reply { request_id, reply } => match waiting.remove(&request_id) {
+                        Some(tool) => {
+                            let _ = tool.send(reply);
+                        }
+                        None => tracing::warn!(request_id, "reply to no waiting request"),
+                    },
                     ServerToAgent::Error { code, message } => {
                         tracing::warn!(code = code.as_str(), %message, "session reported an error");
                     }
                 }
             }
+            request = channels.calls.recv(), if welcomed && calls_open => match request {
+                Some(request) => {
+                    let request_id = next_request_id;
+                    next_request_id += 1;
+                    waiting.insert(request_id, request.reply);
+                    let message = AgentMessage::Request { request_id, call: request.call };
+                    sink.send(Message::text(encode(&message))).await?;
+                }
+                None => calls_open = false,
+            },
             event = channels.events.recv(), if *events_open => match event {
                 Some(event) => {
                     let entry = outbox.push(event);
@@ -441,7 +470,8 @@ fn log_close(frame: Option<&CloseFrame>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nightshift_protocol::Author;
+    use crate::run::tools::session_tools::{SessionCalls, CALL_TIMEOUT};
+    use nightshift_protocol::{Author, ErrorCode, SessionCall, SessionReply};
     use tokio::net::TcpListener;
     use tokio_tungstenite::tungstenite::handshake::server::{
         Request as ServerRequest, Response as ServerResponse,
@@ -595,9 +625,109 @@ mod tests {
                 events: events_rx,
                 commands: commands_tx,
                 welcomed: watch::channel(false).0,
+                calls: SessionCalls::new(CALL_TIMEOUT).1,
             },
         ));
         (listener, events_tx, commands_rx, link)
+    }
+
+    /// The next `request` the agent sends (skipping heartbeats).
+    async fn next_request(
+        socket: &mut tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    ) -> (u64, SessionCall) {
+        loop {
+            let Message::Text(text) = read_frame(socket).await else {
+                continue;
+            };
+            match serde_json::from_str::<AgentMessage>(text.as_str()).expect("agent frame") {
+                AgentMessage::Request { request_id, call } => return (request_id, call),
+                AgentMessage::Heartbeat {} => continue,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+
+    /// A tool's question waits for `welcome`, goes out as a `request`, and the matching `reply` (not
+    /// another one) answers it; a connection lost before the reply fails the waiting tool at once.
+    #[tokio::test]
+    async fn requests_get_their_replies_and_fail_when_the_link_drops() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}/sandbox/s1/ws", listener.local_addr().unwrap());
+        let mut config = LinkConfig::new(
+            url,
+            SandboxToken::new("secret-token".to_owned()),
+            "sb-1".to_owned(),
+        );
+        config.backoff = Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+        };
+        let (_events_tx, events_rx) = mpsc::channel(64);
+        let (commands_tx, _commands_rx) = mpsc::unbounded_channel();
+        let (session, calls) = SessionCalls::new(Duration::from_secs(10));
+        let link = tokio::spawn(run(
+            config,
+            Outbox::in_memory(),
+            LinkChannels {
+                events: events_rx,
+                commands: commands_tx,
+                welcomed: watch::channel(false).0,
+                calls,
+            },
+        ));
+        let asking = tokio::spawn({
+            let session = session.clone();
+            async move { session.ask(SessionCall::ListChildren {}).await }
+        });
+        let mut socket = accept(&listener).await;
+        hello(&mut socket).await;
+        send(
+            &mut socket,
+            &ServerToAgent::Welcome {
+                session: "s1".to_owned(),
+                last_producer_seq: 0,
+            },
+        )
+        .await;
+        let (request_id, call) = next_request(&mut socket).await;
+        assert_eq!(call, SessionCall::ListChildren {});
+        // A reply to another request is not this one's answer.
+        send(
+            &mut socket,
+            &ServerToAgent::Reply {
+                request_id: request_id + 100,
+                reply: SessionReply::Children { children: vec![] },
+            },
+        )
+        .await;
+        send(
+            &mut socket,
+            &ServerToAgent::Reply {
+                request_id,
+                reply: SessionReply::Refused {
+                    code: ErrorCode::ChildLimit,
+                    message: "too deep".to_owned(),
+                },
+            },
+        )
+        .await;
+        let refused = asking.await.unwrap().unwrap_err().to_string();
+        assert_eq!(refused, "the session refused (child_limit): too deep");
+
+        let asking = tokio::spawn({
+            let session = session.clone();
+            async move { session.ask(SessionCall::ListChildren {}).await }
+        });
+        next_request(&mut socket).await;
+        drop(socket);
+        let lost = tokio::time::timeout(Duration::from_secs(5), asking)
+            .await
+            .expect("the tool hears of the lost link at once")
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(lost.contains("lost"), "{lost}");
+        link.abort();
     }
 
     /// A session that drops the connection mid-stream: the agent must reconnect, say where it resumes,
@@ -721,6 +851,7 @@ mod tests {
                     events: events_rx,
                     commands: commands_tx,
                     welcomed: watch::channel(false).0,
+                    calls: SessionCalls::new(CALL_TIMEOUT).1,
                 },
             ));
             (events_tx, link)

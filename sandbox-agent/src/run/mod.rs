@@ -169,7 +169,10 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
     );
 
     let (gate_setter, gate) = gate::sync_gate();
+    let (session_calls, calls) =
+        tools::session_tools::SessionCalls::new(tools::session_tools::CALL_TIMEOUT);
     let agent_config = AgentConfig {
+        session_calls: Some(session_calls),
         session_id: args.session_id.filter(|id| !id.trim().is_empty()),
         base_branch: args.base_branch.filter(|b| !b.trim().is_empty()),
         context_window_tokens: args.context_window_tokens,
@@ -209,6 +212,7 @@ pub async fn main(args: RunArgs, relay: Option<egress::Relay>) -> anyhow::Result
             events: events_rx,
             commands: commands_tx.clone(),
             welcomed: welcomed_tx,
+            calls,
         },
     ));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

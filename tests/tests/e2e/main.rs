@@ -3,6 +3,7 @@
 
 mod agent;
 mod bad_input;
+mod children;
 mod durability;
 mod fanout;
 mod flow;

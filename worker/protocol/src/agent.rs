@@ -1,5 +1,6 @@
 //! The agent WebSocket (`/sandbox/{id}/ws`): the sandbox-agent dials in with its sandbox token.
 
+use crate::http::SessionStatus;
 use crate::{Author, ErrorCode, Event};
 
 /// A message from the agent to its session.
@@ -25,11 +26,87 @@ pub enum AgentMessage {
     },
     /// Liveness.
     Heartbeat {},
+    /// A question for the session about sub-sessions (an addition to contract v1); answered by a
+    /// `reply` with the same `request_id`. Not journalled: an agent that loses the link before the
+    /// reply gives up on it.
+    Request {
+        /// Chosen by the agent, unique per connection; echoed in the reply.
+        request_id: u64,
+        /// What the agent asks.
+        call: SessionCall,
+    },
 }
 
 impl AgentMessage {
     /// Every `type` tag an agent may send.
-    pub const TYPES: &'static [&'static str] = &["hello", "event", "heartbeat"];
+    pub const TYPES: &'static [&'static str] = &["hello", "event", "heartbeat", "request"];
+}
+
+/// What an agent may ask its session (the `call` of a `request`), tagged by `op`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum SessionCall {
+    /// Start a sub-session that runs `prompt`; it is created, started and answered at once.
+    SpawnSession {
+        /// The child's first prompt (sent as the person whose prompt is running).
+        prompt: String,
+        /// Repository `owner/name`; default the parent's.
+        #[serde(default)]
+        repo: Option<String>,
+        /// Title; default one derived from the prompt.
+        #[serde(default)]
+        title: Option<String>,
+    },
+    /// The state of one of this session's children.
+    SessionStatus {
+        /// The child's id.
+        id: String,
+    },
+    /// Every child of this session.
+    ListChildren {},
+}
+
+/// A sub-session as its parent knows it.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ChildInfo {
+    /// Session id.
+    pub id: String,
+    /// Repository.
+    pub repo: String,
+    /// Title.
+    pub title: String,
+    /// The child's status, as it last reported it.
+    pub status: SessionStatus,
+    /// When it was created.
+    pub created_ms: u64,
+}
+
+/// The session's answer to a `request`, tagged by `kind`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SessionReply {
+    /// `spawn_session`: the child exists and is starting.
+    Spawned {
+        /// The new child.
+        child: ChildInfo,
+    },
+    /// `session_status`.
+    Status {
+        /// The child.
+        child: ChildInfo,
+    },
+    /// `list_children`, oldest first.
+    Children {
+        /// Every child.
+        children: Vec<ChildInfo>,
+    },
+    /// The call was refused (e.g. `child_limit`, `not_found`).
+    Refused {
+        /// Why, typed.
+        code: ErrorCode,
+        /// Human detail, for the model.
+        message: String,
+    },
 }
 
 /// A message from the session to its agent.
@@ -76,6 +153,13 @@ pub enum ServerToAgent {
         reason: String,
         /// When the sandbox ends.
         deadline_ms: u64,
+    },
+    /// The answer to the agent's `request` with this `request_id` (an addition to contract v1).
+    Reply {
+        /// The request's id.
+        request_id: u64,
+        /// The answer.
+        reply: SessionReply,
     },
     /// A typed error about something the agent sent.
     Error {

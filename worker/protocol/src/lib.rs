@@ -10,7 +10,7 @@ pub mod event;
 pub mod http;
 pub mod provider;
 
-pub use agent::{AgentMessage, ServerToAgent};
+pub use agent::{AgentMessage, ChildInfo, ServerToAgent, SessionCall, SessionReply};
 pub use client::{ClientMessage, ServerMessage};
 pub use decode::{decode_agent_message, decode_client_message, DecodeError};
 pub use event::{Event, EventEnvelope, FileChange};
@@ -107,6 +107,8 @@ pub enum ErrorCode {
     InviteExpired,
     /// The invite link was revoked by an owner.
     InviteRevoked,
+    /// A sub-session guardrail (depth, running children, sessions per tree) refused a spawn.
+    ChildLimit,
     /// Something failed inside; details are not exposed.
     Internal,
 }
@@ -131,7 +133,7 @@ impl ErrorCode {
             | ErrorCode::SnapshotImageGone
             | ErrorCode::PoolsUnavailable => 409,
             ErrorCode::FrameTooLarge => 413,
-            ErrorCode::QueueFull => 429,
+            ErrorCode::QueueFull | ErrorCode::ChildLimit => 429,
             ErrorCode::Upstream => 502,
             ErrorCode::Internal => 500,
         }
@@ -159,6 +161,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::InviteExpired => "invite_expired",
             ErrorCode::InviteRevoked => "invite_revoked",
+            ErrorCode::ChildLimit => "child_limit",
             ErrorCode::Internal => "internal",
         }
     }

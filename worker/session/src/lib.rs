@@ -1,12 +1,14 @@
 //! The session state machine as plain Rust: prompt queue, event log, replay, agent event dedupe, presence;
 //! the lifecycle around the sandbox ([`deadline`], [`lifecycle`]: one alarm for every deadline, crash
-//! recovery, parking and waking, the hard limit; [`ceiling`]: cost ceilings); and the rules of a repository ([`repo`]: image cadence, build backoff, staleness, warm-up limits).
+//! recovery, parking and waking, the hard limit; [`ceiling`]: cost ceilings; [`children`]: sub-sessions and
+//! their guardrails); and the rules of a repository ([`repo`]: image cadence, build backoff, staleness, warm-up limits).
 //!
 //! Time comes in as `now_ms` and storage through the [`Store`] port (or, for a repository, as plain
 //! data), so everything here is tested natively without the Worker runtime. The Durable Objects
 //! (`worker/`) only persist and deliver.
 
 pub mod ceiling;
+pub mod children;
 pub mod deadline;
 pub mod index;
 pub mod lifecycle;
@@ -17,6 +19,7 @@ pub mod session;
 pub mod store;
 
 pub use ceiling::{CostCeilings, DailySpend, UsageReport};
+pub use children::{ChildLimits, ChildRecord, ChildReport, Family, SpawnPlan, TreeStop};
 pub use deadline::{Deadline, Lifecycle, LifecycleSettings, Phase};
 pub use lifecycle::{AlarmChange, SandboxAction, SandboxPlan};
 pub use membership::Membership;
@@ -64,6 +67,9 @@ pub enum SessionError {
     /// The invite link was revoked.
     #[error("this invite link was revoked; ask a participant for a new one")]
     InviteRevoked,
+    /// A sub-session guardrail refused a spawn.
+    #[error("{0}")]
+    ChildLimit(String),
     /// Storage failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -82,6 +88,7 @@ impl SessionError {
             SessionError::AlreadyExists | SessionError::Conflict(_) => ErrorCode::Conflict,
             SessionError::Invalid(_) => ErrorCode::BadRequest,
             SessionError::QueueFull { .. } => ErrorCode::QueueFull,
+            SessionError::ChildLimit(_) => ErrorCode::ChildLimit,
             SessionError::Store(_) => ErrorCode::Internal,
         }
     }

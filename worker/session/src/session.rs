@@ -12,6 +12,7 @@ use nightshift_protocol::{
 };
 
 use crate::ceiling::UsageReport;
+use crate::children::TreeStop;
 use crate::lifecycle::SandboxAction;
 use crate::store::{Member, PromptRecord, SandboxRecord, Store};
 use crate::SessionError;
@@ -36,6 +37,8 @@ pub struct Effects {
     /// Usage to add to the day of the person whose prompt used it (their `UserObject`); the object
     /// answers with [`Session::user_spend`].
     pub usage_reports: Vec<UsageReport>,
+    /// Children to stop with `stop{tree}`, with who stopped (each stops its own subtree in turn).
+    pub stop_children: Vec<TreeStop>,
 }
 
 /// Answer to a prompt submission.
@@ -299,7 +302,8 @@ impl<'s, S: Store> Session<'s, S> {
         Ok(effects)
     }
 
-    /// Stop work in `scope`: `turn` stops the running prompt; `session` and `tree` also cancel the queue.
+    /// Stop work in `scope`: `turn` stops the running prompt; `session` and `tree` also cancel the queue
+    /// and release the sandbox; `tree` also names every child in `Effects.stop_children`.
     pub fn stop(&mut self, by: &Author, scope: StopScope) -> Result<Effects, SessionError> {
         self.info()?;
         let mut effects = Effects::default();
@@ -334,6 +338,16 @@ impl<'s, S: Store> Session<'s, S> {
         if matches!(scope, StopScope::Session | StopScope::Tree) {
             self.stop_sandbox(&mut effects)?;
         }
+        if scope == StopScope::Tree {
+            effects.stop_children = self
+                .children()?
+                .into_iter()
+                .map(|c| TreeStop {
+                    session_id: c.id,
+                    by: by.clone(),
+                })
+                .collect();
+        }
         Ok(effects)
     }
 
@@ -356,8 +370,9 @@ impl<'s, S: Store> Session<'s, S> {
     /// limit, at the provider's shutdown) or exited (its agent crashed or was killed) — with the
     /// snapshot taken as it ended. The snapshot becomes the session's newest (a `snapshot` event when
     /// the agent did not log it already), the sandbox's status says how it ended and names the
-    /// snapshot, and an unexpected end is a warning everyone sees. A report about another sandbox
-    /// than the session's current one (a late report of a replaced sandbox) changes nothing.
+    /// snapshot, and an unexpected end (not while draining) is a warning everyone sees. A report
+    /// about another sandbox than the session's current one (a late report of a replaced sandbox)
+    /// changes nothing.
     pub fn sandbox_ended(&mut self, ended: &SandboxEnded) -> Result<Effects, SessionError> {
         let mut effects = Effects::default();
         let mut sandbox = self.sandbox()?;
@@ -382,7 +397,13 @@ impl<'s, S: Store> Session<'s, S> {
             None => "no snapshot could be taken".to_owned(),
         };
         let detail = ended.detail.chars().take(300).collect::<String>();
-        let crashed = ended.status != "stopped";
+        // A draining sandbox was told to end (its agent exits by itself once its work is out): however
+        // it ends, that is the stop the session asked for, not a crash.
+        let draining = matches!(
+            self.store.lifecycle()?.map(|life| life.phase),
+            Some(crate::deadline::Phase::Draining { .. })
+        );
+        let crashed = ended.status != "stopped" && !draining;
         let (status, detail) = if crashed {
             (
                 SandboxStatus::Failed,

@@ -5,6 +5,7 @@
 
 use nightshift_protocol::http::UsageTotals;
 
+use crate::children::Family;
 use crate::deadline::Lifecycle;
 use nightshift_protocol::{
     Author, Event, EventEnvelope, PromptStatus, Role, SandboxStatus, SessionInfo,
@@ -134,6 +135,11 @@ pub trait Store {
     fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError>;
     /// Replace the lifecycle record.
     fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError>;
+
+    /// The session's place in its tree and its children, once it has either.
+    fn family(&self) -> Result<Option<Family>, StoreError>;
+    /// Replace the family record.
+    fn save_family(&mut self, family: &Family) -> Result<(), StoreError>;
 }
 
 /// An invite link as stored: the secret itself is never stored, only its SHA-256.
@@ -176,6 +182,7 @@ pub struct MemoryStore {
     invites: Vec<InviteRecord>,
     index_mark: Option<IndexMark>,
     lifecycle: Option<Lifecycle>,
+    family: Option<Family>,
 }
 
 impl MemoryStore {
@@ -365,6 +372,15 @@ impl Store for MemoryStore {
 
     fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError> {
         self.lifecycle = Some(lifecycle.clone());
+        Ok(())
+    }
+
+    fn family(&self) -> Result<Option<Family>, StoreError> {
+        Ok(self.family.clone())
+    }
+
+    fn save_family(&mut self, family: &Family) -> Result<(), StoreError> {
+        self.family = Some(family.clone());
         Ok(())
     }
 }

@@ -8,7 +8,8 @@
 //! promptly when [`ToolContext::cancel`] fires. Blocking file I/O runs on the blocking pool.
 //!
 //! Families: [`file`] (read, write, edit), [`search`] (list, glob, grep), [`bash`] (commands, with
-//! [`changes`] telling which files a command changed).
+//! [`changes`] telling which files a command changed), [`session_tools`] (sub-sessions, asked of the
+//! session over the link).
 //!
 //! Invariant: every path a tool gets from the model goes through [`Workspace::resolve`]; a file tool
 //! writes only after the gate settled `Done` and never under a read-only path; commands run only under
@@ -20,6 +21,7 @@ pub mod changes;
 pub mod file;
 pub mod git;
 pub mod search;
+pub mod session_tools;
 
 use std::future::Future;
 use std::io::ErrorKind;
@@ -188,6 +190,23 @@ pub enum ToolError {
         /// The panic or join error.
         message: String,
     },
+    /// A sub-session tool in an agent without a session link (e.g. a local run).
+    #[error("sub-session tools need the session link, and this agent runs without one")]
+    NoSession,
+    /// The session did not answer a sub-session tool.
+    #[error("the session did not answer: {reason}")]
+    SessionUnreachable {
+        /// Why.
+        reason: String,
+    },
+    /// The session refused a sub-session tool's request (a guardrail, an unknown child, …).
+    #[error("the session refused ({code}): {message}")]
+    SessionRefused {
+        /// The typed error code, e.g. `child_limit`.
+        code: &'static str,
+        /// The session's explanation.
+        message: String,
+    },
     /// Another file system failure.
     #[error("i/o error on `{path}`: {source}")]
     Io {
@@ -266,6 +285,8 @@ pub struct ToolContext {
     pub output: Option<mpsc::UnboundedSender<String>>,
     /// Size and time limits.
     pub limits: ToolLimits,
+    /// The way to ask the session about sub-sessions; `None` without a session link.
+    pub session: Option<session_tools::SessionCalls>,
 }
 
 /// The read-only prefix `relative` (a resolved, workspace-relative path) falls under, if any: a prefix
@@ -492,6 +513,49 @@ pub static TOOLS: &[ToolDef] = &[
         },
         access: Access::Read,
         execute: |ctx, input| Box::pin(git::diff(ctx, input)),
+    },
+    ToolDef {
+        name: "spawn_session",
+        description: "Start a sub-session: another agent in its own sandbox that works on `prompt` (on this \
+                      repository unless `repo` is given) while you go on. Answers at once with the child's id \
+                      and status; follow it with session_status or list_children. Limits (nesting depth, \
+                      children running at once, sessions per tree) refuse with `child_limit`.",
+        input_schema: || {
+            json!({
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string", "description": "The child's task, complete in itself: it does not see this conversation."},
+                    "repo": {"type": "string", "description": "Repository `owner/name`; default this session's."},
+                    "title": {"type": "string", "description": "Short title; default the prompt's first line."}
+                },
+                "required": ["prompt"]
+            })
+        },
+        access: Access::Read,
+        execute: |ctx, input| Box::pin(session_tools::spawn_session(ctx, input)),
+    },
+    ToolDef {
+        name: "session_status",
+        description: "The state of one of your sub-sessions: id, repo, title, status (`starting`, `running`, \
+                      `idle` when its work is done, `stopped`, `failed`) and when it was created.",
+        input_schema: || {
+            json!({
+                "type": "object",
+                "properties": {
+                    "id": {"type": "string", "description": "The child's session id, as spawn_session returned it."}
+                },
+                "required": ["id"]
+            })
+        },
+        access: Access::Read,
+        execute: |ctx, input| Box::pin(session_tools::session_status(ctx, input)),
+    },
+    ToolDef {
+        name: "list_children",
+        description: "Every sub-session this session spawned, oldest first, with its status.",
+        input_schema: || json!({"type": "object", "properties": {}}),
+        access: Access::Read,
+        execute: |ctx, input| Box::pin(session_tools::list_children(ctx, input)),
     },
     ToolDef {
         name: "tool_catalogue",

@@ -79,6 +79,7 @@ fn context(root: &Path, gate: SyncGate) -> ToolContext {
         cancel: CancellationToken::new(),
         output: None,
         limits: ToolLimits::default(),
+        session: None,
     }
 }
 
@@ -124,6 +125,9 @@ async fn catalogue_and_definitions_list_exactly_the_tools() {
             "bash",
             "git_status",
             "git_diff",
+            "spawn_session",
+            "session_status",
+            "list_children",
             "tool_catalogue"
         ]
     );
@@ -1266,4 +1270,68 @@ async fn grep_in_parallel_returns_the_first_matches_in_path_order() {
     sorted.sort_unstable();
     assert_eq!(files.len(), 700);
     assert_eq!(files, sorted);
+}
+
+/// The sub-session tools ask the session and hand the model its answer; a refusal is an error that
+/// names its code; without a session link they say so.
+#[tokio::test]
+async fn session_tools_ask_the_session_and_report_refusals() {
+    use nightshift_protocol::http::SessionStatus;
+    use nightshift_protocol::{ChildInfo, ErrorCode, SessionCall, SessionReply};
+    let f = repo();
+    let (calls, mut requests) = session_tools::SessionCalls::new(Duration::from_secs(5));
+    let mut context = ctx(&f);
+    context.session = Some(calls);
+    let session = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(request) = requests.recv().await {
+            let reply = match &request.call {
+                SessionCall::SpawnSession { prompt, .. } if prompt == "too much" => {
+                    SessionReply::Refused {
+                        code: ErrorCode::ChildLimit,
+                        message: "at most 5 children may run at once".to_owned(),
+                    }
+                }
+                SessionCall::SpawnSession { title, .. } => SessionReply::Spawned {
+                    child: ChildInfo {
+                        id: "c1".to_owned(),
+                        repo: "demo/hello".to_owned(),
+                        title: title.clone().unwrap_or_default(),
+                        status: SessionStatus::Starting,
+                        created_ms: 7,
+                    },
+                },
+                _ => SessionReply::Children { children: vec![] },
+            };
+            seen.push(request.call);
+            let _ = request.reply.send(reply);
+        }
+        seen
+    });
+    let spawned = ok(
+        &context,
+        "spawn_session",
+        json!({"prompt": "write docs", "title": "docs"}),
+    )
+    .await;
+    let child: Value = serde_json::from_str(&spawned.output).unwrap();
+    assert_eq!(child["id"], "c1");
+    assert_eq!(child["status"], "starting");
+    let refused = err(&context, "spawn_session", json!({"prompt": "too much"})).await;
+    assert_eq!(
+        refused.to_string(),
+        "the session refused (child_limit): at most 5 children may run at once"
+    );
+    assert!(matches!(
+        err(&context, "spawn_session", json!({"prompt": "  "})).await,
+        ToolError::InvalidValue { .. }
+    ));
+    assert_eq!(ok(&context, "list_children", json!({})).await.output, "[]");
+    drop(context);
+    let seen = session.await.unwrap();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert!(matches!(
+        err(&ctx(&f), "session_status", json!({"id": "c1"})).await,
+        ToolError::NoSession
+    ));
 }

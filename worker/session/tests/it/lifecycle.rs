@@ -426,6 +426,18 @@ fn a_crash_while_draining_is_not_recovered() {
     });
     assert!(ended.sandbox.is_empty());
     assert_eq!(s.phase(), Phase::Parked);
+    // The session asked for the end: it is a stop, not a failure, and nobody is warned.
+    assert!(ended.events.iter().any(|e| matches!(
+        &e.event,
+        Event::SandboxStatus {
+            status: SandboxStatus::Stopped,
+            ..
+        }
+    )));
+    assert!(!ended
+        .events
+        .iter()
+        .any(|e| matches!(&e.event, Event::Notice { .. })));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Scenario tests of the session logic over the in-memory store.
 
 mod agent;
+mod children;
 mod lifecycle;
 mod membership;
 mod prompt;
