@@ -633,36 +633,44 @@ impl Store for SqlStore {
     }
 
     fn lifecycle(&self) -> Result<Option<Lifecycle>, StoreError> {
-        let found: Vec<BodyRow> = rows(
-            &self.sql,
-            "SELECT body FROM lifecycle WHERE singleton = 1",
-            vec![],
-        )?;
-        found.first().map(|r| from_json(&r.body)).transpose()
+        singleton_json(&self.sql, "lifecycle")
     }
 
     fn save_lifecycle(&mut self, lifecycle: &Lifecycle) -> Result<(), StoreError> {
-        exec(
-            &self.sql,
-            "INSERT OR REPLACE INTO lifecycle (singleton, body) VALUES (1, ?)",
-            vec![json(lifecycle)?],
-        )
+        save_singleton_json(&self.sql, "lifecycle", lifecycle)
     }
 
     fn family(&self) -> Result<Option<Family>, StoreError> {
-        let found: Vec<BodyRow> = rows(
-            &self.sql,
-            "SELECT body FROM family WHERE singleton = 1",
-            vec![],
-        )?;
-        found.first().map(|r| from_json(&r.body)).transpose()
+        singleton_json(&self.sql, "family")
     }
 
     fn save_family(&mut self, family: &Family) -> Result<(), StoreError> {
-        exec(
-            &self.sql,
-            "INSERT OR REPLACE INTO family (singleton, body) VALUES (1, ?)",
-            vec![json(family)?],
-        )
+        save_singleton_json(&self.sql, "family", family)
     }
+}
+
+/// The one JSON record of a `(singleton, body)` table (`table` is one of this file's names, never input).
+fn singleton_json<T: DeserializeOwned>(
+    sql: &SqlStorage,
+    table: &str,
+) -> Result<Option<T>, StoreError> {
+    let found: Vec<BodyRow> = rows(
+        sql,
+        &format!("SELECT body FROM {table} WHERE singleton = 1"),
+        vec![],
+    )?;
+    found.first().map(|r| from_json(&r.body)).transpose()
+}
+
+/// Replace the one JSON record of a `(singleton, body)` table.
+fn save_singleton_json<T: serde::Serialize>(
+    sql: &SqlStorage,
+    table: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    exec(
+        sql,
+        &format!("INSERT OR REPLACE INTO {table} (singleton, body) VALUES (1, ?)"),
+        vec![json(value)?],
+    )
 }
