@@ -2,9 +2,9 @@
 //! the session's Durable Object with the caller's identity in a header only the Worker sets.
 
 use nightshift_protocol::http::{
-    CreateSessionRequest, CreateSessionResponse, DevLoginRequest, InviteResponse, JoinResponse,
-    MeResponse, RepoSettingsRequest, RepoSummary, ReposResponse, SessionStatus, SessionsResponse,
-    TokenResponse, WarmRequest,
+    AuthSession, CreateSessionRequest, CreateSessionResponse, DevLoginRequest, InviteResponse,
+    JoinResponse, MeResponse, RepoSettingsRequest, RepoSummary, ReposResponse, SessionStatus,
+    SessionsResponse, TokenResponse, WarmRequest,
 };
 use nightshift_protocol::{Author, ErrorCode};
 use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
@@ -72,6 +72,13 @@ async fn route(mut req: Request, env: &Env) -> Result<Response, AppError> {
             )?;
             Ok(response)
         }
+        (Method::Get, ["auth", "session"]) => Ok(json_response(
+            &AuthSession {
+                user: auth::user(&req, env, now_ms()).ok(),
+                dev_mode: config::dev_mode(env),
+            },
+            200,
+        )),
         (Method::Get, ["api", "me"]) => {
             let user = auth::user(&req, env, now_ms())?;
             Ok(json_response(

@@ -199,3 +199,34 @@ pub fn lint(workspace: &Workspace) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// The web app: type-check with `tsc`, then `vite build` into `web/dist` (what wrangler serves).
+pub fn web(workspace: &Workspace, command: &str) -> anyhow::Result<()> {
+    step::run(command, "build web app (tsc, vite build)", |_| {
+        let node_modules = workspace.node_modules();
+        let web_dir = workspace.root.join("web");
+        let log_dir = workspace.log_dir();
+        step::run_logged(
+            Command::new(workspace.node())
+                .arg(node_modules.join("typescript/bin/tsc"))
+                .args(["--project", "."])
+                .current_dir(&web_dir)
+                .env("PATH", workspace.tool_path()),
+            &step::log_path(&log_dir, "build-web-tsc"),
+        )
+        .context("the web app does not type-check")?;
+        step::run_logged(
+            Command::new(workspace.node())
+                .arg(node_modules.join("vite/bin/vite.js"))
+                .args(["build", "--logLevel", "warn"])
+                .current_dir(&web_dir)
+                .env("PATH", workspace.tool_path())
+                .env("VITE_CONFIG_NATIVE_IGNORE_WARNING", "true"),
+            &step::log_path(&log_dir, "build-web-vite"),
+        )?;
+        if !web_dir.join("dist/index.html").exists() {
+            bail!("vite build succeeded but web/dist/index.html is missing");
+        }
+        Ok(Outcome::Done)
+    })
+}

@@ -34,6 +34,7 @@ struct Secrets {
 
 pub fn run(workspace: &Workspace) -> anyhow::Result<()> {
     setup::run(workspace)?;
+    build::web(workspace, "dev")?;
     build::worker(workspace, "dev")?;
     build::agent(workspace, "dev", Profile::Debug)?;
     let dev_dir = workspace.dev_dir();

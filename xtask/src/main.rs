@@ -4,6 +4,7 @@
 //! - `dev` builds and starts wrangler dev and the sandbox host on loopback, and stops both on Ctrl-C.
 //! - `test` runs every test layer; non-zero exit on any failure.
 //! - `bench` builds in release and runs the benchmark binary of the `tests` crate.
+//! - `wire` regenerates the web app's wire types from the protocol crate.
 
 mod build;
 mod dev;
@@ -25,7 +26,8 @@ commands:
           binaryen, Debian packages); idempotent
   dev     set up, build, and run Nightshift on http://127.0.0.1:8787 until Ctrl-C
   test    set up, build, and run every test layer (extra arguments go to `cargo test`)
-  bench   set up, build in release, and run the benchmarks (writes target/bench/report.json)";
+  bench   set up, build in release, and run the benchmarks (writes target/bench/report.json)
+  wire    regenerate web/src/wire.ts (the web app's wire types) from worker/protocol";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +37,7 @@ fn main() -> ExitCode {
         Some("dev") => dev::run(&workspace),
         Some("test") => test(&workspace, args.get(1..).unwrap_or_default()),
         Some("bench") => bench(&workspace),
+        Some("wire") => wire(&workspace),
         Some("-h" | "--help" | "help") => {
             println!("{USAGE}");
             Ok(())
@@ -58,6 +61,7 @@ fn test(workspace: &Workspace, extra: &[String]) -> anyhow::Result<()> {
     setup::run(workspace)?;
     build::check_protocol_wasm(workspace)?;
     build::lint(workspace)?;
+    build::web(workspace, "test")?;
     build::worker(workspace, "test")?;
     build::agent(workspace, "test", build::Profile::Debug)?;
     step::stream(
@@ -74,10 +78,30 @@ fn test(workspace: &Workspace, extra: &[String]) -> anyhow::Result<()> {
     )
 }
 
+/// `cargo xtask wire`: write `web/src/wire.ts` anew from the protocol crate (the `wire_types` test of the
+/// tests crate checks it is current).
+fn wire(workspace: &Workspace) -> anyhow::Result<()> {
+    step::stream(
+        "wire",
+        "write web/src/wire.ts",
+        workspace
+            .cargo()
+            .args([
+                "test",
+                "--package",
+                "nightshift-tests",
+                "--test",
+                "wire_types",
+            ])
+            .env("NIGHTSHIFT_WRITE_WIRE", "1"),
+    )
+}
+
 /// `cargo xtask bench`: setup, release builds, then the `bench` binary of the `tests` crate, which starts
 /// what it measures itself.
 fn bench(workspace: &Workspace) -> anyhow::Result<()> {
     setup::run(workspace)?;
+    build::web(workspace, "bench")?;
     build::worker(workspace, "bench")?;
     build::agent(workspace, "bench", build::Profile::Release)?;
     step::stream(

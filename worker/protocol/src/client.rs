@@ -4,6 +4,7 @@ use crate::{ErrorCode, EventEnvelope, Participant, QueuedPrompt, SessionInfo, St
 
 /// A message from a client to the session.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
     /// First message on every connection; replay starts after `last_seq`.
@@ -57,6 +58,7 @@ impl ClientMessage {
 // `welcome` is much larger than the rest; messages are short-lived, so boxing it would buy nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerMessage {
     /// Answer to `hello`; the replay follows as `event` messages.

@@ -4,6 +4,7 @@ use crate::{Author, PromptStatus, SandboxStatus};
 
 /// One logged event with its place in the session's log.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct EventEnvelope {
     /// Position in the log: contiguous, starting at 1, assigned only by the session object.
     pub seq: u64,
@@ -15,6 +16,7 @@ pub struct EventEnvelope {
 
 /// A logged event.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// A prompt was accepted into the queue.
@@ -209,6 +211,7 @@ impl Event {
 
 /// Kind of a file change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum FileChange {
     /// New file.

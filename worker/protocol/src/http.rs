@@ -7,6 +7,7 @@ use crate::{
 
 /// `POST /api/sessions`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct CreateSessionRequest {
     /// Repository, `owner/name`.
     pub repo: String,
@@ -26,6 +27,7 @@ pub struct CreateSessionRequest {
 
 /// `201` answer to `POST /api/sessions`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct CreateSessionResponse {
     /// Session id.
     pub id: String,
@@ -35,6 +37,7 @@ pub struct CreateSessionResponse {
 
 /// `POST /api/sessions/{id}/prompts`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct PromptRequest {
     /// The text.
     pub text: String,
@@ -44,6 +47,7 @@ pub struct PromptRequest {
 
 /// `202` answer to a prompt.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct PromptResponse {
     /// Prompt id.
     pub prompt_id: String,
@@ -53,6 +57,7 @@ pub struct PromptResponse {
 
 /// `POST /api/sessions/{id}/stop`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct StopRequest {
     /// What to stop.
     pub scope: StopScope,
@@ -60,6 +65,7 @@ pub struct StopRequest {
 
 /// `POST /api/sessions/{id}/invites` (the body is optional).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct CreateInviteRequest {
     /// How long the link works, from now (default [`INVITE_TTL_MS`], between [`INVITE_TTL_MIN_MS`] and
     /// [`INVITE_TTL_MAX_MS`]).
@@ -76,6 +82,7 @@ pub const INVITE_TTL_MAX_MS: u64 = 30 * 24 * 3600 * 1000;
 
 /// Answer to `POST /api/sessions/{id}/invites`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct InviteResponse {
     /// Link that adds whoever opens it (signed in) to the session.
     pub share_url: String,
@@ -89,6 +96,7 @@ pub struct InviteResponse {
 
 /// Where an invite is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum InviteState {
     /// Works: joining with it adds the caller.
@@ -101,6 +109,7 @@ pub enum InviteState {
 
 /// One invite as its session's owners see it (`GET /api/sessions/{id}/invites`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct InviteSummary {
     /// Invite id (not the secret, which is stored only as a hash).
     pub id: String,
@@ -118,6 +127,7 @@ pub struct InviteSummary {
 
 /// `GET /api/sessions/{id}/invites`: every invite of the session, newest first.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct InvitesResponse {
     /// The invites.
     pub invites: Vec<InviteSummary>,
@@ -125,6 +135,7 @@ pub struct InvitesResponse {
 
 /// A session's status in listings, derived from its sandbox and its queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum SessionStatus {
     /// The sandbox is being prepared (warming, starting, syncing).
@@ -167,6 +178,7 @@ impl SessionStatus {
 
 /// One session in `GET /api/sessions`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct SessionSummary {
     /// Session id.
     pub id: String,
@@ -192,6 +204,7 @@ pub struct SessionSummary {
 /// `GET /api/sessions?repo=&status=&participant=&limit=`: sessions the caller owns or joined, most
 /// recently active first.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct SessionsResponse {
     /// The sessions.
     pub sessions: Vec<SessionSummary>,
@@ -199,6 +212,7 @@ pub struct SessionsResponse {
 
 /// Answer to `POST /api/join/{token}`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct JoinResponse {
     /// Session id.
     pub id: String,
@@ -208,6 +222,7 @@ pub struct JoinResponse {
 
 /// `POST /auth/dev` (dev mode only).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct DevLoginRequest {
     /// Handle.
     pub login: String,
@@ -217,8 +232,20 @@ pub struct DevLoginRequest {
     pub email: String,
 }
 
+/// Answer to `GET /auth/session`: who is signed in, if anyone. Always `200`, so a page can ask before
+/// sign-in without an error.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
+pub struct AuthSession {
+    /// The signed-in person; `null` when the request carries no valid credentials.
+    pub user: Option<Author>,
+    /// Whether dev sign-in (`POST /auth/dev`) is available.
+    pub dev_mode: bool,
+}
+
 /// Answer to `POST /api/tokens`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct TokenResponse {
     /// Bearer token for `Authorization: Bearer …`.
     pub token: String,
@@ -228,6 +255,7 @@ pub struct TokenResponse {
 
 /// Answer to `GET /api/me`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct MeResponse {
     /// The signed-in person.
     pub user: Author,
@@ -237,6 +265,7 @@ pub struct MeResponse {
 
 /// The sandbox part of the session state.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct SandboxState {
     /// Provider's sandbox id, once known.
     pub id: Option<String>,
@@ -253,6 +282,7 @@ pub struct SandboxState {
 
 /// Usage totals of a session.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct UsageTotals {
     /// Input tokens.
     pub input_tokens: u64,
@@ -264,6 +294,7 @@ pub struct UsageTotals {
 
 /// `GET /api/sessions/{id}`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct SessionState {
     /// The session.
     pub session: SessionInfo,
@@ -284,6 +315,7 @@ pub struct SessionState {
 
 /// Where a session is in its life, its deadlines and its ceilings.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct LifecycleState {
     /// `starting`, `live`, `draining`, `parked`, `failed` or `ended`.
     pub phase: String,
@@ -301,6 +333,7 @@ pub struct LifecycleState {
 
 /// `GET /api/sessions/{id}/events`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct EventsPage {
     /// Events after the requested `seq`, in order.
     pub events: Vec<EventEnvelope>,
@@ -312,6 +345,7 @@ pub struct EventsPage {
 
 /// The body of every HTTP error.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
@@ -319,6 +353,7 @@ pub struct ErrorBody {
 
 /// Code and message of an HTTP error.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct ErrorDetail {
     /// Typed code.
     pub code: ErrorCode,
@@ -340,6 +375,7 @@ impl ErrorBody {
 
 /// `GET /api/repos`: every repository the Worker keeps images for, sorted by name.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct ReposResponse {
     /// The repositories.
     pub repos: Vec<RepoSummary>,
@@ -347,6 +383,7 @@ pub struct ReposResponse {
 
 /// One repository as `GET /api/repos` shows it: its image, its build and whatever people should know.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct RepoSummary {
     /// Repository, `owner/name`.
     pub repo: String,
@@ -373,6 +410,7 @@ pub struct RepoSummary {
 
 /// An image of a repository.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct RepoImage {
     /// Provider's image id.
     pub id: String,
@@ -384,6 +422,7 @@ pub struct RepoImage {
 
 /// Something about a repository that makes sessions on it slower or less fresh.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct RepoWarning {
     /// What kind of problem.
     pub kind: RepoWarningKind,
@@ -393,6 +432,7 @@ pub struct RepoWarning {
 
 /// Kind of a [`RepoWarning`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum RepoWarningKind {
     /// The newest image is older than twice the cadence.
@@ -405,6 +445,7 @@ pub enum RepoWarningKind {
 
 /// An image build the Worker asked for.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct RepoBuild {
     /// Provider's build id, once it answered.
     pub id: Option<String>,
@@ -420,6 +461,7 @@ pub struct RepoBuild {
 
 /// Status of a [`RepoBuild`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
     /// Asked for and not finished.
@@ -434,6 +476,7 @@ pub enum BuildStatus {
 
 /// The last warm-up the Worker asked of the provider for a repository.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct RepoWarm {
     /// Ready sandboxes asked for (`POST /v1/pools/{repo} {target}`).
     pub target: u32,
@@ -447,6 +490,7 @@ pub struct RepoWarm {
 
 /// How the provider answered a warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum WarmOutcome {
     /// Sent; no answer yet.
@@ -461,6 +505,7 @@ pub enum WarmOutcome {
 
 /// `POST /api/repos/warm`: predictive warm-up of a repository (the same as a `typing` in a session on it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct WarmRequest {
     /// Repository, `owner/name`.
     pub repo: String,
@@ -468,6 +513,7 @@ pub struct WarmRequest {
 
 /// `202` answer to a warm-up (`POST /api/repos/warm`, `POST /api/repos/{owner}/{name}/warm`).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct WarmResponse {
     /// Repository, `owner/name`.
     pub repo: String,
@@ -482,6 +528,7 @@ pub struct WarmResponse {
 
 /// `PATCH /api/repos/{owner}/{name}`: per-repository settings; absent fields stay as they are.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct RepoSettingsRequest {
     /// How often to build a new image.
     #[serde(default)]

@@ -9,6 +9,8 @@ pub mod decode;
 pub mod event;
 pub mod http;
 pub mod provider;
+#[cfg(feature = "ts")]
+pub mod typescript;
 
 pub use agent::{AgentMessage, ChildInfo, ServerToAgent, SessionCall, SessionReply};
 pub use client::{ClientMessage, ServerMessage};
@@ -26,6 +28,7 @@ pub const MAX_PROMPT_BYTES: usize = 64 * 1024;
 
 /// Who did something: the person behind a prompt, a participant, a commit author.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct Author {
     /// Stable handle (GitHub login in production, the chosen login in dev mode).
     pub login: String,
@@ -37,6 +40,7 @@ pub struct Author {
 
 /// A participant's role in a session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// Created the session.
@@ -47,6 +51,7 @@ pub enum Role {
 
 /// A member of a session as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct Participant {
     /// Stable handle.
     pub login: String,
@@ -67,6 +72,7 @@ pub const TYPING_MS: u64 = 5_000;
 
 /// Typed error codes, shared by WebSocket `error` messages and HTTP error bodies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The frame or body is not JSON.
@@ -169,6 +175,7 @@ impl ErrorCode {
 
 /// Scope of a `stop`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum StopScope {
     /// The running prompt only; the queue continues.
@@ -181,6 +188,7 @@ pub enum StopScope {
 
 /// Where a prompt is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum PromptStatus {
     /// Waiting behind another prompt or for the sandbox.
@@ -206,6 +214,7 @@ impl PromptStatus {
 
 /// A prompt waiting or running, as listed in `welcome` and in the session state.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct QueuedPrompt {
     /// Prompt id.
     pub prompt_id: String,
@@ -221,6 +230,7 @@ pub struct QueuedPrompt {
 
 /// Lifecycle of a session's sandbox, as in `sandbox_status`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 #[serde(rename_all = "snake_case")]
 pub enum SandboxStatus {
     /// A sandbox is being prepared ahead of need.
@@ -241,6 +251,7 @@ pub enum SandboxStatus {
 
 /// The public description of a session.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "ts", derive(ts_rs::TS))]
 pub struct SessionInfo {
     /// Session id.
     pub id: String,
