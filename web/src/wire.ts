@@ -320,7 +320,14 @@ additions: number,
 /**
  * Lines removed.
  */
-deletions: number, } | { "type": "sandbox_status", 
+deletions: number, 
+/**
+ * The change as a unified diff (`--- a/…`, `+++ b/…`, hunks), when the agent has one: exact for
+ * `write_file` and `edit_file`; for commands, the file against the last commit. Absent for binary
+ * files and files a command created; cut at 64 KiB with a `\ diff truncated` line. An addition to
+ * contract v1.
+ */
+diff?: string | null, } | { "type": "sandbox_status", 
 /**
  * New state.
  */

@@ -754,6 +754,7 @@ async fn call_tool(
                 change: change.change,
                 additions: change.additions,
                 deletions: change.deletions,
+                diff: change.diff,
             })
             .await?;
     }

@@ -365,6 +365,9 @@ async fn tool_calls_round_trip_through_the_model() {
             change: FileChange::Added,
             additions: 1,
             deletions: 0,
+            diff: Some(
+                "--- /dev/null\n+++ b/src/greeting.rs\n@@ -0,0 +1 @@\n+pub fn hi() {}\n".into(),
+            ),
         },
         token("Done"),
         token("."),

@@ -107,6 +107,12 @@ pub enum Event {
         additions: u64,
         /// Lines removed.
         deletions: u64,
+        /// The change as a unified diff (`--- a/…`, `+++ b/…`, hunks), when the agent has one: exact for
+        /// `write_file` and `edit_file`; for commands, the file against the last commit. Absent for binary
+        /// files and files a command created; cut at 64 KiB with a `\ diff truncated` line. An addition to
+        /// contract v1.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        diff: Option<String>,
     },
     /// The sandbox changed state.
     SandboxStatus {

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 use nightshift_protocol::event::FileChange;
 use tokio::process::Command;
 
-use super::FileChangeRecord;
+use super::{capped_diff, FileChangeRecord};
 
 /// Paths per `git diff` call, to stay far below the argument list limit.
 const DIFF_PATHS_PER_CALL: usize = 256;
@@ -127,6 +127,7 @@ pub async fn changed_files(
     }
 
     let mut counts: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut diffs: BTreeMap<String, String> = BTreeMap::new();
     let has_head = git_output(git(root).args(["rev-parse", "--verify", "--quiet", "HEAD"]))
         .await
         .is_some();
@@ -146,6 +147,20 @@ pub async fn changed_files(
             if let Some(numstat) = git_output(&mut command).await {
                 counts.extend(parse_numstat(&numstat));
             }
+            let mut command = git(root);
+            command.args([
+                "diff",
+                "--no-color",
+                "--no-ext-diff",
+                "--no-renames",
+                "--relative",
+                "HEAD",
+                "--",
+            ]);
+            command.args(chunk.iter().map(|(path, _)| path));
+            if let Some(patch) = git_output(&mut command).await {
+                diffs.extend(split_patch(&String::from_utf8_lossy(&patch)));
+            }
         }
     }
     let root = root.to_path_buf();
@@ -159,17 +174,50 @@ pub async fn changed_files(
                     None if change != FileChange::Deleted => (count_lines(&root.join(&path)), 0),
                     None => (0, 0),
                 };
+                let diff = diffs.remove(&path).and_then(capped_diff);
                 FileChangeRecord {
                     path,
                     change,
                     additions,
                     deletions,
+                    diff,
                 }
             })
             .collect()
     })
     .await
     .unwrap_or_default()
+}
+
+/// The per-file diffs of a `git diff` patch, by path: each runs from its `diff --git` line to the next.
+/// The path is taken from the `--- a/…` or `+++ b/…` line (a deleted file has only the first); files
+/// without one (binary files, mode changes only) and quoted (unusual) paths are left out.
+fn split_patch(patch: &str) -> BTreeMap<String, String> {
+    let mut diffs = BTreeMap::new();
+    let mut blocks: Vec<&str> = Vec::new();
+    let mut start = None;
+    for (offset, _) in patch.match_indices("diff --git ") {
+        if offset == 0 || patch.as_bytes()[offset - 1] == b'\n' {
+            if let Some(begin) = start {
+                blocks.push(&patch[begin..offset]);
+            }
+            start = Some(offset);
+        }
+    }
+    if let Some(begin) = start {
+        blocks.push(&patch[begin..]);
+    }
+    for block in blocks {
+        let header = block.split("\n@@").next().unwrap_or(block);
+        let path = header.lines().find_map(|line| {
+            line.strip_prefix("+++ b/")
+                .or_else(|| line.strip_prefix("--- a/"))
+        });
+        if let Some(path) = path {
+            diffs.insert(path.to_owned(), block.to_owned());
+        }
+    }
+    diffs
 }
 
 /// Each path whose status or stamp differs, with what happened to it.
@@ -230,4 +278,42 @@ fn count_lines(path: &Path) -> u64 {
     }
     let newlines = bytes.iter().filter(|&&b| b == b'\n').count() as u64;
     newlines + u64::from(!bytes.is_empty() && !bytes.ends_with(b"\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_patch;
+    use crate::run::tools::{capped_diff, MAX_DIFF_BYTES};
+
+    #[test]
+    fn a_patch_splits_into_one_diff_per_file() {
+        let patch = "diff --git a/a.rs b/a.rs\nindex 1..2 100644\n--- a/a.rs\n+++ b/a.rs\n@@ -1 +1 @@\n-x\n+diff --git a/not b/a-header\n\
+                     diff --git a/gone.txt b/gone.txt\ndeleted file mode 100644\n--- a/gone.txt\n+++ /dev/null\n@@ -1 +0,0 @@\n-bye\n\
+                     diff --git a/logo.png b/logo.png\nBinary files a/logo.png and b/logo.png differ\n";
+        let diffs = split_patch(patch);
+        assert_eq!(
+            diffs.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["a.rs", "gone.txt"],
+            "binary files have no diff"
+        );
+        assert_eq!(
+            diffs["a.rs"],
+            "diff --git a/a.rs b/a.rs\nindex 1..2 100644\n--- a/a.rs\n+++ b/a.rs\n@@ -1 +1 @@\n-x\n+diff --git a/not b/a-header\n"
+        );
+        assert!(diffs["gone.txt"].ends_with("-bye\n"));
+        assert!(split_patch("").is_empty());
+    }
+
+    #[test]
+    fn long_diffs_are_cut_at_a_line_with_a_note() {
+        assert_eq!(capped_diff(String::new()), None);
+        assert_eq!(capped_diff("+a\n".into()).as_deref(), Some("+a\n"));
+        let line = "+é123456789\n";
+        let long = line.repeat(MAX_DIFF_BYTES / line.len() + 10);
+        let cut = capped_diff(long.clone()).unwrap();
+        assert!(cut.len() <= MAX_DIFF_BYTES + 64);
+        let (kept, note) = cut.rsplit_once("\\ diff truncated: ").unwrap();
+        assert!(kept.ends_with('\n') && long.starts_with(kept));
+        assert_eq!(note, format!("{} more bytes\n", long.len() - kept.len()));
+    }
 }

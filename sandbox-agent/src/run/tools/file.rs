@@ -11,8 +11,8 @@ use serde_json::Value;
 use similar::{ChangeTag, TextDiff};
 
 use super::{
-    blocking, check_writable, io_error, parse_input, truncation_notice, FileChangeRecord,
-    ToolContext, ToolError, ToolOutput,
+    blocking, capped_diff, check_writable, io_error, parse_input, truncation_notice,
+    FileChangeRecord, ToolContext, ToolError, ToolOutput,
 };
 
 /// How much of a file is inspected for NUL bytes to call it binary (git looks at as much).
@@ -23,6 +23,8 @@ const LINE_MAX_BYTES: usize = 4000;
 const NOTICE_RESERVE_BYTES: usize = 160;
 /// How long a line diff may take before `similar` settles for a coarser one.
 const DIFF_TIMEOUT: Duration = Duration::from_secs(2);
+/// Unchanged lines around each hunk of a diff.
+const DIFF_CONTEXT_LINES: usize = 3;
 /// Cancellation is checked every this many lines.
 const CANCEL_CHECK_LINES: u64 = 4096;
 
@@ -208,6 +210,22 @@ pub(super) async fn write_file(ctx: &ToolContext, input: Value) -> Result<ToolOu
             None => (FileChange::Added, line_changes("", &input.content)),
             Some(old) => (FileChange::Modified, line_changes(old, &input.content)),
         };
+        let binary = |text: &str| text.bytes().take(BINARY_SNIFF_BYTES).any(|b| b == 0);
+        let diff = if binary(&input.content) || old.as_deref().is_some_and(binary) {
+            None
+        } else {
+            let relative = &resolved.relative;
+            let old_name = match old {
+                Some(_) => format!("a/{relative}"),
+                None => "/dev/null".to_owned(),
+            };
+            unified_diff(
+                old.as_deref().unwrap_or(""),
+                &input.content,
+                &old_name,
+                &format!("b/{relative}"),
+            )
+        };
         Ok(ToolOutput {
             output: format!(
                 "wrote {size_bytes} bytes to {} (+{additions} -{deletions})",
@@ -218,6 +236,7 @@ pub(super) async fn write_file(ctx: &ToolContext, input: Value) -> Result<ToolOu
                 change,
                 additions,
                 deletions,
+                diff,
             }],
         })
     })
@@ -288,7 +307,7 @@ pub(super) async fn edit_file(ctx: &ToolContext, input: Value) -> Result<ToolOut
         let (additions, deletions) = count_changes(&diff);
         let unified = diff
             .unified_diff()
-            .context_radius(3)
+            .context_radius(DIFF_CONTEXT_LINES)
             .header(&format!("a/{relative}"), &format!("b/{relative}"))
             .to_string();
         let replacements = if count == 1 {
@@ -305,6 +324,7 @@ pub(super) async fn edit_file(ctx: &ToolContext, input: Value) -> Result<ToolOut
                 change: FileChange::Modified,
                 additions,
                 deletions,
+                diff: capped_diff(unified.clone()),
             }],
         })
     })
@@ -341,6 +361,19 @@ fn count_changes<'a>(diff: &TextDiff<'a, 'a, 'a, str>) -> (u64, u64) {
                 ChangeTag::Equal => (additions, deletions),
             }
         })
+}
+
+/// The unified diff from `old` to `new` under the given file names, capped for a `file_changed` event.
+fn unified_diff(old: &str, new: &str, old_name: &str, new_name: &str) -> Option<String> {
+    let diff = TextDiff::configure()
+        .timeout(DIFF_TIMEOUT)
+        .diff_lines(old, new);
+    capped_diff(
+        diff.unified_diff()
+            .context_radius(DIFF_CONTEXT_LINES)
+            .header(old_name, new_name)
+            .to_string(),
+    )
 }
 
 /// Lines added and removed between `old` and `new`, by a line diff.

@@ -229,6 +229,30 @@ pub struct FileChangeRecord {
     pub additions: u64,
     /// Lines removed.
     pub deletions: u64,
+    /// Unified diff of the change, at most [`MAX_DIFF_BYTES`] (see [`capped_diff`]).
+    pub diff: Option<String>,
+}
+
+/// The largest diff a `file_changed` event carries.
+pub const MAX_DIFF_BYTES: usize = 64 * 1024;
+
+/// `diff` cut at the last whole line within [`MAX_DIFF_BYTES`], with a line saying so; `None` for an empty
+/// diff.
+pub fn capped_diff(mut diff: String) -> Option<String> {
+    if diff.is_empty() {
+        return None;
+    }
+    if diff.len() > MAX_DIFF_BYTES {
+        let mut cut = MAX_DIFF_BYTES;
+        while !diff.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let cut = diff[..cut].rfind('\n').map_or(0, |i| i + 1);
+        let dropped = diff.len() - cut;
+        diff.truncate(cut);
+        diff.push_str(&format!("\\ diff truncated: {dropped} more bytes\n"));
+    }
+    Some(diff)
 }
 
 /// What a successful tool call produced.

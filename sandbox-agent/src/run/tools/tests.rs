@@ -101,12 +101,24 @@ async fn err(ctx: &ToolContext, tool: &str, input: Value) -> ToolError {
     }
 }
 
+/// The records with their diffs left out, to compare the rest.
+fn without_diffs(changes: &[FileChangeRecord]) -> Vec<FileChangeRecord> {
+    changes
+        .iter()
+        .map(|change| FileChangeRecord {
+            diff: None,
+            ..change.clone()
+        })
+        .collect()
+}
+
 fn record(path: &str, change: FileChange, additions: u64, deletions: u64) -> FileChangeRecord {
     FileChangeRecord {
         path: path.into(),
         change,
         additions,
         deletions,
+        diff: None,
     }
 }
 
@@ -363,8 +375,12 @@ async fn write_file_creates_replaces_and_reports() {
     .await;
     assert_eq!(out.output, "wrote 4 bytes to new/deep/a.txt (+2 -0)");
     assert_eq!(
-        out.file_changes,
+        without_diffs(&out.file_changes),
         [record("new/deep/a.txt", FileChange::Added, 2, 0)]
+    );
+    assert_eq!(
+        out.file_changes[0].diff.as_deref(),
+        Some("--- /dev/null\n+++ b/new/deep/a.txt\n@@ -0,0 +1,2 @@\n+x\n+y\n")
     );
     assert_eq!(
         std::fs::read_to_string(f.root.join("new/deep/a.txt")).unwrap(),
@@ -377,8 +393,14 @@ async fn write_file_creates_replaces_and_reports() {
     )
     .await;
     assert_eq!(
-        out.file_changes,
+        without_diffs(&out.file_changes),
         [record("src/lib.rs", FileChange::Modified, 2, 1)]
+    );
+    assert_eq!(
+        out.file_changes[0].diff.as_deref(),
+        Some(
+            "--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,3 +1,4 @@\n one\n-two\n+2\n three\n+four\n"
+        )
     );
     let out = ok(
         &ctx,
@@ -475,8 +497,12 @@ async fn edit_file_replaces_exact_text_and_returns_a_diff() {
          --- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n"
     );
     assert_eq!(
-        out.file_changes,
+        without_diffs(&out.file_changes),
         [record("src/lib.rs", FileChange::Modified, 1, 1)]
+    );
+    assert_eq!(
+        out.file_changes[0].diff.as_deref(),
+        Some("--- a/src/lib.rs\n+++ b/src/lib.rs\n@@ -1,3 +1,3 @@\n one\n-two\n+TWO\n three\n")
     );
     assert_eq!(
         std::fs::read_to_string(f.root.join("src/lib.rs")).unwrap(),
@@ -731,7 +757,7 @@ async fn writes_wait_for_the_sync_gate_and_reads_do_not() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        written.file_changes,
+        without_diffs(&written.file_changes),
         [record("late.txt", FileChange::Added, 1, 0)]
     );
 }
@@ -1187,7 +1213,7 @@ async fn bash_reports_the_files_it_changed() {
     .await;
     assert_eq!(out.output, "exit code 0");
     assert_eq!(
-        out.file_changes,
+        without_diffs(&out.file_changes),
         [
             record("README.md", FileChange::Deleted, 0, 1),
             record("new.txt", FileChange::Added, 3, 0),
@@ -1195,6 +1221,25 @@ async fn bash_reports_the_files_it_changed() {
             record("src/nested/b.txt", FileChange::Modified, 2, 0),
         ]
     );
+    // Tracked files carry their diff against the last commit; a file the command created has none.
+    let diffs: Vec<Option<&str>> = out.file_changes.iter().map(|c| c.diff.as_deref()).collect();
+    let readme = diffs[0].expect("the deleted file has a diff");
+    assert!(
+        readme.starts_with("diff --git a/README.md b/README.md\ndeleted file mode"),
+        "{readme}"
+    );
+    assert!(
+        readme.contains("\n--- a/README.md\n+++ /dev/null\n"),
+        "{readme}"
+    );
+    assert_eq!(diffs[1], None);
+    let lib = diffs[2].expect("the modified file has a diff");
+    assert!(
+        lib.contains("\n--- a/src/lib.rs\n+++ b/src/lib.rs\n"),
+        "{lib}"
+    );
+    assert!(lib.contains("\n-two\n+TWO\n"), "{lib}");
+    assert!(!lib.contains("b.txt"), "one file per diff: {lib}");
     // Nothing changed, nothing reported.
     let out = ok(
         &ctx,
