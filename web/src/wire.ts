@@ -571,7 +571,11 @@ role: Role,
 /**
  * Logins of its participants, in joining order.
  */
-participants: Array<string>, };
+participants: Array<string>, 
+/**
+ * Its pull request, once one was opened. An addition to contract v1.
+ */
+pull_request_url?: string | null, };
 
 export type SessionsResponse = { 
 /**

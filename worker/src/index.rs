@@ -41,6 +41,8 @@ const SCHEMA: &[&str] = &[
         PRIMARY KEY (session_id, login)
     );
     CREATE INDEX IF NOT EXISTS session_participants_by_login ON session_participants (login);",
+    // v2: the session's pull request, for the sessions list.
+    "ALTER TABLE sessions ADD COLUMN pull_request_url TEXT",
 ];
 
 /// Set once this isolate has brought the schema up to date (the schema is shared, not per object).
@@ -149,9 +151,11 @@ pub async fn write(env: &Env, entry: &Entry) -> Result<(), AppError> {
     let db = database(env).await?;
     let mut statements = vec![db
         .prepare(
-            "INSERT INTO sessions (id, repo, title, created_by, created_ms, status, last_activity_ms, version)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+            "INSERT INTO sessions (id, repo, title, created_by, created_ms, status, last_activity_ms, version,
+                                   pull_request_url)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
              ON CONFLICT (id) DO UPDATE SET title = excluded.title, status = excluded.status,
+                 pull_request_url = COALESCE(excluded.pull_request_url, sessions.pull_request_url),
                  last_activity_ms = MAX(sessions.last_activity_ms, excluded.last_activity_ms),
                  version = excluded.version
              WHERE excluded.version >= sessions.version",
@@ -165,6 +169,7 @@ pub async fn write(env: &Env, entry: &Entry) -> Result<(), AppError> {
             JsValue::from_str(entry.mark.status.as_str()),
             number(entry.mark.last_activity_ms),
             number(entry.version),
+            text_or_null(entry.mark.pull_request_url.as_deref()),
         ])
         .map_err(|e| internal("write", e))?];
     for member in &entry.participants {
@@ -200,6 +205,7 @@ struct SummaryRow {
     last_activity_ms: f64,
     role: String,
     participants: Option<String>,
+    pull_request_url: Option<String>,
 }
 
 /// Sessions `login` takes part in that pass `filters`, most recently active first.
@@ -212,7 +218,7 @@ pub async fn list(
     let result = db
         .prepare(
             "SELECT s.id, s.repo, s.title, s.status, s.created_by, s.created_ms, s.last_activity_ms,
-                    me.role AS role,
+                    s.pull_request_url, me.role AS role,
                     (SELECT json_group_array(login) FROM
                         (SELECT login FROM session_participants p
                          WHERE p.session_id = s.id ORDER BY p.joined_ms, p.login)) AS participants
@@ -254,6 +260,7 @@ pub async fn list(
                 created_ms: row.created_ms as u64,
                 last_activity_ms: row.last_activity_ms as u64,
                 participants,
+                pull_request_url: row.pull_request_url,
             })
         })
         .collect()

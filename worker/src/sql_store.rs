@@ -90,6 +90,8 @@ const MIGRATIONS: &[&str] = &[
         singleton INTEGER PRIMARY KEY CHECK (singleton = 1),
         body TEXT NOT NULL
     );",
+    // v6 (web app): the pull request the index entry names.
+    "ALTER TABLE index_mark ADD COLUMN pull_request_url TEXT;",
 ];
 
 /// Bring the session schema to the newest version. Cheap when it already is: one read.
@@ -299,6 +301,7 @@ struct IndexMarkRow {
     status: String,
     last_activity_ms: u64,
     participants: u32,
+    pull_request_url: Option<String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -603,7 +606,8 @@ impl Store for SqlStore {
     fn index_mark(&self) -> Result<Option<IndexMark>, StoreError> {
         let found: Vec<IndexMarkRow> = rows(
             &self.sql,
-            "SELECT status, last_activity_ms, participants FROM index_mark WHERE singleton = 1",
+            "SELECT status, last_activity_ms, participants, pull_request_url
+             FROM index_mark WHERE singleton = 1",
             vec![],
         )?;
         found
@@ -614,6 +618,7 @@ impl Store for SqlStore {
                     status: enum_from(&r.status)?,
                     last_activity_ms: r.last_activity_ms,
                     participants: r.participants,
+                    pull_request_url: r.pull_request_url,
                 })
             })
             .transpose()
@@ -622,12 +627,14 @@ impl Store for SqlStore {
     fn save_index_mark(&mut self, mark: &IndexMark) -> Result<(), StoreError> {
         exec(
             &self.sql,
-            "INSERT OR REPLACE INTO index_mark (singleton, status, last_activity_ms, participants)
-             VALUES (1, ?, ?, ?)",
+            "INSERT OR REPLACE INTO index_mark
+                 (singleton, status, last_activity_ms, participants, pull_request_url)
+             VALUES (1, ?, ?, ?, ?)",
             vec![
                 enum_name(&mark.status)?.into(),
                 int(mark.last_activity_ms)?,
                 int(u64::from(mark.participants))?,
+                mark.pull_request_url.clone().into(),
             ],
         )
     }

@@ -199,6 +199,9 @@ pub struct SessionSummary {
     pub role: Role,
     /// Logins of its participants, in joining order.
     pub participants: Vec<String>,
+    /// Its pull request, once one was opened. An addition to contract v1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pull_request_url: Option<String>,
 }
 
 /// `GET /api/sessions?repo=&status=&participant=&limit=`: sessions the caller owns or joined, most

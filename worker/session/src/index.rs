@@ -29,7 +29,7 @@ pub fn status(sandbox: SandboxStatus, prompts_unfinished: bool) -> SessionStatus
 }
 
 /// The session's index entry as of now, from its store: status, `last_activity_ms` (the newest event's
-/// time, or `now_ms`) and the number of participants.
+/// time, or `now_ms`), the number of participants, and the pull request written last.
 pub fn current(store: &impl Store, last_activity_ms: u64) -> Result<IndexMark, SessionError> {
     let sandbox = store.sandbox()?.ok_or(SessionError::NotFound)?;
     let unfinished = !store.unfinished_prompts()?.is_empty();
@@ -37,6 +37,7 @@ pub fn current(store: &impl Store, last_activity_ms: u64) -> Result<IndexMark, S
         status: status(sandbox.status, unfinished),
         last_activity_ms,
         participants: u32::try_from(store.members()?.len()).unwrap_or(u32::MAX),
+        pull_request_url: store.index_mark()?.and_then(|m| m.pull_request_url),
     })
 }
 
@@ -47,6 +48,7 @@ pub fn due(written: Option<&IndexMark>, now: &IndexMark) -> bool {
         Some(written) => {
             written.status != now.status
                 || written.participants != now.participants
+                || written.pull_request_url != now.pull_request_url
                 || now.last_activity_ms
                     >= written
                         .last_activity_ms
@@ -61,7 +63,19 @@ pub fn take_due(
     store: &mut impl Store,
     last_activity_ms: u64,
 ) -> Result<Option<IndexMark>, SessionError> {
-    let now = current(store, last_activity_ms)?;
+    take_due_with(store, last_activity_ms, None)
+}
+
+/// [`take_due`], with a pull request just logged.
+fn take_due_with(
+    store: &mut impl Store,
+    last_activity_ms: u64,
+    pull_request_url: Option<String>,
+) -> Result<Option<IndexMark>, SessionError> {
+    let mut now = current(store, last_activity_ms)?;
+    if pull_request_url.is_some() {
+        now.pull_request_url = pull_request_url;
+    }
     if !due(store.index_mark()?.as_ref(), &now) {
         return Ok(None);
     }
@@ -69,7 +83,7 @@ pub fn take_due(
     Ok(Some(now))
 }
 
-/// Whether logging `event` can change the session's listing status.
+/// Whether logging `event` can change the session's listing (its status or its pull request).
 pub fn changes_status(event: &Event) -> bool {
     matches!(
         event,
@@ -78,6 +92,7 @@ pub fn changes_status(event: &Event) -> bool {
             | Event::PromptFinished { .. }
             | Event::PromptCancelled { .. }
             | Event::SandboxStatus { .. }
+            | Event::PullRequest { .. }
     )
 }
 
@@ -98,5 +113,9 @@ pub fn after_events(
             }
         }
     }
-    take_due(store, activity_ms)
+    let pull_request_url = events.iter().rev().find_map(|e| match &e.event {
+        Event::PullRequest { url, .. } => Some(url.clone()),
+        _ => None,
+    });
+    take_due_with(store, activity_ms, pull_request_url)
 }

@@ -168,6 +168,9 @@ pub struct IndexMark {
     pub last_activity_ms: u64,
     /// Participants written (count; a join changes it).
     pub participants: u32,
+    /// The session's pull request, from its newest `pull_request` event.
+    #[serde(default)]
+    pub pull_request_url: Option<String>,
 }
 
 /// A [`Store`] in memory, for tests and tools.

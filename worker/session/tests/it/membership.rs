@@ -194,6 +194,50 @@ fn the_index_entry_follows_status_and_joins_at_once_and_activity_at_most_every_i
 }
 
 #[test]
+fn a_pull_request_is_written_to_the_index_at_once_and_kept() {
+    use nightshift_protocol::{Event, EventEnvelope};
+    let mut store = created();
+    index::take_due(&mut store, 1_000).unwrap();
+    let logged = |seq, event| EventEnvelope {
+        seq,
+        ts_ms: 2_000,
+        event,
+    };
+    let opened = [logged(
+        7,
+        Event::PullRequest {
+            number: 12,
+            url: "https://github.com/demo/hello/pull/12".into(),
+            state: "open".into(),
+        },
+    )];
+    let mark = index::after_events(&mut store, &opened, 2_000)
+        .unwrap()
+        .expect("a new pull request is due at once");
+    assert_eq!(
+        mark.pull_request_url.as_deref(),
+        Some("https://github.com/demo/hello/pull/12")
+    );
+    // Later entries keep it.
+    Session::new(&mut store, 3_000)
+        .join(&author("bob"))
+        .unwrap();
+    let later = index::take_due(&mut store, 3_000).unwrap().unwrap();
+    assert_eq!(later.participants, 2);
+    assert_eq!(later.pull_request_url, mark.pull_request_url);
+    // The same pull request again (a state change) writes nothing new before the interval.
+    let same = [logged(
+        8,
+        Event::PullRequest {
+            number: 12,
+            url: "https://github.com/demo/hello/pull/12".into(),
+            state: "merged".into(),
+        },
+    )];
+    assert_eq!(index::after_events(&mut store, &same, 3_001).unwrap(), None);
+}
+
+#[test]
 fn listing_status_comes_from_the_sandbox_and_the_queue() {
     use nightshift_session::index::status;
     assert_eq!(
