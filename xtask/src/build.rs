@@ -200,6 +200,19 @@ pub fn lint(workspace: &Workspace) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `vite build --watch` for `cargo xtask dev`: rebuilds `web/dist` on every save (type errors show in
+/// the editor and in the next `cargo xtask test`, not here).
+pub fn web_watch(workspace: &Workspace) -> Command {
+    let mut command = Command::new(workspace.node());
+    command
+        .arg(workspace.node_modules().join("vite/bin/vite.js"))
+        .args(["build", "--watch", "--logLevel", "warn"])
+        .current_dir(workspace.root.join("web"))
+        .env("PATH", workspace.tool_path())
+        .env("VITE_CONFIG_NATIVE_IGNORE_WARNING", "true");
+    command
+}
+
 /// The web app: type-check with `tsc`, then `vite build` into `web/dist` (what wrangler serves).
 pub fn web(workspace: &Workspace, command: &str) -> anyhow::Result<()> {
     step::run(command, "build web app (tsc, vite build)", |_| {

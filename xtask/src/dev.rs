@@ -90,6 +90,8 @@ pub fn run(workspace: &Workspace) -> anyhow::Result<()> {
         };
         process::wait_healthy(host, HOST_ADDR, START_TIMEOUT)?;
         process::wait_healthy(wrangler, WORKER_ADDR, START_TIMEOUT)?;
+        // Edits under web/ are rebuilt into web/dist, which wrangler serves: reload the page to see them.
+        services.push(Service::spawn("web", &mut build::web_watch(workspace))?);
         Ok(Outcome::Done)
     });
     if let Err(error) = started {
@@ -139,6 +141,7 @@ pub fn run(workspace: &Workspace) -> anyhow::Result<()> {
         "  state:           {} (delete it to start over)",
         dev_dir.display()
     );
+    println!("  web app:         edits under web/ are rebuilt as you save (reload the page)");
     println!("  Ctrl-C stops everything.");
     println!();
     for service in &services {
