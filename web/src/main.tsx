@@ -5,12 +5,49 @@ import { api, describeError } from "./api";
 import { Header } from "./components/Header";
 import { JoinPage } from "./pages/Join";
 import { NewSessionPage } from "./pages/NewSession";
-import { SessionPage } from "./pages/Session";
 import { SessionsPage } from "./pages/Sessions";
 import { SignInPage } from "./pages/SignIn";
 import { interceptLinks, markReady, parseRoute, useLocation } from "./route";
 import type { AuthSession, Author } from "./wire";
 import "./style.css";
+
+// The session view carries markdown and highlighting: a separate chunk, fetched at once when the first
+// page is a session (in parallel with `/auth/session`), otherwise after the first render.
+type SessionModule = typeof import("./pages/Session");
+let sessionModule: Promise<SessionModule> | null = null;
+const loadSession = (): Promise<SessionModule> => (sessionModule ??= import("./pages/Session"));
+if (location.pathname.startsWith("/s/") || location.pathname.startsWith("/join/")) void loadSession();
+
+function LazySession({ id, user }: { id: string; user: Author }) {
+  const [module, setModule] = useState<SessionModule | null>(null);
+  const [failed, setFailed] = useState<string | null>(null);
+  useEffect(() => {
+    let live = true;
+    loadSession()
+      .then((loaded) => live && setModule(loaded))
+      .catch((error: unknown) => live && setFailed(describeError(error)));
+    return () => {
+      live = false;
+    };
+  }, []);
+  if (failed) {
+    return (
+      <main class="page narrow">
+        <p role="alert" class="error">
+          Could not load the session view: {failed}
+        </p>
+      </main>
+    );
+  }
+  if (!module) {
+    return (
+      <main class="page">
+        <p class="muted">Loading the session…</p>
+      </main>
+    );
+  }
+  return <module.SessionPage id={id} user={user} />;
+}
 
 type Auth = { state: "loading" } | { state: "failed"; message: string } | { state: "known"; session: AuthSession };
 
@@ -23,7 +60,7 @@ function Page({ user }: { user: Author }) {
     case "new":
       return <NewSessionPage />;
     case "session":
-      return <SessionPage key={route.id} id={route.id} user={user} />;
+      return <LazySession key={route.id} id={route.id} user={user} />;
     case "join":
       return <JoinPage token={route.token} />;
     case "missing":
@@ -101,4 +138,7 @@ const root = document.getElementById("app");
 if (root) {
   interceptLinks(root);
   render(<App />, root);
+  // Warm the session chunk while the person looks at the list.
+  const idle = window.requestIdleCallback ?? ((callback: () => void) => setTimeout(callback, 1500));
+  idle(() => void loadSession());
 }

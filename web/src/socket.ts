@@ -28,7 +28,10 @@ export class SessionSocket {
   private welcomed = false;
   private readonly url: string;
   private readonly handlers: SocketHandlers;
-  private readonly onOnline = () => this.retryNow();
+  private readonly onOnline = () => {
+    if (this.ready) this.handlers.state("connected", 0);
+    else this.retryNow();
+  };
   private readonly onOffline = () => this.handlers.state("offline", this.attempt);
 
   constructor(sessionId: string, handlers: SocketHandlers) {

@@ -38,7 +38,7 @@ export function timeLeft(endsMs: number, nowMs: number): string {
 }
 
 export function clock(ms: number): string {
-  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
 }
 
 export function usd(value: number): string {
@@ -46,5 +46,6 @@ export function usd(value: number): string {
 }
 
 export function count(value: number): string {
-  return value >= 10_000 ? `${(value / 1000).toFixed(1)}k` : String(value);
+  if (value >= 1_000_000) return `${+(value / 1_000_000).toFixed(2)}M`;
+  return value >= 10_000 ? `${+(value / 1000).toFixed(1)}k` : String(value);
 }

@@ -241,17 +241,30 @@ function update(t: Transcript, turn: Turn, change: Partial<Turn>): Turn {
   return next;
 }
 
-/** Parts with the last one replaced. */
-function withLast(parts: readonly Part[], last: Part): Part[] {
-  const next = parts.slice(0, -1);
-  next.push(last);
+/**
+ * Index of the text part tokens still stream into: the last part that is not a non-turn event line (those
+ * may arrive mid-stream, e.g. a `git_sync`), when it is unfinished text; otherwise -1.
+ */
+function openTextIndex(parts: readonly Part[]): number {
+  for (let i = parts.length - 1; i >= 0; i--) {
+    const part = parts[i];
+    if (part?.kind === "event") continue;
+    return part?.kind === "text" && !part.final ? i : -1;
+  }
+  return -1;
+}
+
+function replaceAt(parts: readonly Part[], index: number, part: Part): Part[] {
+  const next = parts.slice();
+  next[index] = part;
   return next;
 }
 
 /** Closes a streaming text part, so what follows starts a new one. */
 function closeText(parts: readonly Part[]): readonly Part[] {
-  const last = parts[parts.length - 1];
-  if (last?.kind === "text" && !last.final) return withLast(parts, { ...last, final: true });
+  const index = openTextIndex(parts);
+  const open = parts[index];
+  if (open?.kind === "text") return replaceAt(parts, index, { ...open, final: true });
   return parts;
 }
 
@@ -271,6 +284,23 @@ function updateTool(t: Transcript, callId: string, change: (part: ToolPart) => T
   }
 }
 
+/**
+ * A turn takes its place in the timeline when it starts, so what happened while it waited (sandbox
+ * status, git sync, other turns) shows above it. Searches from the end, where a waiting turn usually is.
+ */
+function moveTurnToEnd(t: Transcript, promptId: string): void {
+  const key = `p:${promptId}`;
+  for (let i = t.entries.length - 1; i >= 0; i--) {
+    const entry = t.entries[i];
+    if (entry?.kind === "turn" && entry.key === key) {
+      if (i === t.entries.length - 1) return;
+      t.entries.splice(i, 1);
+      t.entries.push(entry);
+      return;
+    }
+  }
+}
+
 function finishQueue(t: Transcript, promptId: string): void {
   t.queue.delete(promptId);
   if (t.runningId === promptId) t.runningId = null;
@@ -280,7 +310,7 @@ function finishQueue(t: Transcript, promptId: string): void {
 function addEventPart(t: Transcript, part: EventPart | FilePart): void {
   const running = t.runningId === null ? undefined : t.turns.get(t.runningId);
   if (running) {
-    update(t, running, { parts: [...closeText(running.parts), part] });
+    update(t, running, { parts: [...running.parts, part] });
     return;
   }
   t.entries.push({ kind: "event", key: part.id, part });
@@ -314,6 +344,7 @@ function applyEvent(t: Transcript, seq: number, tsMs: number, event: Event): voi
     case "prompt_started": {
       const turn = turnFor(t, event.prompt_id, tsMs);
       update(t, turn, { status: "running", startedMs: tsMs });
+      moveTurnToEnd(t, event.prompt_id);
       const queued = t.queue.get(event.prompt_id);
       if (queued) t.queue.set(event.prompt_id, { ...queued, status: "running" });
       t.runningId = event.prompt_id;
@@ -338,9 +369,10 @@ function applyEvent(t: Transcript, seq: number, tsMs: number, event: Event): voi
     }
     case "token": {
       const turn = turnFor(t, event.prompt_id, tsMs);
-      const last = turn.parts[turn.parts.length - 1];
-      if (last?.kind === "text" && !last.final) {
-        update(t, turn, { parts: withLast(turn.parts, { ...last, text: last.text + event.text }) });
+      const index = openTextIndex(turn.parts);
+      const open = turn.parts[index];
+      if (open?.kind === "text") {
+        update(t, turn, { parts: replaceAt(turn.parts, index, { ...open, text: open.text + event.text }) });
       } else {
         update(t, turn, { parts: [...turn.parts, { kind: "text", id: `t:${seq}`, text: event.text, final: false }] });
       }
@@ -349,10 +381,11 @@ function applyEvent(t: Transcript, seq: number, tsMs: number, event: Event): voi
     case "message": {
       if (event.role === "user") return;
       const turn = turnFor(t, event.prompt_id, tsMs);
-      const last = turn.parts[turn.parts.length - 1];
+      const index = openTextIndex(turn.parts);
+      const open = turn.parts[index];
       // The final text of one model call: it replaces the tokens streamed for it, never adds to them.
-      if (event.role === "assistant" && last?.kind === "text" && !last.final) {
-        update(t, turn, { parts: withLast(turn.parts, { ...last, text: event.text, final: true }) });
+      if (event.role === "assistant" && open?.kind === "text") {
+        update(t, turn, { parts: replaceAt(turn.parts, index, { ...open, text: event.text, final: true }) });
       } else {
         update(t, turn, { parts: [...turn.parts, { kind: "text", id: `m:${seq}`, text: event.text, final: true }] });
       }

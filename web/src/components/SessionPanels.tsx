@@ -142,16 +142,26 @@ export function StopControls({ onStop }: { onStop: (scope: StopScope) => void })
 export function NoticeBanner({ notices, onDismiss }: { notices: Notice[]; onDismiss: () => void }) {
   if (notices.length === 0) return null;
   const worst = notices.some((n) => n.level === "error") ? "error" : notices.some((n) => n.level === "warn") ? "warn" : "info";
-  const shown = notices.slice(-3);
+  // The same notice repeated (e.g. once per turn) is shown once, with a count.
+  const grouped = new Map<string, { notice: Notice; times: number }>();
+  for (const notice of notices) {
+    const key = `${notice.level}\u0000${notice.text}`;
+    const seen = grouped.get(key);
+    grouped.delete(key);
+    grouped.set(key, { notice, times: (seen?.times ?? 0) + 1 });
+  }
+  const all = [...grouped.values()];
+  const shown = all.slice(-3);
   return (
     <div class={`banner banner-${worst}`} data-testid="notice-banner" aria-label="Notices" role="region">
       <ul>
-        {shown.map((n) => (
-          <li key={n.seq} data-level={n.level}>
-            <strong>{n.level}</strong> {n.text}
+        {shown.map(({ notice, times }) => (
+          <li key={notice.seq} data-level={notice.level}>
+            <strong>{notice.level}</strong> {notice.text}
+            {times > 1 && <span class="muted"> ×{times}</span>}
           </li>
         ))}
-        {notices.length > shown.length && <li class="muted">and {notices.length - shown.length} earlier</li>}
+        {all.length > shown.length && <li class="muted">and {all.length - shown.length} more</li>}
       </ul>
       <button type="button" class="small" onClick={onDismiss}>
         Dismiss

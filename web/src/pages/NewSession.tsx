@@ -7,6 +7,9 @@ import { age } from "../time";
 import type { RepoSummary } from "../wire";
 
 const TITLE_MAX_CHARS = 80;
+/** The select's value for "a repository that is not listed yet" (the list holds only repositories in use). */
+const OTHER = "__other__";
+const REPO_NAME = /^[A-Za-z0-9_.-]+\/[A-Za-z0-9_.-]+$/;
 
 function repoLabel(repo: RepoSummary): string {
   const image = repo.image ? `image ${age(repo.image.age_ms)} old` : repo.building ? "image building" : "no image yet";
@@ -23,7 +26,8 @@ export function titleFromPrompt(prompt: string): string {
 export function NewSessionPage() {
   const [repos, setRepos] = useState<RepoSummary[] | null>(null);
   const [loadError, setLoadError] = useState<string | null>(null);
-  const [repo, setRepo] = useState("");
+  const [choice, setChoice] = useState("");
+  const [otherRepo, setOtherRepo] = useState("");
   const [prompt, setPrompt] = useState("");
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
@@ -37,7 +41,7 @@ export function NewSessionPage() {
         if (!live) return;
         setRepos(response.repos);
         const first = response.repos[0];
-        setRepo((current) => current || (first ? first.repo : ""));
+        setChoice((current) => current || (first ? first.repo : OTHER));
       })
       .catch((err: unknown) => {
         if (!live) return;
@@ -53,6 +57,8 @@ export function NewSessionPage() {
     if (repos !== null) markReady();
   }, [repos !== null]);
 
+  const repo = choice === OTHER ? (REPO_NAME.test(otherRepo.trim()) ? otherRepo.trim() : "") : choice;
+
   const warm = (forRepo: string) => {
     if (!forRepo || warmedFor.current === forRepo) return;
     warmedFor.current = forRepo;
@@ -61,8 +67,8 @@ export function NewSessionPage() {
   };
 
   const onRepoChange = (next: string) => {
-    setRepo(next);
-    if (warmedFor.current !== null && prompt) warm(next);
+    setChoice(next);
+    if (warmedFor.current !== null && prompt && next !== OTHER) warm(next);
   };
 
   const start = async () => {
@@ -100,16 +106,32 @@ export function NewSessionPage() {
       >
         <label>
           <span>Repository</span>
-          <select value={repo} disabled={repos === null} onChange={(e) => onRepoChange(e.currentTarget.value)}>
+          <select value={choice} disabled={repos === null} onChange={(e) => onRepoChange(e.currentTarget.value)}>
             {repos === null && <option value="">Loading…</option>}
-            {repos?.length === 0 && <option value="">No repositories</option>}
             {repos?.map((r) => (
               <option key={r.repo} value={r.repo}>
                 {repoLabel(r)}
               </option>
             ))}
+            {repos !== null && <option value={OTHER}>Another repository…</option>}
           </select>
         </label>
+        {choice === OTHER && (
+          <label>
+            <span>Repository name</span>
+            <input
+              class="mono"
+              placeholder="owner/name"
+              value={otherRepo}
+              spellcheck={false}
+              autoCapitalize="off"
+              onInput={(e) => setOtherRepo(e.currentTarget.value)}
+              onBlur={() => {
+                if (warmedFor.current !== null && prompt) warm(repo);
+              }}
+            />
+          </label>
+        )}
         {loadError && (
           <p role="alert" class="error">
             Could not load repositories: {loadError}

@@ -236,7 +236,7 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
           </span>
           <span class={`connection conn-${connection.state}`} data-testid="connection" data-state={connection.state} role="status">
             {connection.state === "connected"
-              ? ""
+              ? "live"
               : connection.state === "offline"
                 ? "Offline"
                 : welcomed || connection.attempt > 0
