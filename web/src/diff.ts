@@ -14,7 +14,9 @@ export interface DiffLine {
 export function parseDiff(diff: string, path: string): DiffLine[] {
   const language = languageForPath(path);
   const lines = diff.endsWith("\n") ? diff.slice(0, -1).split("\n") : diff.split("\n");
-  return lines.map((line): DiffLine => {
+  // The file header (`---`/`+++`, `diff`, `index`) repeats the path the change already shows.
+  const body = lines.filter((line) => !/^(--- |\+\+\+ |diff |index )/.test(line));
+  return body.map((line): DiffLine => {
     if (line.startsWith("@@")) return { kind: "hunk", marker: "", html: highlight(line, null) };
     if (line.startsWith("+++") || line.startsWith("---") || line.startsWith("diff ") || line.startsWith("index ") || line.startsWith("\\")) {
       return { kind: "meta", marker: "", html: highlight(line, null) };

@@ -9,7 +9,8 @@ import { type ConnectionState, SessionSocket } from "../socket";
 import { applyMessage, emptyTranscript, type Transcript, waitingPrompts } from "../transcript";
 import type { Author, LifecycleState, SessionState, StopScope } from "../wire";
 
-const WINDOW_ENTRIES = 200;
+const WINDOW_ENTRIES = 60;
+const WINDOW_STEP = 100;
 const TYPING_INTERVAL_MS = 2000;
 const STATE_REFRESH_MIN_MS = 5000;
 const STATE_REFRESH_EVERY_MS = 60_000;
@@ -281,7 +282,7 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
         <div class="session-main">
           <div class="transcript" data-testid="transcript" aria-label="Transcript" role="log" aria-live="off">
             {start > 0 && (
-              <button type="button" class="show-earlier" onClick={() => setShown((n) => n + WINDOW_ENTRIES)}>
+              <button type="button" class="show-earlier" onClick={() => setShown((n) => n + WINDOW_STEP)}>
                 Show earlier ({start} more)
               </button>
             )}
