@@ -282,7 +282,16 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
         <div class="session-main">
           <div class="transcript" data-testid="transcript" aria-label="Transcript" role="log" aria-live="off">
             {start > 0 && (
-              <button type="button" class="show-earlier" onClick={() => setShown((n) => n + WINDOW_STEP)}>
+              <button
+                type="button"
+                class="show-earlier"
+                onClick={() => {
+                  // Keep what the reader looks at in place while earlier turns appear above it.
+                  const heightBefore = document.documentElement.scrollHeight;
+                  setShown((n) => n + WINDOW_STEP);
+                  requestAnimationFrame(() => window.scrollBy(0, document.documentElement.scrollHeight - heightBefore));
+                }}
+              >
                 Show earlier ({start} more)
               </button>
             )}
