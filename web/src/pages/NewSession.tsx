@@ -118,7 +118,7 @@ export function NewSessionPage() {
         </label>
         {choice === OTHER && (
           <label>
-            <span>Repository name</span>
+            <span>Not listed: owner/name</span>
             <input
               class="mono"
               placeholder="owner/name"
