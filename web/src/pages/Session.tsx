@@ -312,6 +312,7 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
           <Composer
             sessionId={id}
             socket={socket}
+            transcript={t}
             running={running !== undefined}
             onStop={stop}
             error={actionError}
@@ -326,6 +327,7 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
 function Composer({
   sessionId,
   socket,
+  transcript,
   running,
   onStop,
   error,
@@ -333,6 +335,7 @@ function Composer({
 }: {
   sessionId: string;
   socket: { current: SessionSocket | null };
+  transcript: Transcript;
   running: boolean;
   onStop: (scope: StopScope) => void;
   error: string | null;
@@ -341,6 +344,15 @@ function Composer({
   const [text, setText] = useState("");
   const [sending, setSending] = useState(false);
   const typingSentMs = useRef(0);
+  const pending = useRef<{ key: string; text: string } | null>(null);
+
+  // A prompt the server refused (e.g. a full queue) comes back into the box instead of being lost.
+  useEffect(() => {
+    const sent = pending.current;
+    if (!transcript.lastError || !sent) return;
+    pending.current = null;
+    if (!transcript.acceptedKeys.has(sent.key)) setText((current) => current || sent.text);
+  }, [transcript.lastError]);
 
   const send = async () => {
     const body = text.trim();
@@ -348,6 +360,7 @@ function Composer({
     onError(null);
     const key = newKey();
     if (socket.current?.send({ type: "prompt", text: body, idempotency_key: key })) {
+      pending.current = { key, text: body };
       setText("");
       return;
     }
