@@ -2,7 +2,7 @@
 
 export function ago(ms: number, nowMs: number): string {
   const seconds = Math.max(0, Math.round((nowMs - ms) / 1000));
-  if (seconds < 45) return "just now";
+  if (seconds < 45) return "<1 min ago";
   const minutes = Math.round(seconds / 60);
   if (minutes < 60) return `${minutes} min ago`;
   const hours = Math.round(minutes / 60);

@@ -73,10 +73,12 @@ function useSession(id: string) {
       message: (message) => {
         if (applyMessage(t, message)) schedule();
         if (message.type === "welcome") flush();
-        const usage =
-          (message.type === "event" && message.event.type === "usage") ||
-          (message.type === "events" && message.events.some((e) => e.event.type === "usage" || e.event.type === "notice"));
-        if (usage) refreshState();
+        // Usage, notices (ceilings) and finished prompts move the lifecycle: refresh it (throttled).
+        const moves = (type: string) => type === "usage" || type === "notice" || type === "prompt_finished";
+        const stale =
+          (message.type === "event" && moves(message.event.type)) ||
+          (message.type === "events" && message.events.some((e) => moves(e.event.type)));
+        if (stale) refreshState();
       },
       state: (next, attempt) => setConnection({ state: next, attempt }),
       lastSeq: () => (t.lastSeq > 0 ? t.lastSeq : null),
