@@ -429,8 +429,7 @@ function applyEvent(t: Transcript, seq: number, tsMs: number, event: Event): voi
     }
     case "file_changed": {
       const running = t.runningId === null ? undefined : t.turns.get(t.runningId);
-      const carried = (event as { diff?: unknown }).diff;
-      let diff = typeof carried === "string" && carried ? carried : null;
+      let diff = event.diff || null;
       if (diff === null && running) diff = running.diffs[event.path] ?? null;
       const part: FilePart = {
         kind: "file",

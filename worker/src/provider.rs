@@ -7,7 +7,8 @@
 
 use nightshift_protocol::http::ErrorBody;
 use nightshift_protocol::provider::{
-    CreateSandboxRequest, ImageInfo, ImageList, ImageRequest, PoolTargetRequest, SandboxInfo,
+    CreateSandboxRequest, ImageInfo, ImageList, ImageRequest, PoolTargetRequest, RepoList,
+    SandboxInfo,
 };
 use serde::de::DeserializeOwned;
 use worker::{Env, Fetch, Headers, Method, Request, RequestInit};
@@ -104,6 +105,12 @@ impl Provider {
     /// `POST /v1/images`: start a build (`202 {id, status}`).
     pub async fn create_image(&self, request: &ImageRequest) -> Result<ImageInfo, ProviderError> {
         self.call(Method::Post, "/v1/images", Some(request)).await
+    }
+
+    /// `GET /v1/repos`: the repositories the provider holds.
+    pub async fn list_repos(&self) -> Result<RepoList, ProviderError> {
+        self.call::<RepoList, ()>(Method::Get, "/v1/repos", None)
+            .await
     }
 
     /// `GET /v1/images?repo=owner/name`: images newest first and the latest failure. `repo` must already be

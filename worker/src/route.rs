@@ -13,6 +13,7 @@ use crate::auth::{self, Claims, COOKIE_NAME, COOKIE_TTL_MS, TOKEN_TTL_MS};
 use crate::config;
 use crate::error::{json_response, parse_body, AppError};
 use crate::index;
+use crate::provider::Provider;
 use crate::repo_object::{self, RepoCall};
 use crate::secret::{is_session_id, random_hex};
 use crate::session_object::{CreateSessionInternal, CreatedInvite, USER_HEADER};
@@ -502,6 +503,8 @@ async fn warm(env: &Env, repo: &str, user: &Author) -> Result<Response, AppError
 }
 
 /// `GET /api/repos`: the registry's repositories, each asked for its summary (all at once).
+/// `GET /api/repos`: every repository sessions were opened on (the registry) and every one the provider
+/// holds. A provider repository not registered yet is registered here, which schedules its image.
 async fn list_repos(env: &Env) -> Result<Response, AppError> {
     let request = repo_object::internal_request(Method::Get, "/registry/list", None::<&()>)?;
     let mut listed = repo_object::stub(env, config::REPO_REGISTRY)?
@@ -513,20 +516,54 @@ async fn list_repos(env: &Env) -> Result<Response, AppError> {
             listed.status_code()
         )));
     }
-    let names: Vec<String> = listed.json().await?;
-    let summaries = futures_util::future::join_all(names.iter().map(|name| async move {
-        let mut response = repo_call(env, name, Method::Get, "/summary", None).await?;
-        if response.status_code() != 200 {
-            return Err(AppError::Internal(format!(
-                "summary of {name} answered {}",
-                response.status_code()
-            )));
+    let registered: Vec<String> = listed.json().await?;
+    let held = match Provider::from_env(env) {
+        Ok(provider) => match provider.list_repos().await {
+            Ok(list) => list.repos,
+            // A provider without the route, or one that is down, hides nothing registered.
+            Err(e) => {
+                worker::console_warn!("listing the provider's repositories: {e}");
+                Vec::new()
+            }
+        },
+        Err(e) => {
+            worker::console_warn!("no provider to list repositories from: {e}");
+            Vec::new()
         }
-        Ok::<RepoSummary, AppError>(response.json().await?)
-    }))
-    .await;
+    };
+    let mut names: Vec<(String, bool)> = registered.into_iter().map(|n| (n, true)).collect();
+    for repo in held {
+        if checked_repo(&repo).is_ok() && !names.iter().any(|(n, _)| *n == repo) {
+            names.push((repo, false));
+        }
+    }
+    names.sort();
+    let summaries =
+        futures_util::future::join_all(names.iter().map(|(name, registered)| async move {
+            if !registered {
+                let call = RepoCall::plain(name);
+                let mut response =
+                    repo_call(env, name, Method::Post, "/register", Some(&call)).await?;
+                if response.status_code() != 200 {
+                    return Err(AppError::Internal(format!(
+                        "registering {name} answered {}",
+                        response.status_code()
+                    )));
+                }
+                return Ok(response.json::<repo_object::Registered>().await?.summary);
+            }
+            let mut response = repo_call(env, name, Method::Get, "/summary", None).await?;
+            if response.status_code() != 200 {
+                return Err(AppError::Internal(format!(
+                    "summary of {name} answered {}",
+                    response.status_code()
+                )));
+            }
+            Ok::<RepoSummary, AppError>(response.json().await?)
+        }))
+        .await;
     let mut repos = Vec::with_capacity(summaries.len());
-    for (name, summary) in names.iter().zip(summaries) {
+    for ((name, _), summary) in names.iter().zip(summaries) {
         match summary {
             Ok(summary) => repos.push(summary),
             // One broken repository does not hide the others.

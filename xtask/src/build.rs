@@ -243,3 +243,30 @@ pub fn web(workspace: &Workspace, command: &str) -> anyhow::Result<()> {
         Ok(Outcome::Done)
     })
 }
+
+/// The web app's unit tests (`web/test/*.test.ts`, pure modules such as the transcript reducer), run by
+/// Node 22's test runner, which strips the types itself.
+pub fn web_tests(workspace: &Workspace) -> anyhow::Result<()> {
+    step::run("test", "web unit tests (node --test web/test)", |_| {
+        let test_dir = workspace.root.join("web/test");
+        let mut files: Vec<_> = std::fs::read_dir(&test_dir)
+            .with_context(|| format!("reading {}", test_dir.display()))?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .filter(|path| path.to_string_lossy().ends_with(".test.ts"))
+            .collect();
+        files.sort();
+        if files.is_empty() {
+            bail!("no web unit tests in {}", test_dir.display());
+        }
+        step::run_logged(
+            Command::new(workspace.node())
+                .arg("--test")
+                .args(&files)
+                .current_dir(workspace.root.join("web")),
+            &step::log_path(&workspace.log_dir(), "web-tests"),
+        )
+        .context("web unit tests failed")?;
+        Ok(Outcome::Done)
+    })
+}

@@ -62,6 +62,7 @@ fn test(workspace: &Workspace, extra: &[String]) -> anyhow::Result<()> {
     build::check_protocol_wasm(workspace)?;
     build::lint(workspace)?;
     build::web(workspace, "test")?;
+    build::web_tests(workspace)?;
     build::worker(workspace, "test")?;
     build::agent(workspace, "test", build::Profile::Debug)?;
     step::stream(

@@ -12,7 +12,7 @@ use futures_util::StreamExt as _;
 use nightshift_protocol::http::ErrorBody;
 use nightshift_protocol::provider::{
     CreateSandboxRequest, ImageInfo, ImageList, ImageRequest, PoolInfo, PoolList,
-    PoolTargetRequest, SandboxInfo, SnapshotInfo, SnapshotRequest,
+    PoolTargetRequest, RepoList, SandboxInfo, SnapshotInfo, SnapshotRequest,
 };
 use nightshift_protocol::ErrorCode;
 use sha2::{Digest, Sha256};
@@ -29,6 +29,7 @@ pub(super) fn router(state: AppState) -> Router<AppState> {
         .route("/sandboxes", post(create_sandbox).get(list_sandboxes))
         .route("/sandboxes/{id}", get(get_sandbox).delete(delete_sandbox))
         .route("/sandboxes/{id}/snapshot", post(snapshot_sandbox))
+        .route("/repos", get(list_repos))
         .route("/images", post(build_image).get(list_images))
         .route("/images/{id}", get(get_image))
         .route("/images/{id}/log", get(image_log))
@@ -278,6 +279,41 @@ async fn build_image(
     Ok((StatusCode::ACCEPTED, Json(build.info().clone())))
 }
 
+/// `GET /v1/repos` → [`RepoList`]: every repository in the git store (`<owner>/<name>.git`), sorted.
+async fn list_repos(State(state): State<AppState>) -> Json<RepoList> {
+    let root = state.inner.git_root.clone();
+    let repos = tokio::task::spawn_blocking(move || repo_names(&root))
+        .await
+        .unwrap_or_default();
+    Json(RepoList { repos })
+}
+
+/// The valid `owner/name`s of the bare repositories under `root`, sorted.
+fn repo_names(root: &std::path::Path) -> Vec<String> {
+    let dirs = |path: &std::path::Path| -> Vec<(String, std::path::PathBuf)> {
+        std::fs::read_dir(path)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|entry| Some((entry.file_name().into_string().ok()?, entry.path())))
+            .collect()
+    };
+    let mut names: Vec<String> = dirs(root)
+        .into_iter()
+        .flat_map(|(owner, path)| {
+            dirs(&path).into_iter().filter_map(move |(dir, _)| {
+                let name = dir.strip_suffix(".git")?;
+                RepoName::from_parts(&owner, name)
+                    .ok()
+                    .map(|repo| repo.to_string())
+            })
+        })
+        .collect();
+    names.sort();
+    names
+}
+
 /// `?repo=owner/name`.
 #[derive(Debug, serde::Deserialize)]
 struct RepoQuery {
@@ -367,4 +403,25 @@ async fn list_pools(State(state): State<AppState>) -> Json<PoolList> {
     Json(PoolList {
         pools: super::warm::list(&state).await,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repo_names;
+
+    #[test]
+    fn the_repositories_are_the_valid_bare_repositories_of_the_store() {
+        let store = tempfile::tempdir().unwrap();
+        for dir in [
+            "demo/hello.git",
+            "acme/web.git",
+            "acme/not-bare",
+            "-bad/x.git",
+        ] {
+            std::fs::create_dir_all(store.path().join(dir)).unwrap();
+        }
+        std::fs::write(store.path().join("acme/file.git"), "not a directory").unwrap();
+        assert_eq!(repo_names(store.path()), ["acme/web", "demo/hello"]);
+        assert!(repo_names(&store.path().join("missing")).is_empty());
+    }
 }

@@ -1,4 +1,4 @@
-//! Repositories: `GET /api/repos` lists what sessions were opened on, warm-ups reach the provider once per
+//! Repositories: `GET /api/repos` lists what sessions were opened on and what the provider holds, warm-ups reach the provider once per
 //! session and interval, a failed image build shows as a warning and a session notice, and a repository
 //! object keeps its alarm and state across eviction. Robust to a host without image and pool routes
 //! (it answers 404 there: "cannot do this yet").
@@ -94,6 +94,17 @@ async fn repos_are_listed_and_typing_warms_once_per_session() -> anyhow::Result<
         status.as_u16(),
         401,
         "GET /api/repos needs a signed-in user"
+    );
+
+    // Before any session, the provider's repositories are listed (the new-session page picks from them).
+    let mut early = Client::new(&system);
+    early
+        .dev_login("early", "Early Bird", "early@example.com")
+        .await?;
+    let before = repos(&early).await?;
+    assert!(
+        before.iter().any(|r| r.repo == DEMO_REPO),
+        "{DEMO_REPO} is held by the provider, so it is listed before any session: {before:?}"
     );
 
     let flow::Pair { ada, bob, session } = flow::pair(&system).await?;

@@ -97,9 +97,14 @@ export function SessionsPage() {
   );
 }
 
+// " #12" from a pull request url ending in `/pull/12`, else "".
+function prNumber(url: string): string {
+  const number = /\/pull\/(\d+)\/?$/.exec(url)?.[1];
+  return number ? ` #${number}` : "";
+}
+
 function SessionRow({ session, nowMs }: { session: SessionSummary; nowMs: number }) {
-  const pr = (session as { pull_request?: { url?: unknown; number?: unknown } | null }).pull_request;
-  const prUrl = pr && typeof pr.url === "string" ? pr.url : null;
+  const prUrl = session.pull_request_url ?? null;
   return (
     <li class="session-row" data-testid="session-row" data-session-id={session.id}>
       <a class="title" href={`/s/${encodeURIComponent(session.id)}`}>
@@ -117,7 +122,7 @@ function SessionRow({ session, nowMs }: { session: SessionSummary; nowMs: number
       </span>
       {prUrl && (
         <a class="pr" href={prUrl} target="_blank" rel="noopener noreferrer">
-          PR{typeof pr?.number === "number" ? ` #${pr.number}` : ""}
+          PR{prNumber(prUrl)}
         </a>
       )}
     </li>

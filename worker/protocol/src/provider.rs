@@ -153,6 +153,14 @@ pub struct ImageInfo {
     pub error: Option<String>,
 }
 
+/// `GET /v1/repos`: the repositories the provider holds, by name, sorted. An addition to the provider
+/// API: the web app's repository picker lists them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RepoList {
+    /// `owner/name` of each repository.
+    pub repos: Vec<String>,
+}
+
 /// `GET /v1/images?repo=owner/name`.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ImageList {
