@@ -1,0 +1,88 @@
+//! Chromium driven by playwright-core: the scripts in `tests/browser/*.mjs` run with the project's Node 22
+//! against a running [`System`], for the browser tests and the `web` bench rows.
+//!
+//! A script gets the Worker's address and an output folder (`target/browser/`, for screenshots) through
+//! [`env::NIGHTSHIFT_BASE_URL`] and [`env::NIGHTSHIFT_BROWSER_OUT`], plus whatever the caller adds; it exits
+//! non-zero when an assertion fails, and the caller gets its whole output in the error.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use anyhow::{bail, Context};
+
+use crate::env;
+use crate::system::{System, Tools};
+
+/// Where Debian's chromium package puts the browser (`cargo xtask setup` installs it).
+pub const DEFAULT_CHROMIUM: &str = "/usr/bin/chromium";
+
+/// The browser the scripts launch: [`env::NIGHTSHIFT_CHROMIUM`] or [`DEFAULT_CHROMIUM`]; fails with what to
+/// install when it is missing.
+pub fn chromium() -> anyhow::Result<PathBuf> {
+    let path = std::env::var_os(env::NIGHTSHIFT_CHROMIUM)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CHROMIUM));
+    if !path.exists() {
+        bail!(
+            "chromium not found at {}: run `cargo xtask setup` (it runs `apt-get install chromium`), \
+             or set {} to a Chromium binary",
+            path.display(),
+            env::NIGHTSHIFT_CHROMIUM
+        );
+    }
+    Ok(path)
+}
+
+/// `target/browser/` under the repository root: screenshots for people to look at.
+pub fn out_dir(tools: &Tools) -> PathBuf {
+    tools.repo_root.join("target/browser")
+}
+
+/// What a script printed on stdout when it succeeded.
+#[derive(Debug)]
+pub struct ScriptOutput {
+    /// Standard output (a bench script prints its figures there as JSON).
+    pub stdout: String,
+}
+
+/// Run `tests/browser/{script}` with Node 22 against `system`, with `extra_env` added; fails with the
+/// script's output when it exits non-zero.
+pub async fn run_script(
+    system: &System,
+    script: &str,
+    extra_env: &[(&str, String)],
+) -> anyhow::Result<ScriptOutput> {
+    let tools = Tools::from_env()?;
+    let chromium = chromium()?;
+    let out = out_dir(&tools);
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    let path = script_path(&tools.repo_root, script);
+    // The scripts live inside the repository, so `import "playwright-core"` resolves from its node_modules.
+    let output = tokio::process::Command::new(&tools.node)
+        .arg(&path)
+        .current_dir(&tools.repo_root)
+        .env(env::NIGHTSHIFT_BASE_URL, system.base_url())
+        .env(env::NIGHTSHIFT_BROWSER_OUT, &out)
+        .env(env::NIGHTSHIFT_CHROMIUM, &chromium)
+        .envs(extra_env.iter().map(|(key, value)| (key, value)))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {} {}", tools.node.display(), path.display()))?;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!(
+            "{script} exited with {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+            output.status
+        );
+    }
+    // Progress lines go to stderr; show them when the test is run with --nocapture.
+    eprint!("{stderr}");
+    Ok(ScriptOutput { stdout })
+}
+
+fn script_path(repo_root: &Path, script: &str) -> PathBuf {
+    repo_root.join("tests/browser").join(script)
+}

@@ -1,0 +1,25 @@
+//! Browser tests: the web app in real Chromium (Debian's, driven by playwright-core from the scripts in
+//! `tests/browser/`) against the real system: wrangler dev with the built Worker and web app, the sandbox
+//! host and its agents with the scripted model.
+//!
+//! Needs `web/dist` built (`cargo xtask test` builds it) and `/usr/bin/chromium` (`cargo xtask setup`).
+//! Screenshots land in `target/browser/`.
+
+use nightshift_tests::{browser, System};
+
+#[tokio::test]
+async fn two_people_share_a_session_in_the_web_app() -> anyhow::Result<()> {
+    browser::chromium()?;
+    let system = System::start().await?;
+    let result = browser::run_script(&system, "two_people.mjs", &[]).await;
+    if result.is_err() {
+        eprintln!("--- wrangler log ---\n{}", tail(&system.wrangler_log()));
+        eprintln!("--- host log ---\n{}", tail(&system.host_log()));
+    }
+    result.map(drop)
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
