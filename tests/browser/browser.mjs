@@ -69,9 +69,9 @@ export class ErrorLog {
 
 // Dev sign-in through the sign-in page's form; returns once the header shows "Sign out".
 export async function signIn(page, { login, name, email }) {
-  await page.getByLabel("Login", { exact: true }).fill(login);
-  await page.getByLabel("Name", { exact: true }).fill(name);
-  await page.getByLabel("Email", { exact: true }).fill(email);
+  await page.getByRole("textbox", { name: "Login", exact: true }).fill(login);
+  await page.getByRole("textbox", { name: "Name", exact: true }).fill(name);
+  await page.getByRole("textbox", { name: "Email", exact: true }).fill(email);
   await page.getByRole("button", { name: "Sign in", exact: true }).click();
   await page.getByRole("button", { name: "Sign out" }).waitFor({ timeout: WAIT_MS });
 }

@@ -44,7 +44,8 @@ try {
   if (errors.errors.length > 0) {
     process.stderr.write(`console errors so far:\n  ${errors.errors.join("\n  ")}\n`);
   }
-  throw error;
+  process.stderr.write(`\n${error.message}\n\n${error.stack ?? ""}\n`);
+  process.exitCode = 1;
 } finally {
   await browser.close();
 }
@@ -85,7 +86,7 @@ async function scenario() {
 
   await step("signed out, the sign-in page shows without console errors", async () => {
     await ada.goto("/");
-    await ada.getByLabel("Login", { exact: true }).waitFor({ timeout: WAIT_MS });
+    await ada.getByRole("textbox", { name: "Login", exact: true }).waitFor({ timeout: WAIT_MS });
     await ada.getByRole("button", { name: "Sign in", exact: true }).waitFor();
     await screenshot(ada, "sign-in");
     errors.assertNone("on the signed-out sign-in page");
@@ -100,14 +101,14 @@ async function scenario() {
   await step("the new-session box warms the repository up on the first keystroke, once", async () => {
     await ada.getByRole("link", { name: "New session" }).click();
     await ada.waitForURL("**/new", { timeout: WAIT_MS });
-    const repository = ada.getByLabel("Repository", { exact: true });
+    const repository = ada.getByRole("combobox", { name: "Repository", exact: true });
     await repository.locator(`option[value="${REPO}"]`).waitFor({ state: "attached", timeout: WAIT_MS });
     await repository.selectOption(REPO);
     const optionText = await repository.locator(`option[value="${REPO}"]`).textContent();
     if (!optionText.includes(REPO)) {
       throw new Error(`the repository option reads ${JSON.stringify(optionText)}`);
     }
-    const box = ada.getByLabel("Prompt", { exact: true });
+    const box = ada.getByRole("textbox", { name: "Prompt", exact: true });
     await box.click();
     // Nothing to wait for: a warm-up before any keystroke would have been sent by now.
     await ada.waitForTimeout(300);
@@ -160,7 +161,7 @@ async function scenario() {
   const bob = await openPage(bobContext, "bob");
   await step("Bob opens the link, signs in, and lands in the session", async () => {
     await bob.goto(shareUrl);
-    await bob.getByLabel("Login", { exact: true }).waitFor({ timeout: WAIT_MS });
+    await bob.getByRole("textbox", { name: "Login", exact: true }).waitFor({ timeout: WAIT_MS });
     await signIn(bob, BOB);
     await bob.waitForURL(`**/s/${sessionId}`, { timeout: WAIT_MS });
     await ada.locator(`[data-testid=participant][data-login="${BOB.login}"]`).waitFor({ timeout: WAIT_MS });
@@ -174,7 +175,7 @@ async function scenario() {
   });
 
   const followUpId = await step("Bob's follow-up (Enter sends, Shift+Enter is a newline) queues for both", async () => {
-    const composer = bob.getByLabel("Message", { exact: true });
+    const composer = bob.getByRole("textbox", { name: "Message", exact: true });
     await composer.click();
     await bob.keyboard.type(FOLLOW_UP);
     await bob.keyboard.press("Shift+Enter");
@@ -224,7 +225,7 @@ async function scenario() {
   });
 
   const streamedId = await step("Ada reloads while a third prompt streams", async () => {
-    const composer = ada.getByLabel("Message", { exact: true });
+    const composer = ada.getByRole("textbox", { name: "Message", exact: true });
     await composer.fill(STREAMED_PROMPT);
     await composer.press("Enter");
     const third = ada.locator("[data-testid=turn]").nth(2);

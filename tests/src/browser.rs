@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use anyhow::{bail, Context};
+use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, BufReader};
 
 use crate::env;
 use crate::system::{System, Tools};
@@ -58,7 +59,7 @@ pub async fn run_script(
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let path = script_path(&tools.repo_root, script);
     // The scripts live inside the repository, so `import "playwright-core"` resolves from its node_modules.
-    let output = tokio::process::Command::new(&tools.node)
+    let mut child = tokio::process::Command::new(&tools.node)
         .arg(&path)
         .current_dir(&tools.repo_root)
         .env(env::NIGHTSHIFT_BASE_URL, system.base_url())
@@ -66,20 +67,36 @@ pub async fn run_script(
         .env(env::NIGHTSHIFT_CHROMIUM, &chromium)
         .envs(extra_env.iter().map(|(key, value)| (key, value)))
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
-        .output()
-        .await
+        .spawn()
         .with_context(|| format!("running {} {}", tools.node.display(), path.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    if !output.status.success() {
-        bail!(
-            "{script} exited with {}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-            output.status
-        );
+    let mut stdout_pipe = child.stdout.take().context("no stdout pipe")?;
+    let stderr_pipe = child.stderr.take().context("no stderr pipe")?;
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    // Progress lines on stderr are shown as they come (with --nocapture), and kept for the error.
+    let read_stderr = async {
+        let mut lines = BufReader::new(stderr_pipe).lines();
+        while let Some(line) = lines.next_line().await? {
+            eprintln!("{line}");
+            stderr.push_str(&line);
+            stderr.push('\n');
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    let (read_out, read_err, status) = tokio::join!(
+        stdout_pipe.read_to_string(&mut stdout),
+        read_stderr,
+        child.wait()
+    );
+    read_out.context("reading the script's stdout")?;
+    read_err.context("reading the script's stderr")?;
+    let status = status.context("waiting for the script")?;
+    if !status.success() {
+        bail!("{script} exited with {status}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
     }
-    // Progress lines go to stderr; show them when the test is run with --nocapture.
-    eprint!("{stderr}");
     Ok(ScriptOutput { stdout })
 }
 
