@@ -1,0 +1,2 @@
+// Imports Vite handles that TypeScript does not know about.
+declare module "*.css";
