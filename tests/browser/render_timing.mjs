@@ -6,7 +6,7 @@
 //
 // Environment, besides browser.mjs's: NIGHTSHIFT_BENCH_PATH (`/s/{id}`), NIGHTSHIFT_BENCH_LOGIN (a
 // participant's dev login), NIGHTSHIFT_BENCH_LOADS, NIGHTSHIFT_BENCH_LAST_TEXT (optional).
-// Prints one JSON line: {"app_ready_ms": [...], "last_text_ms": [...]}.
+// Prints one JSON line: {"app_ready_ms": [...], "dom_content_loaded_ms": [...], "last_text_ms": [...]}.
 import { ErrorLog, WAIT_MS, launch, newPerson, screenshot, signInByRequest } from "./browser.mjs";
 
 const path = process.env.NIGHTSHIFT_BENCH_PATH;
@@ -46,6 +46,7 @@ try {
 
   const errors = new ErrorLog();
   const appReady = [];
+  const domContentLoaded = [];
   const lastTextShown = [];
   for (let i = 0; i < loads; i++) {
     const page = errors.watch(await context.newPage(), `load ${i}`);
@@ -65,13 +66,20 @@ try {
         throw new Error(`load ${i} of ${path}: ${error.message}`);
       });
     appReady.push(marks.appReady);
+    domContentLoaded.push(
+      await page.evaluate(() => performance.getEntriesByType("navigation")[0]?.domContentLoadedEventEnd ?? null),
+    );
     if (lastText !== null) {
       lastTextShown.push(marks.lastText);
     }
     await page.close();
   }
   errors.assertNone(`while loading ${path}`);
-  process.stdout.write(`${JSON.stringify({ app_ready_ms: appReady, last_text_ms: lastTextShown })}\n`);
+  process.stdout.write(`${JSON.stringify({
+      app_ready_ms: appReady,
+      dom_content_loaded_ms: domContentLoaded.filter((ms) => ms !== null),
+      last_text_ms: lastTextShown,
+    })}\n`);
 } finally {
   await browser.close();
 }

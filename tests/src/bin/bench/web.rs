@@ -98,6 +98,8 @@ fn bundle(assets: &Path) -> anyhow::Result<Vec<Row>> {
 #[derive(Debug, Deserialize)]
 struct RenderTiming {
     app_ready_ms: Vec<f64>,
+    /// `domContentLoadedEventEnd` of each load: how much of `app_ready_ms` is the page itself.
+    dom_content_loaded_ms: Vec<f64>,
     last_text_ms: Vec<f64>,
 }
 
@@ -152,10 +154,16 @@ async fn first_render(system: &System, ada: &Client) -> anyhow::Result<Row> {
     let timing = load_timings(system, "web-ada", &session_id, FIRST_RENDER_LOADS, None).await?;
     let mut latency = Latency::default();
     latency.extend(timing.app_ready_ms);
+    let mut dom_content_loaded = Latency::default();
+    dom_content_loaded.extend(timing.dom_content_loaded_ms);
     let p50 = latency.p50();
     let mut extra = serde_json::Map::new();
     extra.insert("loads".into(), latency.count().into());
     extra.insert("events".into(), events.into());
+    extra.insert(
+        "dom_content_loaded_p50_ms".into(),
+        dom_content_loaded.p50().map(round3).into(),
+    );
     Ok(Row {
         id: "web_first_render",
         what: "Chromium loads a signed-in session view /s/{id} (one finished turn): navigation start -> [data-testid=app-ready] in the DOM".to_owned(),
