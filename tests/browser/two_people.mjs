@@ -131,6 +131,9 @@ async function scenario() {
     await ada.getByRole("button", { name: "Start session" }).click();
     await ada.waitForURL(/\/s\/[^/?#]+$/, { timeout: WAIT_MS });
     const id = new URL(ada.url()).pathname.split("/").pop();
+    if (warmUps.length !== 1) {
+      throw new Error(`the new-session page sent ${warmUps.length} warm-ups in all: ${JSON.stringify(warmUps)}`);
+    }
     const first = ada.locator("[data-testid=turn]").first();
     await first.waitFor({ timeout: WAIT_MS });
     await expectText(first.locator("[data-testid=turn-author]"), ADA.name);
@@ -294,6 +297,14 @@ async function scenario() {
     if (scrollWidth > PHONE.width) {
       throw new Error(`the page scrolls sideways: scrollWidth ${scrollWidth} > ${PHONE.width}`);
     }
+  });
+
+  await step("Bob's sessions list has the session he joined", async () => {
+    await bob.getByRole("link", { name: "Nightshift" }).click();
+    await bob.getByRole("heading", { name: "Sessions" }).waitFor({ timeout: WAIT_MS });
+    const row = bob.locator("[data-testid=session-row]").filter({ has: bob.locator(`a[href$="/s/${sessionId}"]`) });
+    await row.waitFor({ timeout: WAIT_MS });
+    await expectText(row, REPO);
   });
 
   await step("no page logged a console error", async () => {
