@@ -44,7 +44,8 @@ try {
   if (errors.errors.length > 0) {
     process.stderr.write(`console errors so far:\n  ${errors.errors.join("\n  ")}\n`);
   }
-  process.stderr.write(`\n${error.message}\n\n${error.stack ?? ""}\n`);
+  const frames = (error.stack ?? "").split("\n").filter((line) => line.trim().startsWith("at "));
+  process.stderr.write(`\n${error.message}\n${frames.join("\n")}\n`);
   process.exitCode = 1;
 } finally {
   await browser.close();
@@ -265,7 +266,7 @@ async function scenario() {
         if (squash(got.author) !== want.author) problems.push(`author ${JSON.stringify(got.author)}`);
         if (!squash(got.prompt).includes(squash(want.prompt))) problems.push(`prompt ${JSON.stringify(got.prompt)}`);
         if (squash(got.text) !== squash(want.text)) {
-          problems.push(`text ${JSON.stringify(got.text.slice(0, 300))}… vs log ${JSON.stringify(want.text.slice(0, 300))}…`);
+          problems.push(`text differs from the log's: ${difference(squash(got.text), squash(want.text))}`);
         }
         if (problems.length > 0) {
           throw new Error(`${label}, turn ${want.id}: ${problems.join("; ")}`);
@@ -359,6 +360,14 @@ async function turnsOnPage(page) {
       text: [...element.querySelectorAll("[data-testid=assistant-text]")].map((e) => e.innerText).join(" "),
     })),
   );
+}
+
+// Where `shown` departs from `logged`, with a little context, and both lengths.
+function difference(shown, logged) {
+  let at = 0;
+  while (at < shown.length && shown[at] === logged[at]) at++;
+  const around = (text) => JSON.stringify(text.slice(Math.max(0, at - 40), at + 60));
+  return `${shown.length} chars shown, ${logged.length} logged; from char ${at} the page has ${around(shown)}, the log ${around(logged)}`;
 }
 
 async function expectText(locator, text) {

@@ -95,11 +95,37 @@ pub async fn run_script(
     read_err.context("reading the script's stderr")?;
     let status = status.context("waiting for the script")?;
     if !status.success() {
-        bail!("{script} exited with {status}\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}");
+        bail!("{script} exited with {status}:\n{}", failure(&stderr));
     }
     Ok(ScriptOutput { stdout })
 }
 
+/// What a script said after its last progress line (`browser: step … ok`): why it failed. The whole of its
+/// stderr was shown line by line as it came.
+fn failure(stderr: &str) -> &str {
+    let after_progress = stderr
+        .rfind("\nbrowser: ")
+        .and_then(|at| stderr[at + 1..].find('\n').map(|end| at + 1 + end + 1));
+    stderr[after_progress.unwrap_or(0)..].trim()
+}
+
 fn script_path(repo_root: &Path, script: &str) -> PathBuf {
     repo_root.join("tests/browser").join(script)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::failure;
+
+    #[test]
+    fn the_failure_is_what_follows_the_last_progress_line() {
+        let stderr =
+            "browser: one … ok (3 ms)\nbrowser: two … FAILED\n\ntwo: no turn\n    at x.mjs:1\n";
+        assert_eq!(failure(stderr), "two: no turn\n    at x.mjs:1");
+        assert_eq!(
+            failure("browser: one … FAILED\nboom\n"),
+            "browser: one … FAILED\nboom"
+        );
+        assert_eq!(failure("SyntaxError\n"), "SyntaxError");
+    }
 }
