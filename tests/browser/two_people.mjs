@@ -282,7 +282,7 @@ async function scenario() {
     await screenshot(bob, "bob-session", { fullPage: true });
   });
 
-  await step("at phone width (390x844) the transcript fits, with no horizontal scroll", async () => {
+  const phone = await step("at phone width (390x844) the transcript fits, with no horizontal scroll", async () => {
     const phone = await openPage(bobContext, "bob-phone");
     await phone.setViewportSize(PHONE);
     await phone.goto(`/s/${sessionId}`);
@@ -298,6 +298,7 @@ async function scenario() {
     if (scrollWidth > PHONE.width) {
       throw new Error(`the page scrolls sideways: scrollWidth ${scrollWidth} > ${PHONE.width}`);
     }
+    return phone;
   });
 
   await step("Bob's sessions list has the session he joined", async () => {
@@ -306,6 +307,23 @@ async function scenario() {
     const row = bob.locator("[data-testid=session-row]").filter({ has: bob.locator(`a[href$="/s/${sessionId}"]`) });
     await row.waitFor({ timeout: WAIT_MS });
     await expectText(row, REPO);
+  });
+
+  await step("Stop session asks inline (no dialog), then stops the sandbox for everyone watching", async () => {
+    const dialogs = [];
+    ada.on("dialog", (dialog) => {
+      dialogs.push(dialog.message());
+      dialog.dismiss().catch(() => {});
+    });
+    await ada.getByRole("button", { name: "Stop session", exact: true }).click();
+    await ada.getByRole("button", { name: "Confirm stop session" }).click({ timeout: WAIT_MS });
+    for (const page of [ada, phone]) {
+      await page.locator('[data-testid=sandbox-status][data-status="stopped"]').waitFor({ timeout: WAIT_MS });
+    }
+    if (dialogs.length > 0) {
+      throw new Error(`the page opened dialogs: ${JSON.stringify(dialogs)}`);
+    }
+    await screenshot(ada, "ada-stopped");
   });
 
   await step("no page logged a console error", async () => {
