@@ -37,6 +37,9 @@ function isErrorBody(value: unknown): value is ErrorBody {
   return typeof error === "object" && error !== null && "code" in error && "message" in error;
 }
 
+/** Dispatched on `window` when an API call answers 401. */
+export const UNAUTHORIZED_EVENT = "nightshift:unauthorized";
+
 async function call<T>(method: string, path: string, body?: unknown): Promise<T> {
   const init: RequestInit = { method, credentials: "same-origin" };
   if (body !== undefined) {
@@ -59,6 +62,8 @@ async function call<T>(method: string, path: string, body?: unknown): Promise<T>
     }
   }
   if (!response.ok) {
+    // The app shows the sign-in page again when a credential stops working mid-visit.
+    if (response.status === 401 && path.startsWith("/api/")) window.dispatchEvent(new Event(UNAUTHORIZED_EVENT));
     if (isErrorBody(data)) throw new ApiError(response.status, data.error.code, data.error.message);
     throw new ApiError(response.status, null, `HTTP ${response.status}`);
   }

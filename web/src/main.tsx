@@ -1,7 +1,7 @@
 // Entry: renders a shell at once, then asks `/auth/session` who is signed in and shows the route's page.
 import { render } from "preact";
 import { useCallback, useEffect, useState } from "preact/hooks";
-import { api, describeError } from "./api";
+import { UNAUTHORIZED_EVENT, api, describeError } from "./api";
 import { Header } from "./components/Header";
 import { JoinPage } from "./pages/Join";
 import { NewSessionPage } from "./pages/NewSession";
@@ -89,6 +89,10 @@ function App() {
       .catch((error: unknown) => setAuth({ state: "failed", message: describeError(error) }));
   }, []);
   useEffect(load, [load]);
+  useEffect(() => {
+    window.addEventListener(UNAUTHORIZED_EVENT, load);
+    return () => window.removeEventListener(UNAUTHORIZED_EVENT, load);
+  }, [load]);
 
   if (auth.state === "loading") {
     return (

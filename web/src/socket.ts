@@ -77,8 +77,12 @@ export class SessionSocket {
       socket.onclose = null;
       socket.onmessage = null;
       socket.onerror = null;
-      socket.onopen = null;
-      socket.close(1000, "bye");
+      // Closing a socket that is still connecting makes the browser log a warning: close it once open.
+      if (socket.readyState === WebSocket.CONNECTING) socket.onopen = () => socket.close(1000, "bye");
+      else {
+        socket.onopen = null;
+        socket.close(1000, "bye");
+      }
     }
   }
 

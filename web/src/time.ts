@@ -2,7 +2,7 @@
 
 export function ago(ms: number, nowMs: number): string {
   const seconds = Math.max(0, Math.round((nowMs - ms) / 1000));
-  if (seconds < 45) return "just now";
+  if (seconds < 45) return "<1 min ago";
   const minutes = Math.round(seconds / 60);
   if (minutes < 60) return `${minutes} min ago`;
   const hours = Math.round(minutes / 60);
@@ -34,7 +34,7 @@ export function timeLeft(endsMs: number, nowMs: number): string {
   const minutes = Math.floor(ms / 60_000);
   if (minutes < 1) return `${Math.ceil(ms / 1000)} s left`;
   if (minutes < 120) return `${minutes} min left`;
-  return `${Math.floor(minutes / 60)} h ${minutes % 60} min left`;
+  return `${Math.floor(minutes / 60)}h ${minutes % 60}m left`;
 }
 
 export function clock(ms: number): string {

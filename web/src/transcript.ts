@@ -119,6 +119,8 @@ export interface Transcript {
   notices: Notice[];
   /** The last `error` message the server sent. */
   lastError: { code: string; message: string } | null;
+  /** Idempotency keys of this client's prompts the server accepted. */
+  acceptedKeys: Set<string>;
 }
 
 export function emptyTranscript(): Transcript {
@@ -140,6 +142,7 @@ export function emptyTranscript(): Transcript {
     usage: { inputTokens: 0, outputTokens: 0, summedCostUsd: 0, unpriced: false, totalCostUsd: null },
     notices: [],
     lastError: null,
+    acceptedKeys: new Set(),
   };
 }
 
@@ -166,6 +169,8 @@ export function applyMessage(t: Transcript, message: ServerMessage): boolean {
       t.version++;
       return true;
     case "prompt_accepted":
+      t.acceptedKeys.add(message.idempotency_key);
+      return false;
     case "pong":
       return false;
   }

@@ -45,7 +45,7 @@ export function Participants({ participants, you }: { participants: Participant[
 
 export function Queue({ items, onCancel }: { items: QueuedPrompt[]; onCancel: (promptId: string) => void }) {
   return (
-    <section class="panel" aria-label="Queue">
+    <section class={`panel queue-panel${items.length === 0 ? " empty" : ""}`} aria-label="Queue">
       <h2 class="panel-title">Queue{items.length > 0 ? ` (${items.length})` : ""}</h2>
       <ol class="queue" data-testid="queue">
         {items.map((q) => (

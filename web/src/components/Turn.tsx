@@ -3,6 +3,7 @@
 import { memo } from "./memo";
 import { useMemo } from "preact/hooks";
 import { parseDiff } from "../diff";
+import { splitBlocks } from "../blocks";
 import { renderMarkdown } from "../markdown";
 import { clock, duration } from "../time";
 import type { EventPart, FilePart, Part, TextPart, ToolPart, Turn } from "../transcript";
@@ -11,15 +12,25 @@ import type { JsonValue } from "../wire";
 const DIFF_MAX_LINES = 2000;
 const OUTPUT_MAX_CHARS = 100_000;
 
-export const Markdown = memo(function Markdown({ text, streaming }: { text: string; streaming: boolean }) {
+const MarkdownBlock = memo(function MarkdownBlock({ text }: { text: string }) {
   const html = useMemo(() => renderMarkdown(text), [text]);
-  return (
-    <div
-      class={`markdown${streaming ? " streaming" : ""}`}
-      data-testid="assistant-text"
-      dangerouslySetInnerHTML={{ __html: html }}
-    />
-  );
+  return <div class="md-block" dangerouslySetInnerHTML={{ __html: html }} />;
+});
+
+export const Markdown = memo(function Markdown({ text, streaming }: { text: string; streaming: boolean }) {
+  // While tokens stream in, finished blocks keep their rendering and only the last one is parsed again.
+  const blocks = useMemo(() => (streaming ? splitBlocks(text) : null), [text, streaming]);
+  const html = useMemo(() => (streaming ? "" : renderMarkdown(text)), [text, streaming]);
+  if (blocks) {
+    return (
+      <div class="markdown streaming" data-testid="assistant-text">
+        {blocks.map((block, i) => (
+          <MarkdownBlock key={i} text={block} />
+        ))}
+      </div>
+    );
+  }
+  return <div class="markdown" data-testid="assistant-text" dangerouslySetInnerHTML={{ __html: html }} />;
 });
 
 function inputText(input: JsonValue): string {

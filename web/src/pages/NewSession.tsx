@@ -32,6 +32,7 @@ export function NewSessionPage() {
   const [busy, setBusy] = useState(false);
   const [error, setError] = useState<string | null>(null);
   const warmedFor = useRef<string | null>(null);
+  const [warmNote, setWarmNote] = useState<string | null>(null);
 
   useEffect(() => {
     let live = true;
@@ -63,7 +64,11 @@ export function NewSessionPage() {
     if (!forRepo || warmedFor.current === forRepo) return;
     warmedFor.current = forRepo;
     // Best effort: a failed warm-up only costs the time it would have saved.
-    api.warm(forRepo).catch(() => undefined);
+    setWarmNote(`Warming a sandbox for ${forRepo}…`);
+    api
+      .warm(forRepo)
+      .then((answer) => setWarmNote(answer.requested ? `A sandbox for ${forRepo} is warming up` : `A sandbox for ${forRepo} is already warm`))
+      .catch(() => setWarmNote(null));
   };
 
   const onRepoChange = (next: string) => {
@@ -118,7 +123,7 @@ export function NewSessionPage() {
         </label>
         {choice === OTHER && (
           <label>
-            <span>Repository name</span>
+            <span>Not listed: owner/name</span>
             <input
               class="mono"
               placeholder="owner/name"
@@ -160,7 +165,7 @@ export function NewSessionPage() {
           <button type="submit" class="primary" disabled={busy || !repo || !prompt.trim()}>
             Start session
           </button>
-          {busy && <span class="muted">Starting…</span>}
+          {busy ? <span class="muted">Starting…</span> : warmNote && <span class="muted small" data-testid="warm-status">{warmNote}</span>}
         </div>
         {error && (
           <p role="alert" class="error">

@@ -73,10 +73,12 @@ function useSession(id: string) {
       message: (message) => {
         if (applyMessage(t, message)) schedule();
         if (message.type === "welcome") flush();
-        const usage =
-          (message.type === "event" && message.event.type === "usage") ||
-          (message.type === "events" && message.events.some((e) => e.event.type === "usage" || e.event.type === "notice"));
-        if (usage) refreshState();
+        // Usage, notices (ceilings) and finished prompts move the lifecycle: refresh it (throttled).
+        const moves = (type: string) => type === "usage" || type === "notice" || type === "prompt_finished";
+        const stale =
+          (message.type === "event" && moves(message.event.type)) ||
+          (message.type === "events" && message.events.some((e) => moves(e.event.type)));
+        if (stale) refreshState();
       },
       state: (next, attempt) => setConnection({ state: next, attempt }),
       lastSeq: () => (t.lastSeq > 0 ? t.lastSeq : null),
@@ -282,7 +284,16 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
         <div class="session-main">
           <div class="transcript" data-testid="transcript" aria-label="Transcript" role="log" aria-live="off">
             {start > 0 && (
-              <button type="button" class="show-earlier" onClick={() => setShown((n) => n + WINDOW_STEP)}>
+              <button
+                type="button"
+                class="show-earlier"
+                onClick={() => {
+                  // Keep what the reader looks at in place while earlier turns appear above it.
+                  const heightBefore = document.documentElement.scrollHeight;
+                  setShown((n) => n + WINDOW_STEP);
+                  requestAnimationFrame(() => window.scrollBy(0, document.documentElement.scrollHeight - heightBefore));
+                }}
+              >
                 Show earlier ({start} more)
               </button>
             )}
@@ -303,6 +314,7 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
           <Composer
             sessionId={id}
             socket={socket}
+            transcript={t}
             running={running !== undefined}
             onStop={stop}
             error={actionError}
@@ -317,6 +329,7 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
 function Composer({
   sessionId,
   socket,
+  transcript,
   running,
   onStop,
   error,
@@ -324,6 +337,7 @@ function Composer({
 }: {
   sessionId: string;
   socket: { current: SessionSocket | null };
+  transcript: Transcript;
   running: boolean;
   onStop: (scope: StopScope) => void;
   error: string | null;
@@ -332,6 +346,15 @@ function Composer({
   const [text, setText] = useState("");
   const [sending, setSending] = useState(false);
   const typingSentMs = useRef(0);
+  const pending = useRef<{ key: string; text: string } | null>(null);
+
+  // A prompt the server refused (e.g. a full queue) comes back into the box instead of being lost.
+  useEffect(() => {
+    const sent = pending.current;
+    if (!transcript.lastError || !sent) return;
+    pending.current = null;
+    if (!transcript.acceptedKeys.has(sent.key)) setText((current) => current || sent.text);
+  }, [transcript.lastError]);
 
   const send = async () => {
     const body = text.trim();
@@ -339,6 +362,7 @@ function Composer({
     onError(null);
     const key = newKey();
     if (socket.current?.send({ type: "prompt", text: body, idempotency_key: key })) {
+      pending.current = { key, text: body };
       setText("");
       return;
     }

@@ -29,7 +29,7 @@ export function SignInPage({ devMode, onSignedIn }: { devMode: boolean; onSigned
     <main class="page narrow signin">
       <h1>Sign in</h1>
       <button type="button" class="github" disabled title="GitHub sign-in is not configured on this deployment">
-        Sign in with GitHub
+        Continue with GitHub
       </button>
       {devMode ? (
         <form class="card form" onSubmit={submit}>
