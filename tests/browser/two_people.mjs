@@ -2,9 +2,11 @@
 // browser tests; run by tests/tests/browser/main.rs against a running system).
 //
 // Ada signs in, opens a session from the New session page (the first keystroke warms the repository up) and
-// prompts; Bob joins through her share link, watches her prompt stream under her name and queues a follow-up;
-// Ada cancels it and stops her turn; a third prompt streams while Ada reloads, and both transcripts then say
-// exactly what the server's event log says. Every page must stay free of console errors throughout.
+// prompts; Bob joins through her share link, watches her prompt stream under her name, types (Ada sees it)
+// and queues a follow-up; Ada cancels it and stops her turn; a third prompt streams while Ada reloads, and
+// both transcripts then say exactly what the server's event log says. Then the view at phone width, Bob's
+// sessions list, and Stop session with its inline confirmation. Every page, the signed-out sign-in page
+// included, must stay free of console errors throughout. Screenshots go to target/browser/.
 import {
   ErrorLog,
   WAIT_MS,
@@ -178,10 +180,16 @@ async function scenario() {
     await until("more streamed text at Bob", () => assistantText(bob, firstId), (t) => t.length > before.length);
   });
 
-  const followUpId = await step("Bob's follow-up (Enter sends, Shift+Enter is a newline) queues for both", async () => {
+  const followUpId = await step("Bob types (Ada sees it), and his follow-up (Enter sends, Shift+Enter is a newline) queues for both", async () => {
     const composer = bob.getByRole("textbox", { name: "Message", exact: true });
     await composer.click();
     await bob.keyboard.type(FOLLOW_UP);
+    const bobAtAda = ada.locator(`[data-testid=participant][data-login="${BOB.login}"]`);
+    await ada.locator(`[data-testid=participant][data-login="${BOB.login}"][data-typing="true"]`).waitFor({ timeout: WAIT_MS });
+    await expectText(ada.getByTestId("typing"), "typing");
+    if ((await bobAtAda.getAttribute("data-online")) !== "true") {
+      throw new Error("Bob is typing but not shown online at Ada's");
+    }
     await bob.keyboard.press("Shift+Enter");
     await bob.keyboard.type(FOLLOW_UP_SECOND_LINE);
     const written = await composer.inputValue();
