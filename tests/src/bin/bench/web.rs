@@ -166,7 +166,7 @@ async fn first_render(system: &System, ada: &Client) -> anyhow::Result<Row> {
     );
     Ok(Row {
         id: "web_first_render",
-        what: "Chromium loads a signed-in session view /s/{id} (one finished turn): navigation start -> [data-testid=app-ready] in the DOM".to_owned(),
+        what: "Chromium loads a signed-in session view /s/{id} (one finished turn; a new tab each time, HTTP cache warm after the first): navigation start -> [data-testid=app-ready] in the DOM".to_owned(),
         unit: "ms",
         p50: p50.map(round3),
         p99: latency.p99().map(round3),
