@@ -3,6 +3,7 @@
 //! measured in the page by `tests/browser/render_timing.mjs`.
 
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::Context;
 use nightshift_protocol::Event;
@@ -21,6 +22,8 @@ const FIRST_RENDER_TARGET_P50_MS: f64 = 300.0;
 /// Token events in the `web_10k_events` session, and how often it is loaded.
 const MANY_TOKENS: usize = 10_000;
 const MANY_EVENTS_LOADS: usize = 5;
+/// How long a prompt may take to finish: 10k token events with a debug agent on a loaded machine take long.
+const PROMPT_WAIT: Duration = Duration::from_secs(300);
 
 pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
     let tools = Tools::from_env()?;
@@ -138,7 +141,7 @@ async fn finished_session(ada: &Client, text: &str) -> anyhow::Result<(String, u
     let finished = ws
         .wait_for_event(
             |e| matches!(e, Event::PromptFinished { prompt_id: p, .. } if *p == prompt_id),
-            session::WAIT,
+            PROMPT_WAIT,
         )
         .await?;
     Ok((session_id, finished.seq))
