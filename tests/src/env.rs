@@ -14,6 +14,14 @@ pub const NIGHTSHIFT_AGENT_BIN: &str = "NIGHTSHIFT_AGENT_BIN";
 /// (`warm_claim_ready`, …) to run; unset or empty, all of them.
 pub const NIGHTSHIFT_BENCH_ONLY: &str = "NIGHTSHIFT_BENCH_ONLY";
 
+/// Read by the browser tests and the `web` bench: the Chromium binary (default: `/usr/bin/chromium`); given to
+/// the scripts in `tests/browser/`.
+pub const NIGHTSHIFT_CHROMIUM: &str = "NIGHTSHIFT_CHROMIUM";
+/// Given to the scripts in `tests/browser/`: the Worker's `http://127.0.0.1:PORT`.
+pub const NIGHTSHIFT_BASE_URL: &str = "NIGHTSHIFT_BASE_URL";
+/// Given to the scripts in `tests/browser/`: where screenshots go (`target/browser/`).
+pub const NIGHTSHIFT_BROWSER_OUT: &str = "NIGHTSHIFT_BROWSER_OUT";
+
 /// Removed from the host's environment, so tests always use the scripted model, never a real one.
 pub const ANTHROPIC_API_KEY: &str = "ANTHROPIC_API_KEY";
 /// Given to the host: the bearer token the Worker presents on the provider API.

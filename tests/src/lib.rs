@@ -15,6 +15,7 @@
 //! Everything is found through [`env`] (set by `cargo xtask test`), with defaults that work after
 //! `cargo xtask setup` and a build, so `cargo test -p nightshift-tests` also works on its own.
 
+pub mod browser;
 pub mod client;
 pub mod env;
 pub mod proxy;

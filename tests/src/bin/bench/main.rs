@@ -19,6 +19,7 @@ mod snapshot;
 mod stop;
 mod stream;
 mod tool;
+mod web;
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -98,7 +99,7 @@ async fn bench() -> anyhow::Result<()> {
 
 /// The bench modules, in the order they run, with the ids of the rows each writes. `NIGHTSHIFT_BENCH_ONLY`
 /// selects among them by module name or row id.
-const MODULES: [(&str, &[&str]); 9] = [
+const MODULES: [(&str, &[&str]); 10] = [
     ("round_trip", &["ws_rtt"]),
     ("prompt_start", &["prompt_to_started"]),
     ("fanout", &["fanout_50x1000", "fanout_50x1000_blast"]),
@@ -115,6 +116,15 @@ const MODULES: [(&str, &[&str]); 9] = [
     ("tool", &["tool_read_30k", "tool_grep_30k"]),
     ("snapshot", &["snapshot_light", "restore_light"]),
     ("idle", &["idle_sandboxes"]),
+    (
+        "web",
+        &[
+            "web_bundle_bytes",
+            "web_bundle_gzip_bytes",
+            "web_first_render",
+            "web_10k_events",
+        ],
+    ),
 ];
 
 /// The modules `NIGHTSHIFT_BENCH_ONLY` (comma-separated module names or row ids) selects; every module
@@ -176,6 +186,7 @@ async fn measure(system: &System, modules: &[&str]) -> anyhow::Result<Vec<Row>> 
             "tool" => tool::run(system).await.context("tool_read_30k")?,
             "snapshot" => snapshot::run(system).await.context("snapshot_light")?,
             "idle" => vec![idle::run(system).await.context("idle_sandboxes")?],
+            "web" => web::run(system).await.context("web")?,
             other => anyhow::bail!("no bench module {other}"),
         };
         rows.extend(measured.into_iter().map(|mut row| {
