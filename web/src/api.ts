@@ -1,4 +1,5 @@
 // HTTP calls to the Worker: JSON in, JSON out, and one typed error built from the contract's `ErrorBody`.
+import { takeBootAuth } from "./boot";
 import type {
   AuthSession,
   CreateSessionRequest,
@@ -40,7 +41,8 @@ function isErrorBody(value: unknown): value is ErrorBody {
 /** Dispatched on `window` when an API call answers 401. */
 export const UNAUTHORIZED_EVENT = "nightshift:unauthorized";
 
-async function call<T>(method: string, path: string, body?: unknown): Promise<T> {
+// `pending`: a response already on its way for this request (the boot script's `/auth/session`).
+async function call<T>(method: string, path: string, body?: unknown, pending?: Promise<Response> | null): Promise<T> {
   const init: RequestInit = { method, credentials: "same-origin" };
   if (body !== undefined) {
     init.headers = { "content-type": "application/json" };
@@ -48,7 +50,7 @@ async function call<T>(method: string, path: string, body?: unknown): Promise<T>
   }
   let response: Response;
   try {
-    response = await fetch(path, init);
+    response = await (pending ?? fetch(path, init));
   } catch (error) {
     throw new ApiError(0, null, `network error: ${String(error)}`);
   }
@@ -90,7 +92,7 @@ function query(params: Record<string, string | undefined>): string {
 }
 
 export const api = {
-  authSession: () => call<AuthSession>("GET", "/auth/session"),
+  authSession: () => call<AuthSession>("GET", "/auth/session", undefined, takeBootAuth()),
   devSignIn: (body: DevLoginRequest) => call<MeResponse>("POST", "/auth/dev", body),
   signOut: () => call<unknown>("POST", "/auth/logout"),
   sessions: (filter: SessionFilter) =>

@@ -2,6 +2,7 @@
 import { render } from "preact";
 import { useCallback, useEffect, useState } from "preact/hooks";
 import { UNAUTHORIZED_EVENT, api, describeError } from "./api";
+import { dropBootSocket, rememberSignedIn } from "./boot";
 import { Header } from "./components/Header";
 import { JoinPage } from "./pages/Join";
 import { NewSessionPage } from "./pages/NewSession";
@@ -15,13 +16,17 @@ import "./style.css";
 // page is a session (in parallel with `/auth/session`), otherwise after the first render.
 type SessionModule = typeof import("./pages/Session");
 let sessionModule: Promise<SessionModule> | null = null;
-const loadSession = (): Promise<SessionModule> => (sessionModule ??= import("./pages/Session"));
+// Set once the chunk has loaded, so a page rendered after that shows the session at once.
+let sessionModuleLoaded: SessionModule | null = null;
+const loadSession = (): Promise<SessionModule> =>
+  (sessionModule ??= import("./pages/Session").then((loaded) => (sessionModuleLoaded = loaded)));
 if (location.pathname.startsWith("/s/") || location.pathname.startsWith("/join/")) void loadSession();
 
 function LazySession({ id, user }: { id: string; user: Author }) {
-  const [module, setModule] = useState<SessionModule | null>(null);
+  const [module, setModule] = useState<SessionModule | null>(sessionModuleLoaded);
   const [failed, setFailed] = useState<string | null>(null);
   useEffect(() => {
+    if (module) return;
     let live = true;
     loadSession()
       .then((loaded) => live && setModule(loaded))
@@ -80,12 +85,22 @@ function NotFound() {
   );
 }
 
+// Asked as the module runs, not after the first render: the answer decides the first page. (A failure is
+// handled where it is taken; the empty catch only keeps it from counting as unhandled before that.)
+let firstAuth: Promise<AuthSession> | null = api.authSession();
+firstAuth.catch(() => undefined);
+
 function App() {
   const [auth, setAuth] = useState<Auth>({ state: "loading" });
   const load = useCallback(() => {
-    api
-      .authSession()
-      .then((session) => setAuth({ state: "known", session }))
+    const asked = firstAuth ?? api.authSession();
+    firstAuth = null;
+    asked
+      .then((session) => {
+        rememberSignedIn(session);
+        if (!session.user) dropBootSocket();
+        setAuth({ state: "known", session });
+      })
       .catch((error: unknown) => setAuth({ state: "failed", message: describeError(error) }));
   }, []);
   useEffect(load, [load]);
@@ -124,7 +139,10 @@ function App() {
     api
       .signOut()
       .catch(() => undefined)
-      .finally(() => setAuth({ state: "known", session: { user: null, dev_mode } }));
+      .finally(() => {
+        rememberSignedIn({ user: null, dev_mode });
+        setAuth({ state: "known", session: { user: null, dev_mode } });
+      });
   };
   return (
     <div class="shell">
@@ -132,7 +150,13 @@ function App() {
       {user ? (
         <Page user={user} />
       ) : (
-        <SignInPage devMode={dev_mode} onSignedIn={(me) => setAuth({ state: "known", session: { user: me, dev_mode } })} />
+        <SignInPage
+          devMode={dev_mode}
+          onSignedIn={(me) => {
+            rememberSignedIn({ user: me, dev_mode });
+            setAuth({ state: "known", session: { user: me, dev_mode } });
+          }}
+        />
       )}
     </div>
   );

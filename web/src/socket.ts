@@ -1,6 +1,7 @@
 // The session connection: one WebSocket to `/api/sessions/{id}/ws` that says `hello{last_seq}`, reconnects
 // with capped exponential backoff, and pings to keep idle proxies from closing it. Deduplication by `seq`
 // happens in the transcript reducer; this module only tracks the highest `seq` it was told about.
+import { takeBootSocket } from "./boot";
 import type { ClientMessage, ServerMessage } from "./wire";
 
 export const PROTOCOL_VERSION = 1;
@@ -89,7 +90,8 @@ export class SessionSocket {
   private open(): void {
     if (this.closed) return;
     this.welcomed = false;
-    const socket = new WebSocket(this.url);
+    const boot = takeBootSocket(this.url);
+    const socket = boot?.socket ?? new WebSocket(this.url);
     this.socket = socket;
     socket.onopen = () => {
       const hello: ClientMessage = {
@@ -134,6 +136,11 @@ export class SessionSocket {
         this.open();
       }, jitteredMs);
     };
+    // The boot script's socket said hello when it opened: take over from there, with what it received.
+    if (boot?.greeted) {
+      this.startPing();
+      for (const event of boot.received) socket.onmessage(event);
+    }
   }
 
   private startPing(): void {

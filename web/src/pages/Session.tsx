@@ -131,7 +131,8 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
   const [actionError, setActionError] = useState<string | null>(null);
   const welcomed = t.session !== null;
 
-  useEffect(() => {
+  // Layout effect: the mark goes on with the DOM it marks, not a frame later.
+  useLayoutEffect(() => {
     if (welcomed || missing) markReady();
   }, [welcomed, missing]);
 
