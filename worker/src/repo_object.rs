@@ -135,6 +135,20 @@ pub fn stub(env: &Env, name: &str) -> Result<Stub, AppError> {
         .get_stub()?)
 }
 
+/// Register `repo` with its object (on first use it is listed and its image scheduled) and return the
+/// object's answer: the repository now and the notice a new session on it should log.
+pub async fn register(env: &Env, repo: &str) -> Result<Registered, AppError> {
+    let request = internal_request(Method::Post, "/register", Some(&RepoCall::plain(repo)))?;
+    let mut response = stub(env, repo)?.fetch_with_request(request).await?;
+    if response.status_code() != 200 {
+        return Err(AppError::Internal(format!(
+            "repository object of {repo} answered {}",
+            response.status_code()
+        )));
+    }
+    Ok(response.json().await?)
+}
+
 /// A request to a repository object's internal `path` with an optional JSON body.
 pub fn internal_request(
     method: Method,

@@ -541,16 +541,7 @@ async fn list_repos(env: &Env) -> Result<Response, AppError> {
     let summaries =
         futures_util::future::join_all(names.iter().map(|(name, registered)| async move {
             if !registered {
-                let call = RepoCall::plain(name);
-                let mut response =
-                    repo_call(env, name, Method::Post, "/register", Some(&call)).await?;
-                if response.status_code() != 200 {
-                    return Err(AppError::Internal(format!(
-                        "registering {name} answered {}",
-                        response.status_code()
-                    )));
-                }
-                return Ok(response.json::<repo_object::Registered>().await?.summary);
+                return Ok(repo_object::register(env, name).await?.summary);
             }
             let mut response = repo_call(env, name, Method::Get, "/summary", None).await?;
             if response.status_code() != 200 {

@@ -36,7 +36,7 @@ use worker::{
 use crate::error::{json_response, parse_body, AppError};
 use crate::index;
 use crate::provider::{Provider, ProviderError};
-use crate::repo_object::{self, Registered, RepoCall};
+use crate::repo_object::{self, RepoCall};
 use crate::secret::{constant_time_eq, random_hex, sha256_hex};
 use crate::sql_store::{migrate, SqlStore};
 
@@ -954,25 +954,7 @@ impl SessionObject {
     /// return the `warn` notice the session should log (stale image, failed build). Bookkeeping only:
     /// a failure is logged and never fails the session.
     async fn register_repo(&self, repo: &str) -> Option<String> {
-        let result = async {
-            let request = repo_object::internal_request(
-                Method::Post,
-                "/register",
-                Some(&RepoCall::plain(repo)),
-            )?;
-            let mut response = repo_object::stub(&self.env, repo)?
-                .fetch_with_request(request)
-                .await?;
-            if response.status_code() != 200 {
-                return Err(AppError::Internal(format!(
-                    "repository object answered {}",
-                    response.status_code()
-                )));
-            }
-            Ok::<Registered, AppError>(response.json().await?)
-        }
-        .await;
-        match result {
+        match repo_object::register(&self.env, repo).await {
             Ok(registered) => registered.session_notice,
             Err(e) => {
                 worker::console_error!("registering repository {repo} failed: {e:?}");

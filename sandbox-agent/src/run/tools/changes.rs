@@ -50,6 +50,17 @@ fn git(root: &Path) -> Command {
     command
 }
 
+/// `git diff <format> --no-renames --relative HEAD -- <paths>`.
+fn diff_head<'a>(root: &Path, format: &[&str], paths: impl Iterator<Item = &'a String>) -> Command {
+    let mut command = git(root);
+    command
+        .arg("diff")
+        .args(format)
+        .args(["--no-renames", "--relative", "HEAD", "--"])
+        .args(paths);
+    command
+}
+
 /// Stdout of a successful git command.
 async fn git_output(command: &mut Command) -> Option<Vec<u8>> {
     let output = command.output().await.ok()?;
@@ -133,32 +144,14 @@ pub async fn changed_files(
         .is_some();
     if has_head {
         for chunk in changed.chunks(DIFF_PATHS_PER_CALL) {
-            let mut command = git(root);
-            command.args([
-                "diff",
-                "--numstat",
-                "-z",
-                "--no-renames",
-                "--relative",
-                "HEAD",
-                "--",
-            ]);
-            command.args(chunk.iter().map(|(path, _)| path));
-            if let Some(numstat) = git_output(&mut command).await {
+            let paths = || chunk.iter().map(|(path, _)| path);
+            if let Some(numstat) =
+                git_output(&mut diff_head(root, &["--numstat", "-z"], paths())).await
+            {
                 counts.extend(parse_numstat(&numstat));
             }
-            let mut command = git(root);
-            command.args([
-                "diff",
-                "--no-color",
-                "--no-ext-diff",
-                "--no-renames",
-                "--relative",
-                "HEAD",
-                "--",
-            ]);
-            command.args(chunk.iter().map(|(path, _)| path));
-            if let Some(patch) = git_output(&mut command).await {
+            let patch = &["--no-color", "--no-ext-diff"];
+            if let Some(patch) = git_output(&mut diff_head(root, patch, paths())).await {
                 diffs.extend(split_patch(&String::from_utf8_lossy(&patch)));
             }
         }
