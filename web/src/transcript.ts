@@ -101,6 +101,8 @@ export interface Usage {
 export interface Transcript {
   version: number;
   lastSeq: number;
+  /** The log's last `seq` when the latest `welcome` came: its replay is complete once `lastSeq` reaches it. */
+  welcomeSeq: number;
   session: SessionInfo | null;
   you: Participant | null;
   participants: Participant[];
@@ -123,10 +125,16 @@ export interface Transcript {
   acceptedKeys: Set<string>;
 }
 
+/** Whether a `welcome` came and everything logged before it has been applied. */
+export function caughtUp(t: Transcript): boolean {
+  return t.session !== null && t.lastSeq >= t.welcomeSeq;
+}
+
 export function emptyTranscript(): Transcript {
   return {
     version: 0,
     lastSeq: 0,
+    welcomeSeq: 0,
     session: null,
     you: null,
     participants: [],
@@ -150,6 +158,7 @@ export function emptyTranscript(): Transcript {
 export function applyMessage(t: Transcript, message: ServerMessage): boolean {
   switch (message.type) {
     case "welcome":
+      t.welcomeSeq = message.last_seq;
       t.session = message.session;
       t.you = message.you;
       t.participants = message.participants;

@@ -1,7 +1,7 @@
 // The transcript reducer: `node --test web/test/transcript.test.ts` with Node 22 (it strips the types; no build).
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { applyEvents, applyMessage, costUsd, diffFromEditOutput, emptyTranscript, waitingPrompts } from "../src/transcript.ts";
+import { applyEvents, applyMessage, caughtUp, costUsd, diffFromEditOutput, emptyTranscript, waitingPrompts } from "../src/transcript.ts";
 import type { Event, EventEnvelope, ServerMessage } from "../src/wire.ts";
 
 const ada = { login: "ada", name: "Ada", email: "ada@example.com" };
@@ -151,4 +151,36 @@ test("10k events apply in well under a second", () => {
   assert.ok(performance.now() - started < 1000);
   const part = t.turns.get("p")?.parts[0];
   assert.ok(part && part.kind === "text" && part.text.startsWith("t0 t1 "));
+});
+
+test("caught up once a welcome's replay is applied, and again after a reconnect's", () => {
+  const t = emptyTranscript();
+  const welcome = (lastSeq: number): ServerMessage => ({
+    type: "welcome",
+    session: {
+      id: "s",
+      repo: "o/r",
+      base_branch: "main",
+      branch: "b",
+      title: "t",
+      model: "m",
+      created_by: ada,
+      created_ms: 0,
+    },
+    you: { login: "ada", name: "Ada", role: "owner", online: true, typing: false },
+    participants: [],
+    queue: [],
+    last_seq: lastSeq,
+  });
+  assert.equal(caughtUp(t), false, "nothing yet");
+  applyMessage(t, welcome(3));
+  assert.equal(caughtUp(t), false, "the replay of seq 1..3 is still to come");
+  applyEvents(t, log(turn.slice(0, 2)));
+  assert.equal(caughtUp(t), false);
+  applyEvents(t, log(turn.slice(2, 3), 3));
+  assert.equal(caughtUp(t), true);
+  applyMessage(t, welcome(5));
+  assert.equal(caughtUp(t), false, "a reconnect's welcome names a newer seq");
+  applyEvents(t, log(turn.slice(3, 5), 4));
+  assert.equal(caughtUp(t), true);
 });

@@ -6,7 +6,7 @@ import { NoticeBanner, Participants, Queue, StopControls, UsagePanel } from "../
 import { EventLine, FileChangeView, TurnView } from "../components/Turn";
 import { markReady } from "../route";
 import { type ConnectionState, SessionSocket } from "../socket";
-import { applyMessage, emptyTranscript, type Transcript, waitingPrompts } from "../transcript";
+import { applyMessage, caughtUp, emptyTranscript, type Transcript, waitingPrompts } from "../transcript";
 import type { Author, LifecycleState, SessionState, StopScope } from "../wire";
 
 const WINDOW_ENTRIES = 60;
@@ -69,10 +69,17 @@ function useSession(id: string) {
       // Hidden tabs get no animation frames; keep them current anyway, just less often.
       fallback = setTimeout(flush, 250);
     };
+    let shownCaughtUp = false;
     const live = new SessionSocket(id, {
       message: (message) => {
         if (applyMessage(t, message)) schedule();
-        if (message.type === "welcome") flush();
+        // After a welcome, the next frame is drawn as soon as its replay is in: the whole replay at once,
+        // not the welcome alone.
+        if (message.type === "welcome") shownCaughtUp = false;
+        if (!shownCaughtUp && caughtUp(t)) {
+          shownCaughtUp = true;
+          flush();
+        }
         // Usage, notices (ceilings) and finished prompts move the lifecycle: refresh it (throttled).
         const moves = (type: string) => type === "usage" || type === "notice" || type === "prompt_finished";
         const stale =
@@ -130,11 +137,12 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
   const [shareNote, setShareNote] = useState<string | null>(null);
   const [actionError, setActionError] = useState<string | null>(null);
   const welcomed = t.session !== null;
+  const ready = caughtUp(t);
 
   // Layout effect: the mark goes on with the DOM it marks, not a frame later.
   useLayoutEffect(() => {
-    if (welcomed || missing) markReady();
-  }, [welcomed, missing]);
+    if (ready || missing) markReady();
+  }, [ready, missing]);
 
   useEffect(() => {
     if (t.lastError) setActionError(`${t.lastError.message} (${t.lastError.code})`);
