@@ -2,12 +2,32 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import { applyEvents, applyMessage, caughtUp, costUsd, diffFromEditOutput, emptyTranscript, waitingPrompts } from "../src/transcript.ts";
-import type { Event, EventEnvelope, ServerMessage } from "../src/wire.ts";
+import type { Event, EventEnvelope, QueuedPrompt, ServerMessage } from "../src/wire.ts";
 
 const ada = { login: "ada", name: "Ada", email: "ada@example.com" };
 
 function log(events: Event[], from = 1): EventEnvelope[] {
   return events.map((event, i) => ({ seq: from + i, ts_ms: 1000 + from + i, event }));
+}
+
+function welcomeMessage(lastSeq: number, queue: QueuedPrompt[]): ServerMessage {
+  return {
+    type: "welcome",
+    session: {
+      id: "s",
+      repo: "o/r",
+      base_branch: "main",
+      branch: "b",
+      title: "t",
+      model: "m",
+      created_by: ada,
+      created_ms: 0,
+    },
+    you: { login: "ada", name: "Ada", role: "owner", online: true, typing: false },
+    participants: [],
+    queue,
+    last_seq: lastSeq,
+  };
 }
 
 const turn: Event[] = [
@@ -83,23 +103,7 @@ test("only the turns an event touches change identity", () => {
 
 test("the queue follows welcome and prompt events", () => {
   const t = emptyTranscript();
-  const welcome: ServerMessage = {
-    type: "welcome",
-    session: {
-      id: "s",
-      repo: "o/r",
-      base_branch: "main",
-      branch: "b",
-      title: "t",
-      model: "m",
-      created_by: ada,
-      created_ms: 0,
-    },
-    you: { login: "ada", name: "Ada", role: "owner", online: true, typing: false },
-    participants: [],
-    queue: [{ prompt_id: "p0", author: ada, text: "waiting", status: "queued", created_ms: 0 }],
-    last_seq: 0,
-  };
+  const welcome = welcomeMessage(0, [{ prompt_id: "p0", author: ada, text: "waiting", status: "queued", created_ms: 0 }]);
   applyMessage(t, welcome);
   assert.deepEqual(
     waitingPrompts(t).map((q) => q.prompt_id),
@@ -155,23 +159,7 @@ test("10k events apply in well under a second", () => {
 
 test("caught up once a welcome's replay is applied, and again after a reconnect's", () => {
   const t = emptyTranscript();
-  const welcome = (lastSeq: number): ServerMessage => ({
-    type: "welcome",
-    session: {
-      id: "s",
-      repo: "o/r",
-      base_branch: "main",
-      branch: "b",
-      title: "t",
-      model: "m",
-      created_by: ada,
-      created_ms: 0,
-    },
-    you: { login: "ada", name: "Ada", role: "owner", online: true, typing: false },
-    participants: [],
-    queue: [],
-    last_seq: lastSeq,
-  });
+  const welcome = (lastSeq: number) => welcomeMessage(lastSeq, []);
   assert.equal(caughtUp(t), false, "nothing yet");
   applyMessage(t, welcome(3));
   assert.equal(caughtUp(t), false, "the replay of seq 1..3 is still to come");
