@@ -6,7 +6,9 @@
 use std::process::Command;
 use std::time::Duration;
 
+use anyhow::Context;
 use nightshift_protocol::{Event, EventEnvelope, PromptStatus, SandboxStatus};
+use nightshift_tests::client::Ws;
 use nightshift_tests::{StartOptions, System};
 use serde_json::json;
 
@@ -156,6 +158,39 @@ async fn the_hard_timeout_saves_uncommitted_work_to_the_branch_and_a_snapshot() 
     Ok(())
 }
 
+/// Once `prompt` streams, send `signal` to the session's agent, then wait up to `resume_within` for the
+/// session's notice that it resumes `prompt` on a new sandbox. Returns the signalled sandbox's id.
+async fn signal_mid_prompt(
+    a: &mut Ws,
+    people: &flow::Pair,
+    prompt: &str,
+    signal: libc::c_int,
+    resume_within: Duration,
+    seen: &mut Vec<EventEnvelope>,
+) -> anyhow::Result<String> {
+    seen.extend(
+        a.events_until(
+            |e| matches!(e, Event::Token { prompt_id, .. } if prompt_id == prompt),
+            Duration::from_secs(60),
+        )
+        .await?,
+    );
+    let state = flow::state(&people.ada, &people.session).await?;
+    let sandbox_id = state.sandbox.id.context("no sandbox mid-prompt")?;
+    let pid = agent_pid(&sandbox_id).context("the agent is not in its cgroup")?;
+    // SAFETY: sends a signal to the agent this test's host started.
+    unsafe { libc::kill(pid, signal) };
+    let resuming = format!("resuming prompt {prompt}");
+    seen.extend(
+        a.events_until(
+            |e| matches!(e, Event::Notice { text, .. } if text.starts_with(&resuming)),
+            resume_within,
+        )
+        .await?,
+    );
+    Ok(sandbox_id)
+}
+
 /// Kill the agent (`kill -9`) in the middle of a slow prompt, twenty times: each time the host
 /// reports the crash with a snapshot, the session asks for a new sandbox restored from it and
 /// re-delivers the prompt as resumed; in the end both prompts are completed, and the log a client saw
@@ -181,27 +216,16 @@ async fn an_agent_killed_mid_prompt_again_and_again_is_replaced_until_every_prom
     )
     .await?;
     for kill in 0..KILLS {
-        // Mid-prompt: the first prompt has started and streams.
-        seen.extend(
-            a.events_until(
-                |e| matches!(e, Event::Token { prompt_id, .. } if *prompt_id == first),
-                Duration::from_secs(60),
-            )
-            .await?,
-        );
-        let state = flow::state(&people.ada, &people.session).await?;
-        let sandbox_id = state.sandbox.id.clone().expect("a sandbox");
-        let pid = agent_pid(&sandbox_id).expect("the agent runs in its cgroup");
-        // SAFETY: sends a signal to the agent this test's host started.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        seen.extend(
-            a.events_until(
-                |e| matches!(e, Event::Notice { text, .. } if text.starts_with(&format!("resuming prompt {first}"))),
-                Duration::from_secs(60),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("kill {kill}: {e}; host log:\n{}", system.host_log()))?,
-        );
+        signal_mid_prompt(
+            &mut a,
+            &people,
+            &first,
+            libc::SIGKILL,
+            Duration::from_secs(60),
+            &mut seen,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("kill {kill}: {e}; host log:\n{}", system.host_log()))?;
     }
     seen.extend(flow::until_finished(&mut a, &second).await?);
     assert_eq!(
@@ -418,25 +442,15 @@ async fn a_frozen_agent_is_replaced_after_its_heartbeat_goes_stale() -> anyhow::
     let (mut a, _) = join(&people.ada, &people.session, None).await?;
     let mut seen = until_ready(&mut a).await?;
     let prompt = flow::prompt(&mut a, "[script:slow ms=4000]", &mut seen).await?;
-    seen.extend(
-        a.events_until(
-            |e| matches!(e, Event::Token { prompt_id, .. } if *prompt_id == prompt),
-            Duration::from_secs(60),
-        )
-        .await?,
-    );
-    let state = flow::state(&people.ada, &people.session).await?;
-    let frozen = state.sandbox.id.clone().expect("a sandbox");
-    let pid = agent_pid(&frozen).expect("the agent runs in its cgroup");
-    // SAFETY: sends a signal to the agent this test's host started.
-    unsafe { libc::kill(pid, libc::SIGSTOP) };
-    seen.extend(
-        a.events_until(
-            |e| matches!(e, Event::Notice { text, .. } if text.starts_with(&format!("resuming prompt {prompt}"))),
-            Duration::from_secs(90),
-        )
-        .await?,
-    );
+    let frozen = signal_mid_prompt(
+        &mut a,
+        &people,
+        &prompt,
+        libc::SIGSTOP,
+        Duration::from_secs(90),
+        &mut seen,
+    )
+    .await?;
     seen.extend(flow::until_finished(&mut a, &prompt).await?);
     assert_eq!(
         finished_status(&seen, &prompt),
