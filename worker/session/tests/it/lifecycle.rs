@@ -514,14 +514,28 @@ fn an_agent_that_connects_after_the_pre_expiry_is_told_to_shut_down_at_once() {
         reason: "session_timeout".to_owned(),
         deadline_ms: 101_000
     }));
-    assert!(!late
-        .to_agent
-        .iter()
-        .any(|m| matches!(m, ServerToAgent::RunPrompt { .. })));
+    assert!(!dispatches(&late));
     assert_eq!(
         s.store.sandbox().unwrap().unwrap().status,
         SandboxStatus::Snapshotting
     );
+}
+
+/// The agent's report that `prompt_id` was stopped.
+fn stopped(prompt_id: &str) -> Event {
+    Event::PromptFinished {
+        prompt_id: prompt_id.to_owned(),
+        status: PromptStatus::Stopped,
+        error: None,
+    }
+}
+
+/// Whether `effects` send the agent a prompt to run.
+fn dispatches(effects: &Effects) -> bool {
+    effects
+        .to_agent
+        .iter()
+        .any(|m| matches!(m, ServerToAgent::RunPrompt { .. }))
 }
 
 fn usage(tokens: u64, cost_usd: Option<f64>) -> Event {
@@ -547,25 +561,10 @@ fn the_cost_ceiling_stops_the_turn_snapshots_and_holds_the_queue() {
     let over = s.run(5_000, |s| s.apply_agent_event(2, usage(100, Some(0.5))));
     assert_debug_snapshot!(lines(&over));
     // The stopped turn ends; the next prompt is not dispatched, now or when an agent reconnects.
-    let finished = s.run(5_500, |s| {
-        s.apply_agent_event(
-            3,
-            Event::PromptFinished {
-                prompt_id: "p1".to_owned(),
-                status: PromptStatus::Stopped,
-                error: None,
-            },
-        )
-    });
-    assert!(!finished
-        .to_agent
-        .iter()
-        .any(|m| matches!(m, ServerToAgent::RunPrompt { .. })));
+    let finished = s.run(5_500, |s| s.apply_agent_event(3, stopped("p1")));
+    assert!(!dispatches(&finished));
     let again = s.connect(6_000);
-    assert!(!again
-        .to_agent
-        .iter()
-        .any(|m| matches!(m, ServerToAgent::RunPrompt { .. })));
+    assert!(!dispatches(&again));
     assert_eq!(status(&mut s.store, "p2"), PromptStatus::Queued, "kept");
     let more = s.run(7_000, |s| s.apply_agent_event(4, usage(100, Some(0.5))));
     assert_eq!(more.events.len(), 1, "said once");
@@ -650,20 +649,8 @@ fn nothing_is_dispatched_while_the_sandbox_drains_even_if_the_agent_says_it_is_r
             },
         )
     });
-    let finished = s.run(92_500, |s| {
-        s.apply_agent_event(
-            next + 1,
-            Event::PromptFinished {
-                prompt_id: "p1".to_owned(),
-                status: PromptStatus::Stopped,
-                error: None,
-            },
-        )
-    });
-    assert!(!finished
-        .to_agent
-        .iter()
-        .any(|m| matches!(m, ServerToAgent::RunPrompt { .. })));
+    let finished = s.run(92_500, |s| s.apply_agent_event(next + 1, stopped("p1")));
+    assert!(!dispatches(&finished));
     assert_eq!(status(&mut s.store, "p2"), PromptStatus::Queued);
 }
 
@@ -706,16 +693,7 @@ fn a_person_at_their_daily_ceiling_is_stopped_and_waits_while_others_go_on() {
         "said once"
     );
     // Her turn ends; bob's prompt runs, hers waits.
-    let finished = s.run(4_500, |s| {
-        s.apply_agent_event(
-            2,
-            Event::PromptFinished {
-                prompt_id: "p1".to_owned(),
-                status: PromptStatus::Stopped,
-                error: None,
-            },
-        )
-    });
+    let finished = s.run(4_500, |s| s.apply_agent_event(2, stopped("p1")));
     assert!(finished
         .to_agent
         .iter()
