@@ -359,7 +359,12 @@ pub async fn run_prompt(
     );
     let (status, error) = match outcome {
         Ok(()) => (PromptStatus::Completed, None),
-        Err(LoopError::Stopped) => {
+        // A stop wins over whatever it interrupted: a model call that saw the cancellation before the
+        // loop did reports `Cancelled`, and anything failing once the turn is cancelled fails because of it.
+        Err(error)
+            if matches!(error, LoopError::Stopped)
+                || (cancel.is_cancelled() && !matches!(error, LoopError::EventsClosed)) =>
+        {
             conversation.close_turn(STOPPED_NOTE);
             (PromptStatus::Stopped, None)
         }

@@ -200,7 +200,9 @@ async fn run_one(url: &str, api_key: Option<&str>, cancel_after: Option<Duration
     };
     let (tx, mut rx) = mpsc::channel(1024);
     let cancel = CancellationToken::new();
-    if let Some(delay) = cancel_after {
+    if cancel_after == Some(Duration::ZERO) {
+        cancel.cancel();
+    } else if let Some(delay) = cancel_after {
         let cancel = cancel.clone();
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
@@ -517,6 +519,18 @@ async fn stop_cancels_a_streaming_prompt() {
             finished(PromptStatus::Stopped, None),
         ]
     );
+}
+
+/// A stop that lands as a model call starts (the call sees it before the loop does) ends the turn as
+/// stopped, never failed; `select!` picks its branch at random, so this tries it many times.
+#[tokio::test]
+async fn a_stop_as_a_model_call_starts_is_stopped_not_failed() {
+    let answer = reply("m", 1, vec![text_block(0, &["hi"])], "end_turn", 1);
+    let (url, _server) = start_model(Vec::new(), Some(answer)).await;
+    for _ in 0..24 {
+        let run = run_one(&url, None, Some(Duration::ZERO)).await;
+        assert_eq!(run.events.last(), Some(&finished(PromptStatus::Stopped, None)));
+    }
 }
 
 #[tokio::test]
