@@ -185,6 +185,7 @@ impl Client {
         Ok(Ws {
             stream,
             batched: std::collections::VecDeque::new(),
+            text_frames: 0,
         })
     }
 }
@@ -206,6 +207,8 @@ pub struct Ws {
     stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
     /// Events of an `events` frame not handed out yet.
     batched: std::collections::VecDeque<EventEnvelope>,
+    /// Text frames read so far.
+    text_frames: usize,
 }
 
 impl Ws {
@@ -239,6 +242,7 @@ impl Ws {
             };
             match frame {
                 Message::Text(text) => {
+                    self.text_frames += 1;
                     let message: ServerMessage =
                         serde_json::from_str(text.as_str()).with_context(|| {
                             format!("server message is not a ServerMessage: {}", text.as_str())
@@ -257,6 +261,11 @@ impl Ws {
                 Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => continue,
             }
         }
+    }
+
+    /// How many text frames were read so far (an `events` frame counts once).
+    pub fn text_frames(&self) -> usize {
+        self.text_frames
     }
 
     /// Read messages until one satisfies `pred`, within `timeout` overall; returns it.

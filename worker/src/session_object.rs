@@ -15,9 +15,9 @@ use nightshift_protocol::http::{
 };
 use nightshift_protocol::provider::{CreateSandboxRequest, SandboxEnded, SandboxInfo};
 use nightshift_protocol::{
-    decode_agent_message, decode_client_message, AgentMessage, Author, ClientMessage, ErrorCode,
-    EventEnvelope, Participant, ServerMessage, ServerToAgent, SessionInfo, MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
+    client, decode_agent_message, decode_client_message, AgentMessage, Author, ClientMessage,
+    ErrorCode, EventEnvelope, Participant, ServerMessage, ServerToAgent, SessionInfo,
+    MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use nightshift_session::ceiling::DAY_MS;
 use nightshift_session::presence::{
@@ -46,6 +46,8 @@ pub const USER_HEADER: &str = "x-nightshift-user";
 const CLIENT_TAG: &str = "client";
 const AGENT_TAG: &str = "agent";
 const REPLAY_PAGE: u32 = 500;
+/// The most one `events` frame carries (an event larger than this goes alone).
+const EVENTS_FRAME_MAX_BYTES: usize = 256 * 1024;
 const EVENTS_PAGE_MAX: u32 = 1000;
 /// Sending a frame costs the object about 0.1 ms per connected client, so with many clients a stream of
 /// events is sent at most once per window: the window grows by 1 ms per this many greeted clients…
@@ -117,19 +119,13 @@ struct Fanout {
 }
 
 impl Fanout {
-    /// Send everything pending to `clients`: one `event` frame for one event, one `events` frame for more.
+    /// Send everything pending to `clients`: one `event` frame for one event, `events` frames for more.
     fn flush(&mut self, clients: &[WebSocket]) {
         let pending = std::mem::take(&mut self.pending);
-        let frame = match pending.as_slice() {
-            [] => return,
-            [one] => format!(
-                r#"{{"type":"event",{}"#,
-                one.strip_prefix('{').unwrap_or(one)
-            ),
-            many => format!(r#"{{"type":"events","events":[{}]}}"#, many.join(",")),
-        };
-        for ws in clients {
-            let _ = ws.send_with_str(&frame);
+        for frame in client::event_frames(&pending, EVENTS_FRAME_MAX_BYTES) {
+            for ws in clients {
+                let _ = ws.send_with_str(&frame);
+            }
         }
     }
 }
@@ -317,12 +313,14 @@ fn broadcast_presence_to(
 
 fn send(ws: &WebSocket, message: &impl serde::Serialize) {
     match serde_json::to_string(message) {
-        Ok(text) => {
-            if let Err(e) = ws.send_with_str(text) {
-                worker::console_log!("send failed: {e}");
-            }
-        }
+        Ok(text) => send_frame(ws, &text),
         Err(e) => worker::console_error!("serialize failed: {e}"),
+    }
+}
+
+fn send_frame(ws: &WebSocket, text: &str) {
+    if let Err(e) = ws.send_with_str(text) {
+        worker::console_log!("send failed: {e}");
     }
 }
 
@@ -1094,13 +1092,19 @@ impl SessionObject {
                         last_seq: session.last_seq()?,
                     },
                 );
+                // The replay goes in `events` frames: a long log reaches the page in a few frames, not one
+                // per event.
                 let mut after = last_seq.unwrap_or(0);
                 loop {
                     let page = session.replay(after, REPLAY_PAGE)?;
                     let Some(last) = page.last() else { break };
                     after = last.seq;
-                    for envelope in page {
-                        send(ws, &ServerMessage::Event(envelope));
+                    let envelopes = page
+                        .iter()
+                        .map(serde_json::to_string)
+                        .collect::<Result<Vec<_>, _>>()?;
+                    for frame in client::event_frames(&envelopes, EVENTS_FRAME_MAX_BYTES) {
+                        send_frame(ws, &frame);
                     }
                 }
                 self.broadcast_presence()

@@ -529,7 +529,10 @@ async fn a_stop_as_a_model_call_starts_is_stopped_not_failed() {
     let (url, _server) = start_model(Vec::new(), Some(answer)).await;
     for _ in 0..24 {
         let run = run_one(&url, None, Some(Duration::ZERO)).await;
-        assert_eq!(run.events.last(), Some(&finished(PromptStatus::Stopped, None)));
+        assert_eq!(
+            run.events.last(),
+            Some(&finished(PromptStatus::Stopped, None))
+        );
     }
 }
 
