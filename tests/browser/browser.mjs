@@ -42,6 +42,45 @@ export async function newPerson(browser, options = {}) {
   return context;
 }
 
+// Lets a test cut the connection of `context`'s pages: every WebSocket a page opens is kept in
+// `window.__nightshiftSockets`, and each value `[data-testid=connection]` takes for `data-state` is
+// appended to `window.__nightshiftConnectionStates` (seen by a MutationObserver, so a short-lived state
+// is not missed between polls).
+export async function watchConnections(context) {
+  await context.addInitScript(() => {
+    const Native = window.WebSocket;
+    const sockets = (window.__nightshiftSockets = []);
+    const Recorded = function (...args) {
+      const socket = new Native(...args);
+      sockets.push(socket);
+      return socket;
+    };
+    Recorded.prototype = Native.prototype;
+    for (const name of ["CONNECTING", "OPEN", "CLOSING", "CLOSED"]) Recorded[name] = Native[name];
+    window.WebSocket = Recorded;
+    const states = (window.__nightshiftConnectionStates = []);
+    new MutationObserver(() => {
+      const state = document.querySelector("[data-testid=connection]")?.getAttribute("data-state");
+      if (state && states[states.length - 1] !== state) states.push(state);
+    }).observe(document, { childList: true, subtree: true, attributes: true, attributeFilter: ["data-state"] });
+  });
+}
+
+// Closes every open WebSocket of `page` (from the client side, as a dropped network would end it) and
+// returns how many there were; the page was set up by `watchConnections`.
+export async function cutConnections(page) {
+  return page.evaluate(() => {
+    const open = window.__nightshiftSockets.filter((socket) => socket.readyState === WebSocket.OPEN);
+    for (const socket of open) socket.close(4000, "cut by the test");
+    return open.length;
+  });
+}
+
+// The `data-state` values the page's connection indicator took, in order (see `watchConnections`).
+export async function connectionStates(page) {
+  return page.evaluate(() => window.__nightshiftConnectionStates.slice());
+}
+
 // Every console error and uncaught exception of the pages opened with `watchedPage`, labelled by page.
 export class ErrorLog {
   constructor() {

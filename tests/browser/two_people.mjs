@@ -3,13 +3,16 @@
 //
 // Ada signs in, opens a session from the New session page (the first keystroke warms the repository up) and
 // prompts; Bob joins through her share link, watches her prompt stream under her name, types (Ada sees it)
-// and queues a follow-up; Ada cancels it and stops her turn; a third prompt streams while Ada reloads, and
-// both transcripts then say exactly what the server's event log says. Then the view at phone width, Bob's
+// and queues a follow-up; Ada cancels it and stops her turn; a third prompt streams while Ada reloads and
+// Bob's connection is cut (his page shows it reconnecting), and both transcripts then say exactly what the
+// server's event log says. Then the view at phone width, Bob's
 // sessions list, and Stop session with its inline confirmation. Every page, the signed-out sign-in page
 // included, must stay free of console errors throughout. Screenshots go to target/browser/.
 import {
   ErrorLog,
   WAIT_MS,
+  connectionStates,
+  cutConnections,
   eventLog,
   launch,
   newPerson,
@@ -18,6 +21,7 @@ import {
   squash,
   step,
   until,
+  watchConnections,
 } from "./browser.mjs";
 
 const ADA = { login: "ada", name: "Ada Lovelace", email: "ada@example.com" };
@@ -79,6 +83,7 @@ async function assistantText(page, promptId) {
 async function scenario() {
   const adaContext = await newPerson(browser);
   const bobContext = await newPerson(browser);
+  await watchConnections(bobContext);
   const ada = await openPage(adaContext, "ada");
   const warmUps = [];
   ada.on("request", (request) => {
@@ -236,7 +241,7 @@ async function scenario() {
     }
   });
 
-  const streamedId = await step("Ada reloads while a third prompt streams", async () => {
+  const streamedId = await step("Ada reloads and Bob's connection is cut while a third prompt streams", async () => {
     const composer = ada.getByRole("textbox", { name: "Message", exact: true });
     await composer.fill(STREAMED_PROMPT);
     await composer.press("Enter");
@@ -248,6 +253,13 @@ async function scenario() {
       throw new Error("the stream ended before the reload");
     }
     await ada.reload();
+    // Bob's connection drops mid-stream too: his page says so, reconnects, and replays what it missed.
+    const cut = await cutConnections(bob);
+    if (cut !== 1) throw new Error(`Bob's page had ${cut} open sockets, not 1`);
+    await until("Bob live again", () => connectionStates(bob), (states) => {
+      const afterCut = states.slice(states.lastIndexOf("reconnecting"));
+      return states.includes("reconnecting") && afterCut[afterCut.length - 1] === "connected";
+    });
     await ada.locator("[data-testid=transcript]").waitFor({ timeout: WAIT_MS });
     for (const page of [ada, bob]) {
       await turnWithStatus(page, id, "completed").waitFor({ timeout: WAIT_MS });
