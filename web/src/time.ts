@@ -37,8 +37,12 @@ export function timeLeft(endsMs: number, nowMs: number): string {
   return `${Math.floor(minutes / 60)}h ${minutes % 60}m left`;
 }
 
+/** Local wall-clock time, `HH:MM:SS` (24 h). Built by hand: the page's first `Intl.DateTimeFormat` loads
+ * locale data, which cost the first frame of a session view ~30 ms. */
 export function clock(ms: number): string {
-  return new Date(ms).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit", hourCycle: "h23" });
+  const date = new Date(ms);
+  const two = (n: number) => String(n).padStart(2, "0");
+  return `${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}`;
 }
 
 export function usd(value: number): string {

@@ -4,6 +4,7 @@ import { useCallback, useEffect, useLayoutEffect, useMemo, useRef, useState } fr
 import { ApiError, api, describeError, newKey } from "../api";
 import { NoticeBanner, Participants, Queue, StopControls, UsagePanel } from "../components/SessionPanels";
 import { EventLine, FileChangeView, TurnView } from "../components/Turn";
+import { warmMarkdown } from "../markdown";
 import { markReady } from "../route";
 import { type ConnectionState, SessionSocket } from "../socket";
 import { applyMessage, caughtUp, emptyTranscript, type Transcript, waitingPrompts } from "../transcript";
@@ -91,6 +92,7 @@ function useSession(id: string) {
       lastSeq: () => (t.lastSeq > 0 ? t.lastSeq : null),
     });
     socket.current = live;
+    warmMarkdown();
     refreshState();
     const timer = setInterval(refreshState, STATE_REFRESH_EVERY_MS);
     return () => {
