@@ -37,12 +37,21 @@ export function timeLeft(endsMs: number, nowMs: number): string {
   return `${Math.floor(minutes / 60)}h ${minutes % 60}m left`;
 }
 
-/** Local wall-clock time, `HH:MM:SS` (24 h). Built by hand: the page's first `Intl.DateTimeFormat` loads
- * locale data, which cost the first frame of a session view ~30 ms. */
+const two = (n: number) => String(n).padStart(2, "0");
+
+// Clock and date strings are built by hand: a page's first `Intl.DateTimeFormat` (which `toLocale*String`
+// makes) loads locale data, which cost the first frame of a session view ~30 ms.
+
+/** Local wall-clock time, `HH:MM:SS` (24 h). */
 export function clock(ms: number): string {
   const date = new Date(ms);
-  const two = (n: number) => String(n).padStart(2, "0");
   return `${two(date.getHours())}:${two(date.getMinutes())}:${two(date.getSeconds())}`;
+}
+
+/** Local date and time, `YYYY-MM-DD HH:MM:SS`. */
+export function dateTime(ms: number): string {
+  const date = new Date(ms);
+  return `${date.getFullYear()}-${two(date.getMonth() + 1)}-${two(date.getDate())} ${clock(ms)}`;
 }
 
 export function usd(value: number): string {

@@ -1,13 +1,14 @@
 // Human times.
 import assert from "node:assert/strict";
 import { test } from "node:test";
-import { clock, duration, timeLeft } from "../src/time.ts";
+import { clock, dateTime, duration, timeLeft } from "../src/time.ts";
 
 test("clock is the local time as HH:MM:SS on a 24-hour clock", () => {
   const afternoon = new Date(2026, 11, 3, 13, 5, 9).getTime();
   assert.equal(clock(afternoon), "13:05:09");
   const midnight = new Date(2026, 11, 3, 0, 0, 0).getTime();
   assert.equal(clock(midnight), "00:00:00");
+  assert.equal(dateTime(afternoon), "2026-12-03 13:05:09");
 });
 
 test("durations and time left read naturally", () => {

@@ -2,7 +2,7 @@
 import { useEffect, useState } from "preact/hooks";
 import { api, describeError } from "../api";
 import { markReady } from "../route";
-import { ago } from "../time";
+import { ago, dateTime } from "../time";
 import type { SessionStatus, SessionSummary } from "../wire";
 
 const STATUSES: SessionStatus[] = ["starting", "idle", "running", "stopped", "failed"];
@@ -114,7 +114,7 @@ function SessionRow({ session, nowMs }: { session: SessionSummary; nowMs: number
       <span class={`status badge status-${session.status}`} data-status={session.status}>
         {session.status}
       </span>
-      <span class="activity muted" title={new Date(session.last_activity_ms).toLocaleString()}>
+      <span class="activity muted" title={dateTime(session.last_activity_ms)}>
         {ago(session.last_activity_ms, nowMs)}
       </span>
       <span class="people muted" title={session.participants.join(", ")}>
