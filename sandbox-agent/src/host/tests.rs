@@ -1642,6 +1642,20 @@ impl IsolatedHost {
         body
     }
 
+    /// `POST /v1/sandboxes` for `demo/hello`, which must answer 201; the new sandbox's id.
+    async fn create_sandbox(&self) -> String {
+        let (status, info) = self
+            .host
+            .api(
+                reqwest::Method::POST,
+                "/v1/sandboxes",
+                Some(self.create_body()),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{info}");
+        info["id"].as_str().unwrap().to_owned()
+    }
+
     /// Build an image of `demo/hello` and wait until it is ready; its id.
     async fn build_image(&self) -> String {
         let image = build_to_the_end(self).await;
@@ -1680,22 +1694,8 @@ async fn run_bash(
     command: &str,
     log: impl Fn() -> String,
 ) -> (String, Option<String>) {
-    use nightshift_protocol::{AgentMessage, Author, Event, ServerToAgent};
-    let step = json!({"tool": "bash", "input": {"command": command}});
-    send_to_agent(
-        socket,
-        &ServerToAgent::RunPrompt {
-            prompt_id: format!("p{}", rand::random::<u32>()),
-            text: format!("[script:plan]\n{step}"),
-            author: Author {
-                login: "ada".into(),
-                name: "Ada".into(),
-                email: "ada@example.com".into(),
-            },
-            model: crate::scripted_model::MODEL.to_owned(),
-        },
-    )
-    .await;
+    use nightshift_protocol::{AgentMessage, Event};
+    send_bash(socket, command).await;
     let (mut output, mut pushed) = (None, None);
     loop {
         let AgentMessage::Event { event, .. } = next_message(socket).await else {
@@ -1738,17 +1738,8 @@ async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
     assert!(tree.join(".git").is_dir());
 
     let started = Instant::now();
-    let (status, info) = env
-        .host
-        .api(
-            reqwest::Method::POST,
-            "/v1/sandboxes",
-            Some(env.create_body()),
-        )
-        .await;
+    let id = env.create_sandbox().await;
     let created_ms = started.elapsed().as_millis();
-    assert_eq!(status, StatusCode::CREATED, "{info}");
-    let id = info["id"].as_str().unwrap().to_owned();
     let root = env.sandbox_root(&id);
     let options = overlay_options(&root.join("merged")).expect("the overlay is mounted");
     assert!(
@@ -1912,28 +1903,12 @@ fn runtime_sandboxes(env: &IsolatedHost) -> std::collections::HashSet<String> {
         .unwrap_or_default()
 }
 
-/// Poll `GET /v1/pools` until `repo`'s pool has `ready` ready and none preparing.
+/// `demo/hello`'s pool once it has `ready` ready and none preparing (see [`wait_for_pool`]).
 async fn wait_for_ready(env: &IsolatedHost, ready: u64) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (status, list) = env.host.api(reqwest::Method::GET, "/v1/pools", None).await;
-        assert_eq!(status, StatusCode::OK, "{list}");
-        let pool = list["pools"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|pool| pool["repo"] == "demo/hello")
-            .cloned()
-            .unwrap_or(Value::Null);
-        if pool["ready"] == ready && pool["preparing"] == 0 {
-            return pool;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "pool never had {ready} ready: {list}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_pool(env, Duration::from_secs(60), |pool| {
+        pool["ready"] == ready && pool["preparing"] == 0
+    })
+    .await
 }
 
 /// Warm pools on a real isolated host: `POST /v1/pools/demo/hello {target: 2}` prepares two (overlay
@@ -1988,17 +1963,8 @@ async fn warm_pools_prepare_claim_retire_and_release() {
 
     // A claim: one of the prepared sandboxes, and the agent runs in it.
     let claiming = Instant::now();
-    let (status, info) = env
-        .host
-        .api(
-            reqwest::Method::POST,
-            "/v1/sandboxes",
-            Some(env.create_body()),
-        )
-        .await;
+    let id = env.create_sandbox().await;
     let claim_ms = claiming.elapsed().as_millis();
-    assert_eq!(status, StatusCode::CREATED, "{info}");
-    let id = info["id"].as_str().unwrap().to_owned();
     assert!(warm.contains(&id), "{id} is not one of {warm:?}");
     let mut socket = accept_agent(&env.worker).await;
     assert_eq!(welcome(&mut socket).await, id);
@@ -2468,7 +2434,8 @@ async fn wait_for_pool(
 ) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let (_, list) = env.host.api(reqwest::Method::GET, "/v1/pools", None).await;
+        let (status, list) = env.host.api(reqwest::Method::GET, "/v1/pools", None).await;
+        assert_eq!(status, StatusCode::OK, "{list}");
         let pool = list["pools"]
             .as_array()
             .and_then(|pools| pools.iter().find(|pool| pool["repo"] == "demo/hello"))
@@ -2525,16 +2492,7 @@ async fn pools_shrink_when_demand_fades() {
     tokio::time::sleep(Duration::from_millis(WINDOW_MS / 2).saturating_sub(requested.elapsed()))
         .await;
     let claimed_at = Instant::now();
-    let (status, info) = env
-        .host
-        .api(
-            reqwest::Method::POST,
-            "/v1/sandboxes",
-            Some(env.create_body()),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{info}");
-    let claimed = info["id"].as_str().unwrap().to_owned();
+    let claimed = env.create_sandbox().await;
     assert!(prepared.contains(&claimed));
     let socket = accept_agent(&env.worker).await;
     wait_for_pool(&env, Duration::from_secs(30), |pool| {
@@ -2671,16 +2629,7 @@ async fn work_is_extracted_before_teardown_and_ends_are_reported() {
         return;
     };
     env.build_image().await;
-    let (status, info) = env
-        .host
-        .api(
-            reqwest::Method::POST,
-            "/v1/sandboxes",
-            Some(env.create_body()),
-        )
-        .await;
-    assert_eq!(status, StatusCode::CREATED, "{info}");
-    let id = info["id"].as_str().unwrap().to_owned();
+    let id = env.create_sandbox().await;
     let mut socket = accept_agent(&env.worker).await;
     assert_eq!(welcome(&mut socket).await, id);
     let log_path = env
