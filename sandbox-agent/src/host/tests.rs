@@ -330,6 +330,19 @@ impl RunningHost {
         (status, response.json().await.unwrap())
     }
 
+    /// [`RunningHost::api`], which must answer `want`; the body.
+    async fn api_expecting(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+        want: StatusCode,
+    ) -> Value {
+        let (status, value) = self.api(method.clone(), path, body).await;
+        assert_eq!(status, want, "{method} {path}: {value}");
+        value
+    }
+
     /// Poll the sandbox until `status`, or panic after a few seconds.
     async fn wait_for_status(&self, id: &str, status: &str) -> Value {
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -553,14 +566,14 @@ async fn sandbox_lifecycle_with_a_fake_agent() {
     let agent = write_fake_agent(bins.path());
     let host = RunningHost::start(data.path(), &agent).await;
 
-    let (status, info) = host
-        .api(
+    let info = host
+        .api_expecting(
             reqwest::Method::POST,
             "/v1/sandboxes",
             Some(create_body("demo/hello")),
+            StatusCode::CREATED,
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{info}");
     let info: nightshift_protocol::provider::SandboxInfo = serde_json::from_value(info).unwrap();
     assert_eq!(
         (
@@ -693,14 +706,14 @@ async fn sandbox_lifecycle_with_a_fake_agent() {
     let pid = read_when_written(&home.join("pid.txt")).await;
     assert!(alive(&grandchild) && alive(&pid));
     let started = Instant::now();
-    let (status, stopped) = host
-        .api(
+    let stopped = host
+        .api_expecting(
             reqwest::Method::DELETE,
             &format!("/v1/sandboxes/{}", info.id),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
     assert_eq!(stopped["status"], "stopped");
     assert!(
         started.elapsed() < Duration::from_secs(2),
@@ -1644,15 +1657,15 @@ impl IsolatedHost {
 
     /// `POST /v1/sandboxes` for `demo/hello`, which must answer 201; the new sandbox's id.
     async fn create_sandbox(&self) -> String {
-        let (status, info) = self
+        let info = self
             .host
-            .api(
+            .api_expecting(
                 reqwest::Method::POST,
                 "/v1/sandboxes",
                 Some(self.create_body()),
+                StatusCode::CREATED,
             )
             .await;
-        assert_eq!(status, StatusCode::CREATED, "{info}");
         info["id"].as_str().unwrap().to_owned()
     }
 
@@ -1776,37 +1789,40 @@ async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
     assert!(!listed.contains("tests/__init__.py"), "{listed}");
 
     // The snapshot route works on it.
-    let (status, snapshot) = env
+    let snapshot = env
         .host
-        .api(
+        .api_expecting(
             reqwest::Method::POST,
             &format!("/v1/sandboxes/{id}/snapshot"),
             Some(json!({"reason": "prompt_finished"})),
+            StatusCode::CREATED,
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{snapshot}");
     assert_eq!(snapshot["image_id"], image_id.as_str());
     let snapshot_id = snapshot["id"].as_str().unwrap().to_owned();
-    let (status, _) = env
-        .host
-        .api(
+    env.host
+        .api_expecting(
             reqwest::Method::DELETE,
             &format!("/v1/sandboxes/{id}"),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
     assert!(!root.exists());
 
     // Restored: the edits are back, the deleted file stays deleted, the session branch resumes.
     let mut body = env.create_body();
     body["repo"] = Value::Null;
     body["snapshot"] = json!(snapshot_id);
-    let (status, restored) = env
+    let restored = env
         .host
-        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .api_expecting(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(body),
+            StatusCode::CREATED,
+        )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{restored}");
     let restored_id = restored["id"].as_str().unwrap().to_owned();
     let merged = env.sandbox_root(&restored_id).join("merged");
     let options = overlay_options(&merged).expect("the overlay is mounted");
@@ -1833,15 +1849,14 @@ async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
     assert!(output.contains("nightshift/session-1\nnew\n"), "{output}");
     assert!(!output.contains("__init__.py"), "{output}");
     // The restored sandbox is an overlay over the image too: it can be snapshotted again.
-    let (status, again) = env
-        .host
-        .api(
+    env.host
+        .api_expecting(
             reqwest::Method::POST,
             &format!("/v1/sandboxes/{restored_id}/snapshot"),
             Some(json!({"reason": "again"})),
+            StatusCode::CREATED,
         )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{again}");
 
     // Unknown snapshots are typed refusals.
     let mut body = env.create_body();
@@ -1856,15 +1871,14 @@ async fn sandboxes_start_from_the_latest_image_and_restore_snapshots() {
         "{refused}"
     );
     // The snapshot's image lost (its tmpfs tree gone): refused with the typed error, nothing started.
-    let (status, _) = env
-        .host
-        .api(
+    env.host
+        .api_expecting(
             reqwest::Method::DELETE,
             &format!("/v1/sandboxes/{restored_id}"),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
     std::fs::rename(&tree, tree.with_file_name("lost")).unwrap();
     let mut body = env.create_body();
     body["snapshot"] = json!(snapshot_id);
@@ -1923,15 +1937,15 @@ async fn warm_pools_prepare_claim_retire_and_release() {
     };
     let image_id = env.build_image().await;
     let prepared = Instant::now();
-    let (status, pool) = env
+    let pool = env
         .host
-        .api(
+        .api_expecting(
             reqwest::Method::POST,
             "/v1/pools/demo/hello",
             Some(json!({"target": 2})),
+            StatusCode::ACCEPTED,
         )
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{pool}");
     assert_eq!(pool["target"], 2, "{pool}");
     assert_eq!(pool["image_id"], image_id.as_str(), "{pool}");
     let pool = wait_for_ready(&env, 2).await;
@@ -1980,15 +1994,14 @@ async fn warm_pools_prepare_claim_retire_and_release() {
         "warm"
     );
     drop(socket);
-    let (status, _) = env
-        .host
-        .api(
+    env.host
+        .api_expecting(
             reqwest::Method::DELETE,
             &format!("/v1/sandboxes/{id}"),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
     assert!(!env.sandbox_root(&id).exists());
 
     // 20 concurrent creates on a pool of 5.
@@ -2116,15 +2129,15 @@ fn commit_to_repo(git_dir: &Path, files: &[(&str, &str)]) {
 
 /// Start a build of `demo/hello` and wait for its end; the image's record.
 async fn build_to_the_end(env: &IsolatedHost) -> Value {
-    let (status, build) = env
+    let build = env
         .host
-        .api(
+        .api_expecting(
             reqwest::Method::POST,
             "/v1/images",
             Some(json!({"repo": "demo/hello"})),
+            StatusCode::ACCEPTED,
         )
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{build}");
     let id = build["id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -2332,11 +2345,14 @@ async fn a_sandbox_cannot_see_another_sandboxs_files_or_processes() {
     for session in ["session-a", "session-b"] {
         let mut body = env.create_body();
         body["session_id"] = json!(session);
-        let (status, info) = env
-            .host
-            .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        env.host
+            .api_expecting(
+                reqwest::Method::POST,
+                "/v1/sandboxes",
+                Some(body),
+                StatusCode::CREATED,
+            )
             .await;
-        assert_eq!(status, StatusCode::CREATED, "{info}");
         let mut socket = accept_agent(&env.worker).await;
         ids.push(welcome(&mut socket).await);
         sockets.push(socket);
@@ -2413,15 +2429,14 @@ async fn a_sandbox_cannot_see_another_sandboxs_files_or_processes() {
     }
     drop((first_socket, second_socket));
     for id in [&first, &second] {
-        let (status, _) = env
-            .host
-            .api(
+        env.host
+            .api_expecting(
                 reqwest::Method::DELETE,
                 &format!("/v1/sandboxes/{id}"),
                 None,
+                StatusCode::OK,
             )
             .await;
-        assert_eq!(status, StatusCode::OK);
     }
     env.host.stop().await;
 }
@@ -2434,8 +2449,10 @@ async fn wait_for_pool(
 ) -> Value {
     let deadline = Instant::now() + timeout;
     loop {
-        let (status, list) = env.host.api(reqwest::Method::GET, "/v1/pools", None).await;
-        assert_eq!(status, StatusCode::OK, "{list}");
+        let list = env
+            .host
+            .api_expecting(reqwest::Method::GET, "/v1/pools", None, StatusCode::OK)
+            .await;
         let pool = list["pools"]
             .as_array()
             .and_then(|pools| pools.iter().find(|pool| pool["repo"] == "demo/hello"))
@@ -2468,15 +2485,14 @@ async fn pools_shrink_when_demand_fades() {
     };
     env.build_image().await;
     let requested = Instant::now();
-    let (status, pool) = env
-        .host
-        .api(
+    env.host
+        .api_expecting(
             reqwest::Method::POST,
             "/v1/pools/demo/hello",
             Some(json!({"target": 3})),
+            StatusCode::ACCEPTED,
         )
         .await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{pool}");
     wait_for_pool(&env, Duration::from_secs(30), |pool| {
         pool["ready"] == 3 && pool["preparing"] == 0
     })
@@ -2536,15 +2552,14 @@ async fn pools_shrink_when_demand_fades() {
         assert!(!env.sandbox_root(id).exists(), "{id}");
     }
     drop(socket);
-    let (status, _) = env
-        .host
-        .api(
+    env.host
+        .api_expecting(
             reqwest::Method::DELETE,
             &format!("/v1/sandboxes/{claimed}"),
             None,
+            StatusCode::OK,
         )
         .await;
-    assert_eq!(status, StatusCode::OK);
     env.host.stop().await;
 }
 
@@ -2748,11 +2763,15 @@ async fn work_is_extracted_before_teardown_and_ends_are_reported() {
     // of what it left.
     let mut body = env.create_body();
     body["snapshot"] = json!(last);
-    let (status, restored) = env
+    let restored = env
         .host
-        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .api_expecting(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(body),
+            StatusCode::CREATED,
+        )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{restored}");
     let restored_id = restored["id"].as_str().unwrap().to_owned();
     let workspace = env
         .data
@@ -2790,11 +2809,15 @@ async fn work_is_extracted_before_teardown_and_ends_are_reported() {
     assert_eq!(info["last_snapshot"], crashed.as_str(), "{info}");
     let mut body = env.create_body();
     body["snapshot"] = json!(crashed);
-    let (status, again) = env
+    let again = env
         .host
-        .api(reqwest::Method::POST, "/v1/sandboxes", Some(body))
+        .api_expecting(
+            reqwest::Method::POST,
+            "/v1/sandboxes",
+            Some(body),
+            StatusCode::CREATED,
+        )
         .await;
-    assert_eq!(status, StatusCode::CREATED, "{again}");
     let again_workspace = env
         .data
         .path()
