@@ -6,7 +6,7 @@
 //! Needs `web/dist` built (`cargo xtask test` builds it) and `/usr/bin/chromium` (`cargo xtask setup`).
 //! Screenshots land in `target/browser/`.
 
-use nightshift_tests::{browser, System};
+use nightshift_tests::{browser, StartOptions, System};
 
 #[tokio::test]
 async fn two_people_share_a_session_in_the_web_app() -> anyhow::Result<()> {
@@ -19,6 +19,29 @@ async fn two_people_share_a_session_in_the_web_app() -> anyhow::Result<()> {
             tail(&system.wrangler_log())
         );
         eprintln!("--- host log (end) ---\n{}", tail(&system.host_log()));
+    }
+    result.map(drop)
+}
+
+/// Sessions of 12 s (told to save their work 4 s before the end): the page of one that ended says so and
+/// takes no more prompts.
+#[tokio::test]
+async fn an_ended_session_says_so_and_takes_no_prompt() -> anyhow::Result<()> {
+    browser::chromium()?;
+    let system = System::start_with(StartOptions {
+        worker_vars: vec![
+            ("SESSION_TIMEOUT_MS".to_owned(), "12000".to_owned()),
+            ("SESSION_PRE_EXPIRY_MS".to_owned(), "4000".to_owned()),
+        ],
+        ..StartOptions::default()
+    })
+    .await?;
+    let result = browser::run_script(&system, "ended.mjs", &[]).await;
+    if result.is_err() {
+        eprintln!(
+            "--- wrangler log (end) ---\n{}",
+            tail(&system.wrangler_log())
+        );
     }
     result.map(drop)
 }

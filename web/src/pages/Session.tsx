@@ -81,8 +81,10 @@ function useSession(id: string) {
           shownCaughtUp = true;
           flush();
         }
-        // Usage, notices (ceilings) and finished prompts move the lifecycle: refresh it (throttled).
-        const moves = (type: string) => type === "usage" || type === "notice" || type === "prompt_finished";
+        // Usage, notices (ceilings), finished prompts and sandbox changes (parked, ended) move the lifecycle:
+        // refresh it (throttled).
+        const moves = (type: string) =>
+          type === "usage" || type === "notice" || type === "prompt_finished" || type === "sandbox_status";
         const stale =
           (message.type === "event" && moves(message.event.type)) ||
           (message.type === "events" && message.events.some((e) => moves(e.event.type)));
@@ -330,6 +332,7 @@ export function SessionPage({ id, user }: { id: string; user: Author }) {
             onStop={stop}
             error={actionError}
             onError={setActionError}
+            ended={lifecycle?.phase === "ended"}
           />
         </div>
       </div>
@@ -345,6 +348,7 @@ function Composer({
   onStop,
   error,
   onError,
+  ended,
 }: {
   sessionId: string;
   socket: { current: SessionSocket | null };
@@ -353,6 +357,8 @@ function Composer({
   onStop: (scope: StopScope) => void;
   error: string | null;
   onError: (message: string | null) => void;
+  /** The session reached its time limit: it takes no more prompts. */
+  ended: boolean;
 }) {
   const [text, setText] = useState("");
   const [sending, setSending] = useState(false);
@@ -401,13 +407,25 @@ function Composer({
           {error}
         </p>
       )}
+      {ended && (
+        <p class="muted small" data-testid="session-ended">
+          This session has ended: it reached its time limit. <a href="/new">Start a new session</a> to go on.
+        </p>
+      )}
       <label class="sr-only" for="composer-message">
         Message
       </label>
       <textarea
         id="composer-message"
         rows={2}
-        placeholder={running ? "Queue a follow-up… (Enter to send, Shift+Enter for a new line)" : "Message the agent… (Enter to send, Shift+Enter for a new line)"}
+        disabled={ended}
+        placeholder={
+          ended
+            ? "This session has ended."
+            : running
+              ? "Queue a follow-up… (Enter to send, Shift+Enter for a new line)"
+              : "Message the agent… (Enter to send, Shift+Enter for a new line)"
+        }
         value={text}
         onInput={(e) => {
           setText(e.currentTarget.value);
@@ -425,7 +443,7 @@ function Composer({
       />
       <div class="composer-actions">
         <StopControls onStop={onStop} />
-        <button type="submit" class="primary" disabled={sending || !text.trim()}>
+        <button type="submit" class="primary" disabled={ended || sending || !text.trim()}>
           Send
         </button>
       </div>
