@@ -3,6 +3,7 @@
 //! the person who asked; a second person's prompt is committed as them.
 
 use std::process::Command;
+use std::time::Duration;
 
 use nightshift_protocol::{Event, EventEnvelope, PromptStatus};
 use nightshift_tests::System;
@@ -221,6 +222,11 @@ async fn stop_kills_a_running_command_and_the_next_prompt_starts_cleanly() -> an
         flow::WAIT,
     )
     .await?;
+    // `echo` may print before the backgrounded child has exec'd `sleep`: give it a moment.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !running(&marker) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(running(&marker), "the command runs");
 
     let stop_sent = std::time::Instant::now();
