@@ -83,6 +83,21 @@ pub struct StartOptions {
     pub worker_vars: Vec<(String, String)>,
 }
 
+impl StartOptions {
+    /// Only extra Worker vars, e.g. `[("SESSION_TOKEN_CEILING", "1")]`.
+    pub fn worker_vars<K: Into<String>, V: Into<String>>(
+        vars: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        StartOptions {
+            worker_vars: vars
+                .into_iter()
+                .map(|(key, value)| (key.into(), value.into()))
+                .collect(),
+            ..StartOptions::default()
+        }
+    }
+}
+
 /// A running system; stopped on drop.
 pub struct System {
     tools: Tools,

@@ -28,13 +28,10 @@ async fn two_people_share_a_session_in_the_web_app() -> anyhow::Result<()> {
 #[tokio::test]
 async fn an_ended_session_says_so_and_takes_no_prompt() -> anyhow::Result<()> {
     browser::chromium()?;
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![
-            ("SESSION_TIMEOUT_MS".to_owned(), "12000".to_owned()),
-            ("SESSION_PRE_EXPIRY_MS".to_owned(), "4000".to_owned()),
-        ],
-        ..StartOptions::default()
-    })
+    let system = System::start_with(StartOptions::worker_vars([
+        ("SESSION_TIMEOUT_MS", "12000"),
+        ("SESSION_PRE_EXPIRY_MS", "4000"),
+    ]))
     .await?;
     let result = browser::run_script(&system, "ended.mjs", &[]).await;
     if result.is_err() {

@@ -60,11 +60,8 @@ fn child_status<'a>(events: &'a [EventEnvelope], id: &str) -> Vec<&'a str> {
 
 #[tokio::test]
 async fn a_prompt_spawns_two_children_and_stop_tree_stops_all_three() -> anyhow::Result<()> {
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![("CHILD_MAX_RUNNING".to_owned(), "2".to_owned())],
-        ..StartOptions::default()
-    })
-    .await?;
+    let system =
+        System::start_with(StartOptions::worker_vars([("CHILD_MAX_RUNNING", "2")])).await?;
     let result = scenario(&system).await;
     if result.is_err() {
         // Where a tree went wrong is in the objects' and the host's logs.

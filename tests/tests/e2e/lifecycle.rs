@@ -67,13 +67,10 @@ async fn the_hard_timeout_saves_uncommitted_work_to_the_branch_and_a_snapshot() 
         eprintln!("not root: no isolated sandboxes, so no snapshots to check");
         return Ok(());
     }
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![
-            ("SESSION_TIMEOUT_MS".to_owned(), "40000".to_owned()),
-            ("SESSION_PRE_EXPIRY_MS".to_owned(), "20000".to_owned()),
-        ],
-        ..StartOptions::default()
-    })
+    let system = System::start_with(StartOptions::worker_vars([
+        ("SESSION_TIMEOUT_MS", "40000"),
+        ("SESSION_PRE_EXPIRY_MS", "20000"),
+    ]))
     .await?;
     build_image(&system).await?;
     let people = pair(&system).await?;
@@ -270,11 +267,8 @@ async fn an_agent_killed_mid_prompt_again_and_again_is_replaced_until_every_prom
 /// snapshots, the session state shows it, and the next prompt waits in the queue.
 #[tokio::test]
 async fn the_token_ceiling_stops_a_prompt_mid_way_with_a_notice() -> anyhow::Result<()> {
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![("SESSION_TOKEN_CEILING".to_owned(), "1".to_owned())],
-        ..StartOptions::default()
-    })
-    .await?;
+    let system =
+        System::start_with(StartOptions::worker_vars([("SESSION_TOKEN_CEILING", "1")])).await?;
     let people = pair(&system).await?;
     let (mut a, _) = join(&people.ada, &people.session, None).await?;
     let mut seen = until_ready(&mut a).await?;
@@ -329,10 +323,10 @@ async fn the_token_ceiling_stops_a_prompt_mid_way_with_a_notice() -> anyhow::Res
 #[tokio::test]
 async fn a_person_at_their_daily_ceiling_waits_in_every_session_while_others_go_on(
 ) -> anyhow::Result<()> {
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![("USER_DAILY_TOKEN_CEILING".to_owned(), "1".to_owned())],
-        ..StartOptions::default()
-    })
+    let system = System::start_with(StartOptions::worker_vars([(
+        "USER_DAILY_TOKEN_CEILING",
+        "1",
+    )]))
     .await?;
     let first = pair(&system).await?;
     let (mut a, _) = join(&first.ada, &first.session, None).await?;
@@ -432,11 +426,8 @@ async fn a_frozen_agent_is_replaced_after_its_heartbeat_goes_stale() -> anyhow::
         eprintln!("not root: no isolated sandboxes, so no snapshots to restore");
         return Ok(());
     }
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![("AGENT_STALE_MS".to_owned(), "15000".to_owned())],
-        ..StartOptions::default()
-    })
-    .await?;
+    let system =
+        System::start_with(StartOptions::worker_vars([("AGENT_STALE_MS", "15000")])).await?;
     build_image(&system).await?;
     let people = pair(&system).await?;
     let (mut a, _) = join(&people.ada, &people.session, None).await?;

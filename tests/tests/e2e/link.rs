@@ -16,11 +16,8 @@ const CUTS: u64 = 10;
 #[tokio::test]
 async fn ten_link_cuts_during_one_prompt_lose_and_repeat_nothing() -> anyhow::Result<()> {
     let proxy = CutProxy::bind().await?;
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![("PUBLIC_URL".to_owned(), proxy.url())],
-        ..StartOptions::default()
-    })
-    .await?;
+    let system =
+        System::start_with(StartOptions::worker_vars([("PUBLIC_URL", proxy.url())])).await?;
     proxy.set_target(system.worker_addr());
 
     let mut ada = nightshift_tests::Client::new(&system);

@@ -317,10 +317,10 @@ async fn repos_are_listed_and_typing_warms_once_per_session() -> anyhow::Result<
 #[tokio::test]
 async fn a_failed_image_build_is_a_warning_and_a_notice_in_new_sessions() -> anyhow::Result<()> {
     // A provider that cannot be reached: every build fails (and so does every sandbox, which is not the point).
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![("PROVIDER_URL".to_owned(), "http://127.0.0.1:9".to_owned())],
-        ..StartOptions::default()
-    })
+    let system = System::start_with(StartOptions::worker_vars([(
+        "PROVIDER_URL",
+        "http://127.0.0.1:9",
+    )]))
     .await?;
     let mut ada = Client::new(&system);
     ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
@@ -397,10 +397,10 @@ async fn a_failed_image_build_is_a_warning_and_a_notice_in_new_sessions() -> any
 #[tokio::test]
 async fn an_evicted_repository_object_keeps_its_alarm_and_state() -> anyhow::Result<()> {
     const CADENCE_MS: u64 = 25_000;
-    let system = System::start_with(StartOptions {
-        worker_vars: vec![("IMAGE_CADENCE_MS".to_owned(), CADENCE_MS.to_string())],
-        ..StartOptions::default()
-    })
+    let system = System::start_with(StartOptions::worker_vars([(
+        "IMAGE_CADENCE_MS",
+        CADENCE_MS.to_string(),
+    )]))
     .await?;
     let mut ada = Client::new(&system);
     ada.dev_login("ada", "Ada Lovelace", "ada@example.com")
