@@ -101,6 +101,9 @@ export function UsagePanel({ usage, lifecycle, nowMs }: { usage: Usage; lifecycl
   );
 }
 
+// The stops that reach beyond the turn ask for a second click.
+const CONFIRMED_SCOPES = ["session", "tree"] as const;
+
 export function StopControls({ onStop }: { onStop: (scope: StopScope) => void }) {
   const [confirming, setConfirming] = useState<StopScope | null>(null);
   const confirm = (scope: StopScope) => {
@@ -112,23 +115,16 @@ export function StopControls({ onStop }: { onStop: (scope: StopScope) => void })
       <button type="button" class="small" onClick={() => onStop("turn")}>
         Stop turn
       </button>
-      {confirming === "session" ? (
-        <button type="button" class="small danger" onClick={() => confirm("session")}>
-          Confirm stop session
-        </button>
-      ) : (
-        <button type="button" class="small" onClick={() => setConfirming("session")}>
-          Stop session
-        </button>
-      )}
-      {confirming === "tree" ? (
-        <button type="button" class="small danger" onClick={() => confirm("tree")}>
-          Confirm stop tree
-        </button>
-      ) : (
-        <button type="button" class="small" onClick={() => setConfirming("tree")}>
-          Stop tree
-        </button>
+      {CONFIRMED_SCOPES.map((scope) =>
+        confirming === scope ? (
+          <button key={scope} type="button" class="small danger" onClick={() => confirm(scope)}>
+            Confirm stop {scope}
+          </button>
+        ) : (
+          <button key={scope} type="button" class="small" onClick={() => setConfirming(scope)}>
+            Stop {scope}
+          </button>
+        ),
       )}
       {confirming && (
         <button type="button" class="small link" onClick={() => setConfirming(null)}>
