@@ -93,6 +93,21 @@ pub fn json_response<T: serde::Serialize>(body: &T, status: u16) -> worker::Resp
         .fixed(text.into_bytes())
 }
 
+/// The JSON body of an internal call (to another object) that must answer 200; `callee` names it in
+/// the error otherwise.
+pub async fn internal_json<T: serde::de::DeserializeOwned>(
+    mut response: worker::Response,
+    callee: &str,
+) -> Result<T, AppError> {
+    if response.status_code() != 200 {
+        return Err(AppError::Internal(format!(
+            "{callee} answered {}",
+            response.status_code()
+        )));
+    }
+    Ok(response.json().await?)
+}
+
 /// Parse a JSON request body into `T`, with typed refusals for size, syntax and shape.
 pub fn parse_body<T: serde::de::DeserializeOwned>(
     text: &str,

@@ -26,7 +26,7 @@ use worker::{
 };
 
 use crate::config;
-use crate::error::{json_response, parse_body, AppError};
+use crate::error::{internal_json, json_response, parse_body, AppError};
 use crate::provider::{Provider, ProviderError};
 use crate::sql_store::{enum_from, enum_name, exec, int, migrate_with, rows};
 
@@ -139,14 +139,8 @@ pub fn stub(env: &Env, name: &str) -> Result<Stub, AppError> {
 /// object's answer: the repository now and the notice a new session on it should log.
 pub async fn register(env: &Env, repo: &str) -> Result<Registered, AppError> {
     let request = internal_request(Method::Post, "/register", Some(&RepoCall::plain(repo)))?;
-    let mut response = stub(env, repo)?.fetch_with_request(request).await?;
-    if response.status_code() != 200 {
-        return Err(AppError::Internal(format!(
-            "repository object of {repo} answered {}",
-            response.status_code()
-        )));
-    }
-    Ok(response.json().await?)
+    let response = stub(env, repo)?.fetch_with_request(request).await?;
+    internal_json(response, &format!("repository object of {repo}")).await
 }
 
 /// A request to a repository object's internal `path` with an optional JSON body.

@@ -11,7 +11,7 @@ use worker::{Date, Env, Headers, Method, Request, RequestInit, Response, Url};
 
 use crate::auth::{self, Claims, COOKIE_NAME, COOKIE_TTL_MS, TOKEN_TTL_MS};
 use crate::config;
-use crate::error::{json_response, parse_body, AppError};
+use crate::error::{internal_json, json_response, parse_body, AppError};
 use crate::index;
 use crate::provider::Provider;
 use crate::repo_object::{self, RepoCall};
@@ -502,21 +502,14 @@ async fn warm(env: &Env, repo: &str, user: &Author) -> Result<Response, AppError
     repo_call(env, repo, Method::Post, "/warm", Some(&call)).await
 }
 
-/// `GET /api/repos`: the registry's repositories, each asked for its summary (all at once).
 /// `GET /api/repos`: every repository sessions were opened on (the registry) and every one the provider
 /// holds. A provider repository not registered yet is registered here, which schedules its image.
 async fn list_repos(env: &Env) -> Result<Response, AppError> {
     let request = repo_object::internal_request(Method::Get, "/registry/list", None::<&()>)?;
-    let mut listed = repo_object::stub(env, config::REPO_REGISTRY)?
+    let listed = repo_object::stub(env, config::REPO_REGISTRY)?
         .fetch_with_request(request)
         .await?;
-    if listed.status_code() != 200 {
-        return Err(AppError::Internal(format!(
-            "repository registry answered {}",
-            listed.status_code()
-        )));
-    }
-    let registered: Vec<String> = listed.json().await?;
+    let registered: Vec<String> = internal_json(listed, "repository registry").await?;
     let held = match Provider::from_env(env) {
         Ok(provider) => match provider.list_repos().await {
             Ok(list) => list.repos,
@@ -543,14 +536,8 @@ async fn list_repos(env: &Env) -> Result<Response, AppError> {
             if !registered {
                 return Ok(repo_object::register(env, name).await?.summary);
             }
-            let mut response = repo_call(env, name, Method::Get, "/summary", None).await?;
-            if response.status_code() != 200 {
-                return Err(AppError::Internal(format!(
-                    "summary of {name} answered {}",
-                    response.status_code()
-                )));
-            }
-            Ok::<RepoSummary, AppError>(response.json().await?)
+            let response = repo_call(env, name, Method::Get, "/summary", None).await?;
+            internal_json::<RepoSummary>(response, &format!("summary of {name}")).await
         }))
         .await;
     let mut repos = Vec::with_capacity(summaries.len());

@@ -8,7 +8,7 @@ use nightshift_session::{DailySpend, UsageReport};
 use worker::{durable_object, DurableObject, Env, Method, Request, Response, State, Stub};
 
 use crate::config;
-use crate::error::{json_response, parse_body, AppError};
+use crate::error::{internal_json, json_response, parse_body, AppError};
 use crate::repo_object::internal_request;
 use crate::sql_store::{exec, int, migrate_with, rows};
 
@@ -114,14 +114,8 @@ fn stub(env: &Env, login: &str) -> Result<Stub, AppError> {
 }
 
 async fn call(env: &Env, login: &str, request: Request) -> Result<DailySpend, AppError> {
-    let mut response = stub(env, login)?.fetch_with_request(request).await?;
-    if response.status_code() != 200 {
-        return Err(AppError::Internal(format!(
-            "user object answered {}",
-            response.status_code()
-        )));
-    }
-    Ok(response.json().await?)
+    let response = stub(env, login)?.fetch_with_request(request).await?;
+    internal_json(response, "user object").await
 }
 
 /// Add a usage to its person's day; returns the day's total.
