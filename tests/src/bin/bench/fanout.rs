@@ -76,7 +76,7 @@ pub async fn run(system: &System) -> anyhow::Result<[Row; 2]> {
         p50: paced_delivery.latency.p50().map(round3),
         p99: p99.map(round3),
         value: None,
-        target: "p99 <= 20 ms, 0 lost",
+        target: "p99 <= 20 ms, 0 lost".to_owned(),
         ok: Some(p99.is_some_and(|p99| p99 <= TARGET_P99_MS) && paced_delivery.is_intact() && paced_incomplete == 0),
         extra,
     };
@@ -107,7 +107,7 @@ pub async fn run(system: &System) -> anyhow::Result<[Row; 2]> {
         p50: None,
         p99: None,
         value: blast_delivery.delivered_per_s().map(round3),
-        target: "report",
+        target: "report".to_owned(),
         ok: None,
         extra,
     };

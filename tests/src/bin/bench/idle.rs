@@ -111,7 +111,7 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
         p50: None,
         p99: None,
         value: Some(ready as f64),
-        target: ">= 200",
+        target: ">= 200".to_owned(),
         ok: Some(ready >= 200),
         extra,
     })

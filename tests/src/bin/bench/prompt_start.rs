@@ -8,7 +8,7 @@ use nightshift_protocol::{Event, PromptStatus};
 use nightshift_tests::{System, DEMO_REPO};
 
 use crate::latency::{ms, Latency};
-use crate::report::{round3, Row};
+use crate::report::{Goal, Row};
 use crate::session::{self, WAIT};
 
 /// The smallest scripted turn: one token, unpaced.
@@ -61,18 +61,13 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
         }
     }
 
-    let p50 = latency.p50();
     let mut extra = serde_json::Map::new();
     extra.insert("samples".into(), latency.count().into());
-    Ok(Row {
-        id: "prompt_to_started",
-        what: format!("prompt sent by A -> prompt_started at B, scripted model `{PROMPT}`, one prompt at a time"),
-        unit: "ms",
-        p50: p50.map(round3),
-        p99: latency.p99().map(round3),
-        value: None,
-        target: "p50 <= 10 ms",
-        ok: Some(p50.is_some_and(|p50| p50 <= TARGET_P50_MS)),
+    Ok(Row::latency_ms(
+        "prompt_to_started",
+        format!("prompt sent by A -> prompt_started at B, scripted model `{PROMPT}`, one prompt at a time"),
+        &latency,
+        Goal::MaxP50Ms(TARGET_P50_MS),
         extra,
-    })
+    ))
 }

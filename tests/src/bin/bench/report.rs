@@ -7,6 +7,8 @@ use anyhow::Context;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::latency::Latency;
+
 /// One row of the report; `extra` fields (such as `lost`) follow the fixed ones.
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
@@ -23,12 +25,52 @@ pub struct Row {
     /// A single figure (a ratio, a rate, a count).
     pub value: Option<f64>,
     /// `"p50 <= 10 ms"`, or `"report"` when there is none.
-    pub target: &'static str,
+    pub target: String,
     /// Whether the target is met; `None` for report-only rows.
     pub ok: Option<bool>,
     /// Row-specific figures.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
+}
+
+/// What a row of latencies is held to.
+#[derive(Debug, Clone, Copy)]
+pub enum Goal {
+    /// Nothing: the row reports.
+    Report,
+    /// Its p50 at most this many milliseconds.
+    MaxP50Ms(f64),
+}
+
+impl Row {
+    /// A row of millisecond samples: their p50 and p99, the target `goal` sets and whether it is met.
+    pub fn latency_ms(
+        id: &'static str,
+        what: impl Into<String>,
+        latency: &Latency,
+        goal: Goal,
+        extra: Map<String, Value>,
+    ) -> Row {
+        let p50 = latency.p50();
+        let (target, ok) = match goal {
+            Goal::Report => ("report".to_owned(), None),
+            Goal::MaxP50Ms(max_ms) => (
+                format!("p50 <= {max_ms} ms"),
+                Some(p50.is_some_and(|p50| p50 <= max_ms)),
+            ),
+        };
+        Row {
+            id,
+            what: what.into(),
+            unit: "ms",
+            p50: p50.map(round3),
+            p99: latency.p99().map(round3),
+            value: None,
+            target,
+            ok,
+            extra,
+        }
+    }
 }
 
 /// `target/bench/report.json`.

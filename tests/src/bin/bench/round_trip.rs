@@ -10,7 +10,7 @@ use nightshift_protocol::{ClientMessage, Event, SandboxStatus};
 use nightshift_tests::System;
 
 use crate::latency::{ms, Latency};
-use crate::report::{round3, Row};
+use crate::report::{Goal, Row};
 use crate::session::{self, WAIT};
 
 /// A repository the host's store does not have.
@@ -76,18 +76,12 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
 
     let mut extra = serde_json::Map::new();
     extra.insert("samples".into(), latency.count().into());
-    Ok(Row {
-        id: "ws_rtt",
-        what:
-            "client A -> SessionObject -> client B: prompt -> prompt_queued and cancel_prompt -> \
-               prompt_cancelled, two identities, sandbox failed so prompts stay queued"
-                .into(),
-        unit: "ms",
-        p50: latency.p50().map(round3),
-        p99: latency.p99().map(round3),
-        value: None,
-        target: "report",
-        ok: None,
+    Ok(Row::latency_ms(
+        "ws_rtt",
+        "client A -> SessionObject -> client B: prompt -> prompt_queued and cancel_prompt -> \
+         prompt_cancelled, two identities, sandbox failed so prompts stay queued",
+        &latency,
+        Goal::Report,
         extra,
-    })
+    ))
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use crate::latency::{ms, Latency};
 use crate::ready::Provider;
-use crate::report::{round3, Row};
+use crate::report::{Goal, Row};
 use crate::session;
 use crate::tool::{LARGE_REPO, LARGE_REPO_FILES};
 use nightshift_tests::System;
@@ -118,22 +118,11 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
     }
 
     let row = |id: &'static str, what: String, latency: &Latency| {
-        let p50 = latency.p50();
         let mut extra = serde_json::Map::new();
         extra.insert("samples".into(), latency.count().into());
         extra.insert("edited_files".into(), EDITED_FILES.into());
         extra.insert("archive_bytes".into(), size_bytes.into());
-        Row {
-            id,
-            what,
-            unit: "ms",
-            p50: p50.map(round3),
-            p99: latency.p99().map(round3),
-            value: None,
-            target: "p50 <= 50 ms",
-            ok: Some(p50.is_some_and(|p50| p50 <= TARGET_P50_MS)),
-            extra,
-        }
+        Row::latency_ms(id, what, latency, Goal::MaxP50Ms(TARGET_P50_MS), extra)
     };
     Ok(vec![
         row(

@@ -9,7 +9,7 @@ use nightshift_tests::{System, DEMO_REPO};
 use serde_json::json;
 
 use crate::latency::{ms, Latency};
-use crate::report::{round3, Row};
+use crate::report::{Goal, Row};
 use crate::session;
 
 const STOPS: usize = 10;
@@ -54,18 +54,13 @@ pub async fn run(system: &System) -> anyhow::Result<Row> {
         // Let the object settle before the next one.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let p50 = latency.p50();
     let mut extra = serde_json::Map::new();
     extra.insert("stops".into(), latency.count().into());
-    Ok(Row {
-        id: "stop_to_stopped",
-        what: "stop{turn} sent while a bash command runs -> prompt_finished{stopped} at the same client (model stream cancelled, process group killed)".to_owned(),
-        unit: "ms",
-        p50: p50.map(round3),
-        p99: latency.p99().map(round3),
-        value: None,
-        target: "p50 <= 1000 ms",
-        ok: Some(p50.is_some_and(|p50| p50 <= TARGET_P50_MS)),
+    Ok(Row::latency_ms(
+        "stop_to_stopped",
+        "stop{turn} sent while a bash command runs -> prompt_finished{stopped} at the same client (model stream cancelled, process group killed)",
+        &latency,
+        Goal::MaxP50Ms(TARGET_P50_MS),
         extra,
-    })
+    ))
 }

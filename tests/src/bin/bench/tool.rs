@@ -11,7 +11,7 @@ use nightshift_protocol::{Event, ServerMessage};
 use serde_json::json;
 
 use crate::latency::{ms, Latency};
-use crate::report::{round3, Row};
+use crate::report::{Goal, Row};
 use crate::session;
 use nightshift_tests::System;
 
@@ -121,17 +121,7 @@ pub async fn run(system: &System) -> anyhow::Result<Vec<Row>> {
         let mut extra = serde_json::Map::new();
         extra.insert("calls".into(), latency.count().into());
         extra.insert("repo_files".into(), (LARGE_REPO_FILES + 9).into());
-        Row {
-            id,
-            what: what.to_owned(),
-            unit: "ms",
-            p50: latency.p50().map(round3),
-            p99: latency.p99().map(round3),
-            value: None,
-            target: "report",
-            ok: None,
-            extra,
-        }
+        Row::latency_ms(id, what, &latency, Goal::Report, extra)
     };
     Ok(vec![
         row(

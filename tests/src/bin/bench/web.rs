@@ -12,7 +12,7 @@ use nightshift_tests::{browser, Client, System, DEMO_REPO};
 use serde::Deserialize;
 
 use crate::latency::Latency;
-use crate::report::{round3, Row};
+use crate::report::{round3, Goal, Row};
 use crate::session;
 
 /// Loads of the session view measured for `web_first_render`.
@@ -78,7 +78,7 @@ fn bundle(assets: &Path) -> anyhow::Result<Vec<Row>> {
             p50: None,
             p99: None,
             value: Some(value as f64),
-            target: "report",
+            target: "report".to_owned(),
             ok: None,
             extra,
         }
@@ -159,7 +159,6 @@ async fn first_render(system: &System, ada: &Client) -> anyhow::Result<Row> {
     latency.extend(timing.app_ready_ms);
     let mut dom_content_loaded = Latency::default();
     dom_content_loaded.extend(timing.dom_content_loaded_ms);
-    let p50 = latency.p50();
     let mut extra = serde_json::Map::new();
     extra.insert("loads".into(), latency.count().into());
     extra.insert("events".into(), events.into());
@@ -167,17 +166,13 @@ async fn first_render(system: &System, ada: &Client) -> anyhow::Result<Row> {
         "dom_content_loaded_p50_ms".into(),
         dom_content_loaded.p50().map(round3).into(),
     );
-    Ok(Row {
-        id: "web_first_render",
-        what: "Chromium loads a signed-in session view /s/{id} (one finished turn; a new tab each time, HTTP cache warm after the first): navigation start -> [data-testid=app-ready] in the DOM".to_owned(),
-        unit: "ms",
-        p50: p50.map(round3),
-        p99: latency.p99().map(round3),
-        value: None,
-        target: "p50 <= 300 ms",
-        ok: Some(p50.is_some_and(|p50| p50 <= FIRST_RENDER_TARGET_P50_MS)),
+    Ok(Row::latency_ms(
+        "web_first_render",
+        "Chromium loads a signed-in session view /s/{id} (one finished turn; a new tab each time, HTTP cache warm after the first): navigation start -> [data-testid=app-ready] in the DOM",
+        &latency,
+        Goal::MaxP50Ms(FIRST_RENDER_TARGET_P50_MS),
         extra,
-    })
+    ))
 }
 
 async fn many_events(system: &System, ada: &Client) -> anyhow::Result<Row> {
@@ -201,15 +196,11 @@ async fn many_events(system: &System, ada: &Client) -> anyhow::Result<Row> {
     extra.insert("events".into(), events.into());
     extra.insert("app_ready_p50_ms".into(), ready.p50().map(round3).into());
     extra.insert("app_ready_p99_ms".into(), ready.p99().map(round3).into());
-    Ok(Row {
-        id: "web_10k_events",
-        what: format!("Chromium loads a session view whose log holds {MANY_TOKENS} token events: navigation start -> the last token's text in the transcript (app-ready in the row)"),
-        unit: "ms",
-        p50: last.p50().map(round3),
-        p99: last.p99().map(round3),
-        value: None,
-        target: "report",
-        ok: None,
+    Ok(Row::latency_ms(
+        "web_10k_events",
+        format!("Chromium loads a session view whose log holds {MANY_TOKENS} token events: navigation start -> the last token's text in the transcript (app-ready in the row)"),
+        &last,
+        Goal::Report,
         extra,
-    })
+    ))
 }
