@@ -36,6 +36,14 @@ impl Latency {
     }
 }
 
+impl FromIterator<f64> for Latency {
+    fn from_iter<I: IntoIterator<Item = f64>>(samples: I) -> Self {
+        Latency {
+            samples_ms: samples.into_iter().collect(),
+        }
+    }
+}
+
 impl Extend<f64> for Latency {
     fn extend<I: IntoIterator<Item = f64>>(&mut self, samples: I) {
         self.samples_ms.extend(samples);

@@ -155,10 +155,8 @@ async fn first_render(system: &System, ada: &Client) -> anyhow::Result<Row> {
     )
     .await?;
     let timing = load_timings(system, "web-ada", &session_id, FIRST_RENDER_LOADS, None).await?;
-    let mut latency = Latency::default();
-    latency.extend(timing.app_ready_ms);
-    let mut dom_content_loaded = Latency::default();
-    dom_content_loaded.extend(timing.dom_content_loaded_ms);
+    let latency: Latency = timing.app_ready_ms.into_iter().collect();
+    let dom_content_loaded: Latency = timing.dom_content_loaded_ms.into_iter().collect();
     let mut extra = serde_json::Map::new();
     extra.insert("loads".into(), latency.count().into());
     extra.insert("events".into(), events.into());
@@ -187,10 +185,8 @@ async fn many_events(system: &System, ada: &Client) -> anyhow::Result<Row> {
         Some(&last_token),
     )
     .await?;
-    let mut ready = Latency::default();
-    ready.extend(timing.app_ready_ms);
-    let mut last = Latency::default();
-    last.extend(timing.last_text_ms);
+    let ready: Latency = timing.app_ready_ms.into_iter().collect();
+    let last: Latency = timing.last_text_ms.into_iter().collect();
     let mut extra = serde_json::Map::new();
     extra.insert("loads".into(), last.count().into());
     extra.insert("events".into(), events.into());
